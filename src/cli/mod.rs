@@ -1,0 +1,45 @@
+//! The command line: clap definitions, one file per subcommand.
+
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use serve::{DiskSource, DiskSpec, ServeArgs, ServeConfig};
+
+/// Serve VM disks over vhost-user-blk from lazily streamed images, each
+/// with a per-guest redirect-on-write overlay.
+#[derive(Debug, Parser)]
+#[command(name = "streamblk", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve disks to QEMU over vhost-user-blk sockets.
+    Serve(ServeArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("streamblk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! `streamblk serve`: open the disks, serve each on its socket, shut down
+//! cleanly on SIGTERM.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::engine::{Base, Disk, LocalBases, SECTOR_SIZE};
+use crate::vhost::{self, DiskContext, DisplayChain, VhostUserBlkBackend};
+
+/// Most queues a disk may have.
+const MAX_QUEUES: u16 = 64;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A disk to serve (repeatable):
+    /// name=N,socket=PATH,overlay=DIR,(image=IMAGE|base=RAWFILE)[,queues=Q][,readonly][,serial=S]
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+}
+
+/// Where a disk's base comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A local raw file, served as is.
+    Base(PathBuf),
+    /// An image in the store.
+    Image(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub socket: PathBuf,
+    pub overlay: PathBuf,
+    pub source: DiskSource,
+    pub queues: u16,
+    pub readonly: bool,
+    pub serial: String,
+    pub record_trace: Option<PathBuf>,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(spec: &str) -> anyhow::Result<Self> {
+        let (mut name, mut socket, mut overlay, mut source, mut serial, mut record_trace) =
+            (None, None, None, None, None, None);
+        let mut queues = 1u16;
+        let mut readonly = false;
+        for field in spec.split(',') {
+            let (key, value) = match field.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (field, None),
+            };
+            let need = |v: Option<&str>| match v {
+                Some(v) if !v.is_empty() => Ok(v.to_string()),
+                _ => Err(anyhow::anyhow!("disk spec field {key:?} needs a value")),
+            };
+            match key {
+                "name" => name = Some(need(value)?),
+                "socket" => socket = Some(PathBuf::from(need(value)?)),
+                "overlay" => overlay = Some(PathBuf::from(need(value)?)),
+                "base" | "image" if source.is_some() => bail!("disk spec names both image= and base="),
+                "base" => source = Some(DiskSource::Base(PathBuf::from(need(value)?))),
+                "image" => source = Some(DiskSource::Image(need(value)?)),
+                "queues" => {
+                    let v = need(value)?;
+                    queues = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=MAX_QUEUES).contains(q))
+                        .with_context(|| format!("queues={v}: must be a number from 1 to {MAX_QUEUES}"))?;
+                }
+                "readonly" if value.is_none() => readonly = true,
+                "serial" => {
+                    let v = need(value)?;
+                    if v.len() > 20 {
+                        bail!("serial={v}: at most 20 bytes");
+                    }
+                    serial = Some(v);
+                }
+                "record-trace" => record_trace = Some(PathBuf::from(need(value)?)),
+                _ => bail!("unknown disk spec field {field:?}"),
+            }
+        }
+        let name = name.context("disk spec needs name=")?;
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            bail!("disk name {name:?}: use letters, digits, '-', '_' and '.'");
+        }
+        Ok(DiskSpec {
+            socket: socket.with_context(|| format!("disk {name}: needs socket="))?,
+            overlay: overlay.with_context(|| format!("disk {name}: needs overlay="))?,
+            source: source.with_context(|| format!("disk {name}: needs image= or base="))?,
+            queues,
+            readonly,
+            serial: serial.unwrap_or_else(|| name.chars().take(20).collect()),
+            record_trace,
+            name,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct ServeConfig {
+    pub disks: Vec<DiskSpec>,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ServeArgs) -> anyhow::Result<Self> {
+        let disks = args
+            .disks
+            .iter()
+            .map(|s| s.parse::<DiskSpec>().with_context(|| format!("--disk {s}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if disks.is_empty() {
+            bail!("nothing to serve: give at least one --disk");
+        }
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        let mut overlays = HashSet::new();
+        for d in &disks {
+            if !names.insert(&d.name) {
+                bail!("two disks are named {}", d.name);
+            }
+            if !sockets.insert(&d.socket) {
+                bail!("two disks use socket {}", d.socket.display());
+            }
+            if !overlays.insert(&d.overlay) {
+                bail!(
+                    "two disks use overlay {}: each guest needs its own",
+                    d.overlay.display()
+                );
+            }
+            if let DiskSource::Image(_) = d.source {
+                bail!(
+                    "disk {}: image= needs an image store, which this build does not have yet; use base=",
+                    d.name
+                );
+            }
+            if d.record_trace.is_some() {
+                bail!("disk {}: record-trace= is not supported by this build yet", d.name);
+            }
+        }
+        Ok(ServeConfig { disks })
+    }
+}
+
+struct Served {
+    name: String,
+    socket: PathBuf,
+    ctx: Arc<DiskContext>,
+    active: Arc<Mutex<Option<Arc<VhostUserBlkBackend>>>>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig::try_from(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("streamblk-io")
+        .enable_all()
+        .build()
+        .context("start the I/O runtime")?;
+    let bases = LocalBases::default();
+    let mut served = Vec::new();
+    let mut listeners = Vec::new();
+    for spec in &config.disks {
+        let base: Arc<dyn Base> = match &spec.source {
+            DiskSource::Base(path) => bases
+                .get(path)
+                .map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?,
+            DiskSource::Image(_) => unreachable!("refused by ServeConfig"),
+        };
+        if base.size() % SECTOR_SIZE != 0 || base.size() == 0 {
+            bail!(
+                "disk {}: base size {} is not a positive multiple of 512",
+                spec.name,
+                base.size()
+            );
+        }
+        let disk = Disk::open(base, &spec.overlay, spec.readonly)
+            .map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?;
+        let mut serial = [0u8; 20];
+        serial[..spec.serial.len()].copy_from_slice(spec.serial.as_bytes());
+        let ctx = Arc::new(DiskContext {
+            capacity_sectors: disk.size() / SECTOR_SIZE,
+            disk: Arc::new(disk),
+            serial,
+            runtime: runtime.handle().clone(),
+            stopping: Default::default(),
+        });
+        listeners.push(
+            vhost::listen(&spec.socket).map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?,
+        );
+        served.push(Served {
+            name: spec.name.clone(),
+            socket: spec.socket.clone(),
+            ctx,
+            active: Default::default(),
+        });
+    }
+
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel();
+    for ((s, listener), spec) in served.iter().zip(listeners).zip(&config.disks) {
+        let (name, ctx, active, queues) = (s.name.clone(), s.ctx.clone(), s.active.clone(), spec.queues as usize);
+        let failed_tx = failed_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("accept-{name}"))
+            .spawn(move || {
+                if let Err(e) = vhost::serve(&name, listener, ctx, queues, active) {
+                    let _ = failed_tx.send(format!("disk {name}: {}", DisplayChain(&e)));
+                }
+            })
+            .context("start a disk thread")?;
+        tracing::info!(disk = %s.name, socket = %s.socket.display(), "serving");
+    }
+
+    let failure = runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        anyhow::Ok(tokio::select! {
+            _ = term.recv() => None,
+            _ = int.recv() => None,
+            msg = failed_rx.recv() => msg,
+        })
+    })?;
+
+    // Stop taking requests, let those in flight finish, make writes durable.
+    tracing::info!("shutting down");
+    let mut clean = true;
+    for s in &served {
+        s.ctx.stopping.store(true, Ordering::Release);
+    }
+    for s in &served {
+        let active = s.active.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(backend) = active {
+            if !backend.drain(Duration::from_secs(30)) {
+                tracing::error!(disk = %s.name, "requests still in flight at shutdown");
+                clean = false;
+            }
+        }
+        if let Err(e) = s.ctx.disk.flush() {
+            tracing::error!(disk = %s.name, "final flush failed: {}", DisplayChain(&e));
+            clean = false;
+        }
+        let _ = std::fs::remove_file(&s.socket);
+    }
+    if let Some(msg) = failure {
+        bail!("{msg}");
+    }
+    if !clean {
+        bail!("shutdown was not clean");
+    }
+    tracing::info!("stopped");
+    // Worker threads may be blocked on their frontends: do not wait for them.
+    std::process::exit(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(disks: &[&str]) -> ServeArgs {
+        ServeArgs {
+            disks: disks.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn disk_spec_parses_every_field() {
+        let d: DiskSpec = "name=vm1,socket=/run/a.sock,overlay=/var/o1,base=/img/base.raw,queues=4,readonly,serial=SN1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            d,
+            DiskSpec {
+                name: "vm1".into(),
+                socket: "/run/a.sock".into(),
+                overlay: "/var/o1".into(),
+                source: DiskSource::Base("/img/base.raw".into()),
+                queues: 4,
+                readonly: true,
+                serial: "SN1".into(),
+                record_trace: None,
+            }
+        );
+        let d: DiskSpec = "name=vm2,socket=s,overlay=o,image=debian".parse().unwrap();
+        assert_eq!(d.source, DiskSource::Image("debian".into()));
+        assert_eq!(d.serial, "vm2");
+        assert_eq!(d.queues, 1);
+    }
+
+    #[test]
+    fn disk_spec_rejects_bad_input_with_the_reason() {
+        for (spec, why) in [
+            ("socket=s,overlay=o,base=b", "needs name="),
+            ("name=a,overlay=o,base=b", "needs socket="),
+            ("name=a,socket=s,base=b", "needs overlay="),
+            ("name=a,socket=s,overlay=o", "needs image= or base="),
+            ("name=a,socket=s,overlay=o,base=b,image=i", "both"),
+            ("name=a,socket=s,overlay=o,base=b,queues=0", "from 1 to"),
+            ("name=a,socket=s,overlay=o,base=b,queues=x", "from 1 to"),
+            ("name=a,socket=s,overlay=o,base=b,colour=red", "unknown"),
+            (
+                "name=a,socket=s,overlay=o,base=b,serial=123456789012345678901",
+                "20 bytes",
+            ),
+            ("name=a/b,socket=s,overlay=o,base=b", "letters"),
+            ("name=a,socket=,overlay=o,base=b", "needs a value"),
+        ] {
+            let err = spec.parse::<DiskSpec>().unwrap_err().to_string();
+            assert!(err.contains(why), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn config_refuses_shared_sockets_and_overlays() {
+        let e = ServeConfig::try_from(args(&[])).unwrap_err().to_string();
+        assert!(e.contains("at least one"), "{e}");
+        let e = ServeConfig::try_from(args(&[
+            "name=a,socket=s,overlay=o1,base=b",
+            "name=b,socket=s,overlay=o2,base=b",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("socket"), "{e}");
+        let e = ServeConfig::try_from(args(&[
+            "name=a,socket=s1,overlay=o,base=b",
+            "name=b,socket=s2,overlay=o,base=b",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("own"), "{e}");
+        let c = ServeConfig::try_from(args(&[
+            "name=a,socket=s1,overlay=o1,base=b",
+            "name=b,socket=s2,overlay=o2,base=b",
+        ]))
+        .unwrap();
+        assert_eq!(c.disks.len(), 2);
+    }
+}

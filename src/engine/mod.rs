@@ -1,0 +1,289 @@
+//! A disk: a per-guest overlay over a shared base. Takes byte offsets and
+//! host buffers; knows nothing of virtio.
+//!
+//! Reads and writes of local data complete synchronously on the caller's
+//! thread. When some base data is not local, an operation returns
+//! [`Status::Miss`] with the range to fetch; the caller awaits
+//! [`Disk::fetch`] and retries. Operations are idempotent, so a retry after
+//! a partial attempt is safe.
+
+mod base;
+mod iobuf;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use base::{Base, FetchFuture, LocalBase, LocalBases};
+pub use iobuf::{IoBuf, IoRange};
+
+use crate::overlay::{self, BlockState, Overlay};
+
+/// The overlay's unit: 4 KiB.
+pub const BLOCK_SIZE: u64 = 4096;
+/// The guest's unit of addressing.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Index of a 4 KiB block of a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlockIdx(pub u64);
+
+impl BlockIdx {
+    pub fn of(offset: u64) -> Self {
+        BlockIdx(offset / BLOCK_SIZE)
+    }
+
+    pub fn offset(self) -> u64 {
+        self.0 * BLOCK_SIZE
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("open base {0}")]
+    OpenBase(PathBuf, #[source] io::Error),
+    #[error("read base")]
+    ReadBase(#[source] io::Error),
+    #[error("fetch base data")]
+    FetchBase(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("overlay")]
+    Overlay(#[from] overlay::Error),
+    #[error("disk is read-only")]
+    ReadOnly,
+    #[error("range {offset}+{len} is beyond the disk's {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("overlay size {overlay} differs from base size {base}")]
+    SizeMismatch { overlay: u64, base: u64 },
+}
+
+/// How an operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Status {
+    Done,
+    /// Base data of `offset..offset+len` is not local: fetch it, then retry.
+    Miss {
+        offset: u64,
+        len: u64,
+    },
+}
+
+pub struct Disk {
+    base: Arc<dyn Base>,
+    overlay: Overlay,
+    size: u64,
+    readonly: bool,
+}
+
+impl Disk {
+    pub fn new(base: Arc<dyn Base>, overlay: Overlay, readonly: bool) -> Self {
+        let size = base.size();
+        Disk {
+            base,
+            overlay,
+            size,
+            readonly,
+        }
+    }
+
+    /// Opens (or creates) the overlay in `dir` over `base`.
+    pub fn open(base: Arc<dyn Base>, overlay_dir: &std::path::Path, readonly: bool) -> Result<Self, Error> {
+        let overlay = Overlay::open(overlay_dir, base.size(), &base.id())?;
+        Ok(Disk::new(base, overlay, readonly))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Reads `dst.len()` bytes at `offset` into `dst`.
+    pub fn read(&self, offset: u64, dst: IoRange) -> Result<Status, Error> {
+        let len = dst.len() as u64;
+        self.check_range(offset, len)?;
+        let map = self.overlay.map();
+        let mut at = 0u64;
+        while at < len {
+            // The run of blocks from here that share one state.
+            let pos = offset + at;
+            let state = map.get(BlockIdx::of(pos));
+            let mut end = (BlockIdx::of(pos).0 + 1) * BLOCK_SIZE;
+            while end < offset + len && map.get(BlockIdx::of(end)) == state {
+                end += BLOCK_SIZE;
+            }
+            let n = end.min(offset + len) - pos;
+            let part = dst.sub(at as usize, n as usize);
+            match state {
+                BlockState::Data => self.overlay.read(pos, part)?,
+                BlockState::Zero => part.fill_zero(),
+                BlockState::Base => {
+                    if !self.base.read_local(pos, part)? {
+                        return Ok(Status::Miss { offset: pos, len: n });
+                    }
+                }
+            }
+            at += n;
+        }
+        Ok(Status::Done)
+    }
+
+    /// Writes `src` at `offset`; `offset` and the length are sector multiples.
+    pub fn write(&self, offset: u64, src: IoRange) -> Result<Status, Error> {
+        self.write_with(offset, src.len() as u64, Source::Data(src))
+    }
+
+    /// Makes `offset..offset+len` read as zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<Status, Error> {
+        self.write_with(offset, len, Source::Zeros(len))
+    }
+
+    /// Drops the guest's data in the whole blocks of the range: they read as
+    /// zeros afterwards. Partial blocks at the edges are left alone (discard
+    /// is advisory).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = (offset + len) / BLOCK_SIZE;
+        if end > first {
+            self.overlay.set_state(BlockIdx(first), end - first, BlockState::Zero);
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), Error> {
+        Ok(self.overlay.flush()?)
+    }
+
+    /// Makes the base data of a range local (see [`Status::Miss`]).
+    pub fn fetch(&self, offset: u64, len: u64) -> FetchFuture {
+        self.base.fetch(offset, len)
+    }
+
+    fn write_with(&self, offset: u64, len: u64, src: Source) -> Result<Status, Error> {
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let b = BlockIdx::of(pos);
+            let block_end = b.offset() + BLOCK_SIZE;
+            if pos == b.offset() && end >= block_end {
+                // A run of whole blocks: one vectored write, then flip states.
+                let run_end = end - (end % BLOCK_SIZE);
+                let n = run_end - pos;
+                match src {
+                    Source::Data(r) => {
+                        self.overlay.write(pos, r.sub((pos - offset) as usize, n as usize))?;
+                        self.overlay.set_state(b, n / BLOCK_SIZE, BlockState::Data);
+                    }
+                    Source::Zeros(_) => self.overlay.set_state(b, n / BLOCK_SIZE, BlockState::Zero),
+                }
+                pos = run_end;
+            } else {
+                let n = block_end.min(end) - pos;
+                if let Status::Miss { .. } = self.write_partial(b, pos, n, src, offset)? {
+                    return Ok(Status::Miss {
+                        offset: b.offset(),
+                        len: BLOCK_SIZE.min(self.size - b.offset()),
+                    });
+                }
+                pos += n;
+            }
+        }
+        Ok(Status::Done)
+    }
+
+    /// Writes `n` bytes at `pos` inside block `b`, merging with the block's
+    /// current content if the block is not in the overlay yet.
+    fn write_partial(&self, b: BlockIdx, pos: u64, n: u64, src: Source, src_origin: u64) -> Result<Status, Error> {
+        let piece = src.sub(pos - src_origin, n);
+        if self.overlay.state(b) == BlockState::Data {
+            return self.write_in_place(pos, piece).map(|()| Status::Done);
+        }
+        let _guard = self.overlay.lock_block(b);
+        let state = self.overlay.state(b);
+        if state == BlockState::Data {
+            return self.write_in_place(pos, piece).map(|()| Status::Done);
+        }
+        // Merge into the block's current content, then write it whole.
+        let block_len = BLOCK_SIZE.min(self.size - b.offset()) as usize;
+        let mut block = [0u8; BLOCK_SIZE as usize];
+        let block = &mut block[..block_len];
+        if state == BlockState::Base {
+            let mut slot = [IoBuf::default(); 1];
+            if !self
+                .base
+                .read_local(b.offset(), IoRange::from_slice(&mut slot, block))?
+            {
+                return Ok(Status::Miss {
+                    offset: b.offset(),
+                    len: block_len as u64,
+                });
+            }
+        }
+        let at = (pos - b.offset()) as usize;
+        let dst = &mut block[at..at + n as usize];
+        match piece {
+            Source::Data(r) => r.copy_to(dst),
+            Source::Zeros(_) => dst.fill(0),
+        }
+        let mut slot = [IoBuf::default(); 1];
+        self.overlay.write(b.offset(), IoRange::from_slice(&mut slot, block))?;
+        self.overlay.set_state(b, 1, BlockState::Data);
+        Ok(Status::Done)
+    }
+
+    /// Writes a piece of a block that is already in the overlay.
+    fn write_in_place(&self, pos: u64, piece: Source) -> Result<(), Error> {
+        match piece {
+            Source::Data(r) => Ok(self.overlay.write(pos, r)?),
+            Source::Zeros(n) => {
+                let mut zeros = [0u8; BLOCK_SIZE as usize];
+                let mut slot = [IoBuf::default(); 1];
+                Ok(self
+                    .overlay
+                    .write(pos, IoRange::from_slice(&mut slot, &mut zeros[..n as usize]))?)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Data(IoRange<'a>),
+    /// This many zero bytes.
+    Zeros(u64),
+}
+
+impl<'a> Source<'a> {
+    fn sub(&self, offset: u64, len: u64) -> Source<'a> {
+        match self {
+            Source::Data(r) => Source::Data(r.sub(offset as usize, len as usize)),
+            Source::Zeros(_) => Source::Zeros(len),
+        }
+    }
+}

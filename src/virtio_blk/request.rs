@@ -1,0 +1,312 @@
+//! Parsing a virtio-blk request out of a descriptor chain.
+//!
+//! The chain is read as two byte streams, as VIRTIO_F_ANY_LAYOUT allows: the
+//! device-readable descriptors (header, then data for writes) followed by the
+//! device-writable ones (data for reads, then the status byte, last). Every
+//! length, direction and sector range is checked; data descriptors are
+//! translated to host buffers so the engine reads and writes guest memory
+//! directly.
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+
+use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use super::{STATUS_IOERR, STATUS_UNSUPP};
+use crate::engine::{IoBuf, IoRange, SECTOR_SIZE};
+
+pub const HEADER_LEN: usize = 16;
+const DISCARD_SEGMENT_LEN: usize = 16;
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("descriptor chain has no device-writable status byte")]
+    NoStatus,
+    #[error("device-readable descriptor after a device-writable one")]
+    DescriptorOrder,
+    #[error("descriptor {addr:#x}+{len} is not in guest memory")]
+    GuestMemory { addr: u64, len: u32 },
+    #[error("request header is {0} bytes, needs {HEADER_LEN}")]
+    ShortHeader(usize),
+    #[error("request type {0} has an unexpected buffer layout")]
+    Layout(u32),
+    #[error("data length {0} is not a multiple of 512")]
+    Unaligned(usize),
+    #[error("sectors {sector}+{count} are beyond the capacity of {capacity}")]
+    OutOfRange { sector: u64, count: u64, capacity: u64 },
+    #[error("{0} discard or write-zeroes segments, at most {MAX_DISCARD_SEG} allowed")]
+    SegmentCount(usize),
+    #[error("discard or write-zeroes of {0} sectors exceeds the limit")]
+    SegmentTooLarge(u32),
+    #[error("unsupported flags {0:#x} in a discard or write-zeroes segment")]
+    SegmentFlags(u32),
+    #[error("unsupported request type {0}")]
+    UnsupportedType(u32),
+}
+
+impl Error {
+    /// The status the guest gets for a request that failed to parse; `None`
+    /// when there is nowhere to put one.
+    pub fn status(&self) -> Option<u8> {
+        match self {
+            Error::NoStatus | Error::DescriptorOrder => None,
+            Error::UnsupportedType(_) | Error::SegmentFlags(_) => Some(STATUS_UNSUPP),
+            _ => Some(STATUS_IOERR),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+}
+
+/// A validated request. Its data buffers are the ones `parse` filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub kind: RequestType,
+    /// Byte offset on the disk (In, Out).
+    pub offset: u64,
+    /// Bytes of data: what a read returns, a write carries, or GetId may fill.
+    pub data_len: u32,
+    /// Where the status byte goes.
+    pub status_addr: GuestAddress,
+}
+
+impl Request {
+    /// Bytes the device writes into the chain on success: data and status.
+    pub fn used_len(&self) -> u32 {
+        match self.kind {
+            RequestType::In | RequestType::GetId => self.data_len + 1,
+            _ => 1,
+        }
+    }
+}
+
+/// One range of a discard or write-zeroes request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiscardSegment {
+    pub offset: u64,
+    pub len: u64,
+    pub unmap: bool,
+}
+
+/// Where the status byte of a chain goes, if it has one. Used to answer a
+/// chain that `parse` refused.
+fn status_of(descs: &[(GuestAddress, u32, bool)]) -> Result<GuestAddress, Error> {
+    match descs.last() {
+        Some(&(addr, len, true)) if len >= 1 => addr
+            .checked_add(u64::from(len) - 1)
+            .ok_or(Error::GuestMemory { addr: addr.0, len }),
+        _ => Err(Error::NoStatus),
+    }
+}
+
+fn translate<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: u32, out: &mut Vec<IoBuf>) -> Result<(), Error> {
+    let bad = Error::GuestMemory { addr: addr.0, len };
+    if len == 0 {
+        return Ok(());
+    }
+    for slice in mem.get_slices(addr, len as usize) {
+        let slice = slice.map_err(|_| bad.clone())?;
+        // SAFETY: the slice is inside a guest memory region that stays mapped
+        // while the caller holds the memory (it keeps a reference to it until
+        // the request completes).
+        out.push(unsafe { IoBuf::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
+    }
+    Ok(())
+}
+
+/// Parses the chain. On success, `data` holds the request's data buffers
+/// (for Discard and WriteZeroes, its segments), and `descs` is scratch.
+/// On failure the status address, if any, is returned alongside the error.
+pub fn parse<M, D>(
+    chain: DescriptorChain<D>,
+    mem: &M,
+    capacity_sectors: u64,
+    descs: &mut Vec<(GuestAddress, u32, bool)>,
+    data: &mut Vec<IoBuf>,
+) -> Result<Request, (Error, Option<GuestAddress>)>
+where
+    M: GuestMemoryBackend,
+    D: std::ops::Deref,
+    D::Target: GuestMemory,
+{
+    descs.clear();
+    data.clear();
+    let mut seen_writable = false;
+    for d in chain {
+        if d.is_write_only() {
+            seen_writable = true;
+        } else if seen_writable {
+            return Err((Error::DescriptorOrder, None));
+        }
+        descs.push((d.addr(), d.len(), d.is_write_only()));
+    }
+    let status_addr = status_of(descs).map_err(|e| (e, None))?;
+    let fail = |e: Error| (e, Some(status_addr));
+
+    // Split the streams: readable (header + out data), writable (in data, less the status byte).
+    let readable = descs.iter().take_while(|d| !d.2).count();
+    let mut header = [0u8; HEADER_LEN];
+    let mut readable_len = 0usize;
+    for &(addr, len, _) in &descs[..readable] {
+        translate(mem, addr, len, data).map_err(fail)?;
+        readable_len += len as usize;
+    }
+    if readable_len < HEADER_LEN {
+        return Err(fail(Error::ShortHeader(readable_len)));
+    }
+    IoRange::new(data).sub(0, HEADER_LEN).copy_to(&mut header);
+    let type_ = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let out_len = readable_len - HEADER_LEN;
+
+    let writable = &descs[readable..];
+    let mut in_len = 0usize;
+    let n = writable.len();
+    let in_bufs_start = data.len();
+    for (i, &(addr, len, _)) in writable.iter().enumerate() {
+        // The status byte is the last byte of the last descriptor.
+        let len = if i + 1 == n { len - 1 } else { len };
+        translate(mem, addr, len, data).map_err(fail)?;
+        in_len += len as usize;
+    }
+
+    let kind = match type_ {
+        VIRTIO_BLK_T_IN => RequestType::In,
+        VIRTIO_BLK_T_OUT => RequestType::Out,
+        VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+        VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+        VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+        VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+        t => return Err(fail(Error::UnsupportedType(t))),
+    };
+    let layout = |ok: bool| if ok { Ok(()) } else { Err(fail(Error::Layout(type_))) };
+    let data_len = match kind {
+        RequestType::In => {
+            layout(out_len == 0)?;
+            data.drain(..in_bufs_start);
+            in_len
+        }
+        RequestType::GetId => {
+            layout(out_len == 0)?;
+            data.drain(..in_bufs_start);
+            in_len.min(VIRTIO_BLK_ID_BYTES as usize)
+        }
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
+            layout(in_len == 0)?;
+            data.truncate(in_bufs_start);
+            // Leave only the data: drop the header's bytes from the front.
+            strip_front(data, HEADER_LEN);
+            out_len
+        }
+        RequestType::Flush => {
+            layout(out_len == 0 && in_len == 0)?;
+            data.clear();
+            0
+        }
+    };
+    let data_len = u32::try_from(data_len).map_err(|_| fail(Error::Layout(type_)))?;
+
+    if matches!(kind, RequestType::In | RequestType::Out) {
+        if data_len as u64 % SECTOR_SIZE != 0 {
+            return Err(fail(Error::Unaligned(data_len as usize)));
+        }
+        let count = data_len as u64 / SECTOR_SIZE;
+        if sector.checked_add(count).is_none_or(|end| end > capacity_sectors) {
+            return Err(fail(Error::OutOfRange {
+                sector,
+                count,
+                capacity: capacity_sectors,
+            }));
+        }
+    }
+    if matches!(kind, RequestType::Discard | RequestType::WriteZeroes) {
+        if data_len as usize % DISCARD_SEGMENT_LEN != 0 {
+            return Err(fail(Error::Layout(type_)));
+        }
+        let n = data_len as usize / DISCARD_SEGMENT_LEN;
+        if n == 0 || n > MAX_DISCARD_SEG as usize {
+            return Err(fail(Error::SegmentCount(n)));
+        }
+    }
+    Ok(Request {
+        kind,
+        offset: sector.wrapping_mul(SECTOR_SIZE),
+        data_len,
+        status_addr,
+    })
+}
+
+/// Removes the first `n` bytes of the buffer list.
+fn strip_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
+    let mut drop = 0;
+    for b in bufs.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        if b.len() <= n {
+            n -= b.len();
+            drop += 1;
+        } else {
+            // SAFETY: n < b.len(): the new buffer is a tail of the old one.
+            *b = unsafe { IoBuf::new(b.as_ptr().add(n), b.len() - n) };
+            n = 0;
+        }
+    }
+    bufs.drain(..drop);
+}
+
+/// Reads and checks the segments of a discard or write-zeroes request.
+pub fn discard_segments(
+    kind: RequestType,
+    data: &[IoBuf],
+    capacity_sectors: u64,
+    mut f: impl FnMut(DiscardSegment) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let r = IoRange::new(data);
+    for i in 0..r.len() / DISCARD_SEGMENT_LEN {
+        let mut s = [0u8; DISCARD_SEGMENT_LEN];
+        r.sub(i * DISCARD_SEGMENT_LEN, DISCARD_SEGMENT_LEN).copy_to(&mut s);
+        let sector = u64::from_le_bytes(s[0..8].try_into().unwrap());
+        let count = u32::from_le_bytes(s[8..12].try_into().unwrap());
+        let flags = u32::from_le_bytes(s[12..16].try_into().unwrap());
+        let allowed = match kind {
+            RequestType::WriteZeroes => VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            _ => 0,
+        };
+        if flags & !allowed != 0 {
+            return Err(Error::SegmentFlags(flags));
+        }
+        if count > MAX_DISCARD_SECTORS {
+            return Err(Error::SegmentTooLarge(count));
+        }
+        if sector
+            .checked_add(u64::from(count))
+            .is_none_or(|end| end > capacity_sectors)
+        {
+            return Err(Error::OutOfRange {
+                sector,
+                count: u64::from(count),
+                capacity: capacity_sectors,
+            });
+        }
+        f(DiscardSegment {
+            offset: sector * SECTOR_SIZE,
+            len: u64::from(count) * SECTOR_SIZE,
+            unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the status byte; false if the guest gave an address outside its memory.
+pub fn write_status<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, status: u8) -> bool {
+    mem.write_obj(status, addr).is_ok()
+}
