@@ -51,8 +51,8 @@ pub struct VhostUserBlkBackend {
     /// Completion eventfds, registered on each worker's epoll after creation.
     completion_fds: Mutex<Vec<Option<EventConsumer>>>,
     exit: Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>,
-    /// The vrings, seen on the first event; `stop_vring` needs them.
-    vrings: OnceLock<Vec<VringRwLock>>,
+    /// Each queue's vring, seen on its first event; `stop_vring` needs it.
+    vrings: Vec<OnceLock<VringRwLock>>,
 }
 
 impl VhostUserBlkBackend {
@@ -76,7 +76,7 @@ impl VhostUserBlkBackend {
             threads,
             completion_fds: Mutex::new(completion_fds),
             exit,
-            vrings: OnceLock::new(),
+            vrings: (0..queues).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -84,10 +84,11 @@ impl VhostUserBlkBackend {
         lock(&self.threads[q])
     }
 
-    /// Event id of queue `q`'s completion eventfd on its worker's epoll:
-    /// past the queues and the exit event, which the framework reserves.
-    fn completion_event(&self, q: usize) -> u16 {
-        (self.threads.len() + 1 + q) as u16
+    /// Event id of the completion eventfd on a worker's epoll: past the
+    /// ids the framework reserves (queues and exit event). Each worker has
+    /// one queue, whose kick is event 0.
+    fn completion_event(&self) -> u16 {
+        (self.threads.len() + 1) as u16
     }
 
     /// Registers the completion eventfds with the workers' epolls.
@@ -98,7 +99,7 @@ impl VhostUserBlkBackend {
             if let Some(fd) = fds[q].as_ref() {
                 use std::os::unix::io::AsRawFd;
                 handler
-                    .register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(self.completion_event(q)))
+                    .register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(self.completion_event()))
                     .map_err(Error::Register)?;
             }
         }
@@ -137,7 +138,10 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -178,8 +182,8 @@ impl VhostUserBackend for VhostUserBlkBackend {
         if !completions.wait_idle(DRAIN_TIMEOUT) {
             tracing::error!(queue = q, "requests still in flight when the queue stopped");
         }
-        if let Some(vrings) = self.vrings.get() {
-            self.thread(q).process_completions(&vrings[q])?;
+        if let Some(vring) = self.vrings[q].get() {
+            self.thread(q).process_completions(vring)?;
         }
         Ok(())
     }
@@ -191,23 +195,25 @@ impl VhostUserBackend for VhostUserBlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
+        // One queue per worker: queue `thread_id` is this worker's vrings[0].
+        let (q, Some(vring)) = (thread_id, vrings.first()) else {
+            return Ok(());
+        };
+        if evset != EventSet::IN || q >= self.threads.len() {
             return Ok(());
         }
-        self.vrings.get_or_init(|| vrings.to_vec());
-        let q = device_event as usize;
-        if q < self.threads.len() {
-            return self.thread(q).process_queue(&vrings[q]);
+        self.vrings[q].get_or_init(|| vring.clone());
+        if device_event == 0 {
+            return self.thread(q).process_queue(vring);
         }
-        let q = thread_id;
-        if q < self.threads.len() && device_event == self.completion_event(q) {
+        if device_event == self.completion_event() {
             let mut t = self.thread(q);
             // Drain the eventfd before the list, so a completion that lands
             // in between wakes us again rather than being missed.
             if let Some(Some(fd)) = lock(&self.completion_fds).get(q) {
                 let _ = fd.consume();
             }
-            return t.process_completions(&vrings[q]);
+            return t.process_completions(vring);
         }
         Ok(())
     }
@@ -241,8 +247,12 @@ pub fn serve(
         daemon.start(&mut listener).map_err(|e| Error::Accept(e.to_string()))?;
         *lock(&active) = Some(backend.clone());
         tracing::info!(disk = name, "frontend connected");
-        if let Err(e) = daemon.wait() {
-            tracing::warn!(disk = name, "frontend connection ended: {e}");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => {}
+            Err(e) => tracing::warn!(disk = name, "frontend connection ended: {e}"),
         }
         *lock(&active) = None;
         if !backend.drain(DRAIN_TIMEOUT) {

@@ -1,0 +1,262 @@
+//! Shared test harness: a streamblk daemon process and a vhost-user-blk
+//! client (libblkio's Rust crate) driving it.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_streamblk");
+
+/// A running `streamblk serve`. Killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub args: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start(args: &[String]) -> Daemon {
+        let log = std::env::var("STREAMBLK_TEST_LOG").is_ok();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .expect("spawn streamblk");
+        Daemon {
+            child,
+            args: args.to_vec(),
+        }
+    }
+
+    /// One `--disk` argument per spec.
+    pub fn with_disks(specs: &[String]) -> Daemon {
+        let args: Vec<String> = specs.iter().flat_map(|s| ["--disk".to_string(), s.clone()]).collect();
+        Daemon::start(&args)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits (up to 20 s) for a socket file to appear.
+pub fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn disk_spec(name: &str, dir: &Path, base: &Path, extra: &str) -> String {
+    format!(
+        "name={name},socket={},overlay={},base={}{extra}",
+        dir.join(format!("{name}.sock")).display(),
+        dir.join(format!("{name}.overlay")).display(),
+        base.display()
+    )
+}
+
+/// A file of `len` pseudo-random bytes.
+pub fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = random_bytes(len, seed);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A vhost-user-blk client with one shared buffer region.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+/// One request for [`Client::run`].
+#[derive(Clone, Debug)]
+pub enum Op {
+    Read { offset: u64, len: usize, buf: usize },
+    Write { offset: u64, len: usize, buf: usize },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+impl Client {
+    /// Connects, retrying while the daemon comes up (up to 20 s).
+    pub fn connect(socket: &Path, queues: usize, region_len: usize) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Self::try_connect(socket, queues, region_len) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("connect to {}: {e}", socket.display()),
+            }
+        }
+    }
+
+    pub fn try_connect(socket: &Path, queues: usize, region_len: usize) -> Result<Client, String> {
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| e.message().to_string())?;
+        b.set_str("path", socket.to_str().unwrap())
+            .map_err(|e| e.message().to_string())?;
+        b.connect().map_err(|e| format!("connect: {}", e.message()))?;
+        b.set_i32("num-queues", queues as i32)
+            .map_err(|e| format!("num-queues: {}", e.message()))?;
+        let capacity = b
+            .get_u64("capacity")
+            .map_err(|e| format!("capacity: {}", e.message()))?;
+        let started = b.start().map_err(|e| format!("start: {}", e.message()))?;
+        let region = b
+            .alloc_mem_region(region_len)
+            .map_err(|e| format!("alloc: {}", e.message()))?;
+        b.map_mem_region(&region).map_err(|e| format!("map: {}", e.message()))?;
+        Ok(Client {
+            blkio: b,
+            queues: started.queues,
+            region,
+            capacity,
+        })
+    }
+
+    /// The shared buffer region as a byte slice.
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped for the client's life and only this
+        // client touches it while no request is in flight.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    /// Submits every op (op i on queue i % queues), waits for all, returns
+    /// each op's result (0 or -errno), or None for ops that did not complete
+    /// within `timeout`.
+    pub fn run_timeout(&mut self, ops: &[Op], timeout: Duration) -> Vec<Option<i32>> {
+        let base = self.region.addr;
+        let nq = self.queues.len();
+        for (i, op) in ops.iter().enumerate() {
+            let q = &mut self.queues[i % nq];
+            match *op {
+                Op::Read { offset, len, buf } => q.read(offset, (base + buf) as *mut u8, len, i, ReqFlags::empty()),
+                Op::Write { offset, len, buf } => q.write(offset, (base + buf) as *const u8, len, i, ReqFlags::empty()),
+                Op::Flush => q.flush(i, ReqFlags::empty()),
+                Op::Discard { offset, len } => q.discard(offset, len, i, ReqFlags::empty()),
+                Op::WriteZeroes { offset, len } => q.write_zeroes(offset, len, i, ReqFlags::empty()),
+            }
+        }
+        let mut results = vec![None; ops.len()];
+        let mut left: Vec<usize> = (0..nq).map(|q| (q..ops.len()).step_by(nq).count()).collect();
+        let deadline = Instant::now() + timeout;
+        let mut completions: Vec<MaybeUninit<Completion>> = (0..256).map(|_| MaybeUninit::uninit()).collect();
+        for (qi, q) in self.queues.iter_mut().enumerate() {
+            while left[qi] > 0 {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let mut t = deadline - now;
+                let want = left[qi].min(completions.len());
+                let n = match q.do_io(&mut completions, want, Some(&mut t), None) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                for c in &completions[..n] {
+                    // SAFETY: do_io initialised the first n completions.
+                    let c = unsafe { c.assume_init_read() };
+                    results[c.user_data] = Some(c.ret);
+                    left[qi] -= 1;
+                }
+            }
+        }
+        results
+    }
+
+    /// Like `run_timeout`, asserting every op completed.
+    pub fn run(&mut self, ops: &[Op]) -> Vec<i32> {
+        self.run_timeout(ops, Duration::from_secs(60))
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|| panic!("op {i} ({:?}) did not complete", ops[i])))
+            .collect()
+    }
+
+    /// Reads `len` bytes at `offset` (through buffer offset 0).
+    pub fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        let r = self.run(&[Op::Read { offset, len, buf: 0 }]);
+        assert_eq!(r[0], 0, "read {offset}+{len}");
+        self.buf()[..len].to_vec()
+    }
+
+    /// Writes `data` at `offset` (through buffer offset 0).
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.buf()[..data.len()].copy_from_slice(data);
+        let r = self.run(&[Op::Write {
+            offset,
+            len: data.len(),
+            buf: 0,
+        }]);
+        assert_eq!(r[0], 0, "write {offset}+{}", data.len());
+    }
+
+    pub fn flush(&mut self) {
+        assert_eq!(self.run(&[Op::Flush])[0], 0, "flush");
+    }
+}
+
+/// blake3-free, dependency-free digest for "the base did not change".
+pub fn file_digest(path: &Path) -> u64 {
+    let data = std::fs::read(path).unwrap();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("streamblk-test").tempdir().unwrap()
+}
+
+pub fn path_of(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
