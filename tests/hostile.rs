@@ -1,0 +1,263 @@
+//! Hostile guest input, at the queue worker: malformed chains, wrong
+//! directions, missing status bytes, bad lengths and sectors, unknown types.
+//! Each gets the right status (or is dropped with no status), and the queue
+//! keeps serving.
+
+use std::sync::Arc;
+
+use streamblk::engine::{Disk, LocalBase};
+use streamblk::vhost::{Completions, DiskContext, GuestMemory, VhostUserBlkThread};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+const QSIZE: u16 = 64;
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const MEM: usize = 4 << 20;
+const DISK: usize = 1 << 20;
+
+struct Rig {
+    mem: GuestMemory,
+    vring: VringRwLock,
+    thread: VhostUserBlkThread,
+    next_desc: u16,
+    used_seen: u16,
+    desc_table: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    base: Vec<u8>,
+    _dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn desc(addr: u64, len: u32, write: bool) -> (u64, u32, bool) {
+    (addr, len, write)
+}
+
+impl Rig {
+    fn new(readonly: bool) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let base: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.path().join("base"), &base).unwrap();
+        let disk = Disk::open(
+            Arc::new(LocalBase::open(&dir.path().join("base")).unwrap()),
+            &dir.path().join("overlay"),
+            readonly,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mut serial = [0u8; 20];
+        serial[..6].copy_from_slice(b"serial");
+        let ctx = Arc::new(DiskContext {
+            capacity_sectors: (DISK / 512) as u64,
+            disk: Arc::new(disk),
+            serial,
+            runtime: rt.handle().clone(),
+            stopping: Default::default(),
+        });
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        let (completions, _consumer) = Completions::new().unwrap();
+        let mut thread = VhostUserBlkThread::new(ctx, completions);
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        thread.set_memory(atomic.clone());
+        let mock = MockSplitQueue::new(&mem, QSIZE);
+        let vring = VringRwLock::new(atomic, QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring
+            .set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Rig {
+            desc_table: mock.desc_table_addr(),
+            avail: mock.avail_addr(),
+            used: mock.used_addr(),
+            mem,
+            vring,
+            thread,
+            next_desc: 0,
+            used_seen: 0,
+            base,
+            _dir: dir,
+            _rt: rt,
+        }
+    }
+
+    fn header(&self, type_: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&type_.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Puts one chain on the avail ring, runs the worker, and returns the
+    /// used length and the status byte (0xff if the device did not write it).
+    fn submit(&mut self, descs: &[(u64, u32, bool)]) -> (u32, u8) {
+        let mut start = self.next_desc;
+        if start as usize + descs.len() > QSIZE as usize {
+            start = 0;
+        }
+        for (i, &(addr, len, write)) in descs.iter().enumerate() {
+            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < descs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, start + i as u16 + 1));
+            self.mem.write_obj(d, self.desc_table.unchecked_add(16 * (start as u64 + i as u64))).unwrap();
+        }
+        let avail_idx: u16 = self.mem.read_obj(self.avail.unchecked_add(2)).unwrap();
+        self.mem
+            .write_obj(start, self.avail.unchecked_add(4 + 2 * (avail_idx % QSIZE) as u64))
+            .unwrap();
+        self.mem.write_obj(avail_idx.wrapping_add(1), self.avail.unchecked_add(2)).unwrap();
+        self.next_desc = start + descs.len() as u16;
+        self.thread.process_queue(&self.vring).unwrap();
+        // Completions that went asynchronous (flush) come back by eventfd.
+        for _ in 0..500 {
+            self.thread.process_completions(&self.vring).unwrap();
+            let used_idx: u16 = self.mem.read_obj(self.used.unchecked_add(2)).unwrap();
+            if used_idx != self.used_seen {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let used_idx: u16 = self.mem.read_obj(self.used.unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, self.used_seen.wrapping_add(1), "the chain was not completed");
+        let entry = self.used.unchecked_add(4 + 8 * (self.used_seen % QSIZE) as u64);
+        self.used_seen = used_idx;
+        let len: u32 = self.mem.read_obj(entry.unchecked_add(4)).unwrap();
+        let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (len, status)
+    }
+
+    fn good_read(&mut self) {
+        self.header(VIRTIO_BLK_T_IN, 8);
+        let r = self.submit(&[desc(HDR, 16, false), desc(DATA, 4096, true), desc(STATUS, 1, true)]);
+        assert_eq!(r, (4097, VIRTIO_BLK_S_OK as u8));
+        let mut got = vec![0u8; 4096];
+        self.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(got == self.base[4096..8192]);
+    }
+}
+
+use vm_memory::Address;
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const UNTOUCHED: u8 = 0xff;
+
+#[test]
+fn every_bad_request_gets_its_status_and_the_queue_keeps_serving() {
+    let mut rig = Rig::new(false);
+    rig.good_read();
+
+    // Header in a device-writable descriptor: no readable header at all.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, true), desc(DATA, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+
+    // A readable descriptor after a writable one: malformed, dropped.
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true), desc(DATA, 512, false)]), (0, UNTOUCHED));
+
+    // No status byte: the last descriptor is readable.
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false)]), (0, UNTOUCHED));
+
+    // A zero-length status descriptor.
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 0, true)]), (0, UNTOUCHED));
+
+    // Short header.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 8, false), desc(DATA, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+
+    // Data not a multiple of 512.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 1000, true), desc(STATUS, 1, true)]), (1, IOERR));
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 100, false), desc(STATUS, 1, true)]), (1, IOERR));
+
+    // Sectors beyond the capacity, and a sector number that overflows.
+    let last = (DISK / 512) as u64;
+    rig.header(VIRTIO_BLK_T_IN, last - 1);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 1024, true), desc(STATUS, 1, true)]), (1, IOERR));
+    rig.header(VIRTIO_BLK_T_OUT, u64::MAX);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, IOERR));
+    // ...while the last sector itself is fine.
+    rig.header(VIRTIO_BLK_T_IN, last - 1);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]), (513, OK));
+
+    // Data outside guest memory.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(MEM as u64 - 256, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(u64::MAX - 100, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+
+    // Unknown and unsupported request types.
+    for t in [99, VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_ZONE_REPORT, VIRTIO_BLK_T_SECURE_ERASE] {
+        rig.header(t, 0);
+        assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, UNSUPP), "type {t}");
+    }
+
+    // Wrong layouts: a read with readable data, a write with writable data.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, IOERR));
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+
+    // Discard with the unmap flag (only write-zeroes may have it), and
+    // write-zeroes with a range past the end.
+    let seg = |sector: u64, count: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&count.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    rig.header(VIRTIO_BLK_T_DISCARD, 0);
+    rig.mem.write_slice(&seg(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), GuestAddress(DATA)).unwrap();
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]), (1, UNSUPP));
+    rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    rig.mem.write_slice(&seg(last - 4, 8, 0), GuestAddress(DATA)).unwrap();
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]), (1, IOERR));
+    rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    rig.mem.write_slice(&seg(0, 8, 0), GuestAddress(DATA)).unwrap();
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 10, false), desc(STATUS, 1, true)]), (1, IOERR));
+
+    // GET_ID returns the serial; a good write and a flush still work.
+    rig.header(VIRTIO_BLK_T_GET_ID, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 20, true), desc(STATUS, 1, true)]), (21, OK));
+    let mut id = [0u8; 20];
+    rig.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..7], b"serial\0");
+    rig.header(VIRTIO_BLK_T_OUT, 16);
+    rig.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, OK));
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, OK));
+    rig.good_read();
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes_discards_and_zeroes() {
+    let mut rig = Rig::new(true);
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, IOERR));
+    let mut s = [0u8; 16];
+    s[8..12].copy_from_slice(&8u32.to_le_bytes());
+    rig.mem.write_slice(&s, GuestAddress(DATA)).unwrap();
+    for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        rig.header(t, 0);
+        assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]), (1, IOERR));
+    }
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, OK));
+    rig.good_read();
+}
