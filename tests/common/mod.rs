@@ -2,6 +2,8 @@
 //! client (libblkio's Rust crate) driving it.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -9,6 +9,8 @@
 #     -drive file=OUTDIR/rootfs.img,format=raw,if=virtio
 # Console markers: GUEST-BOOTED, GUEST-CHECK-OK|FAIL, GUEST-SEEN-WRITTEN: boot-N,
 #   GUEST-PREV-WRITE-OK|FAIL, GUEST-WRITE-OK, GUEST-DONE; any error: "GUEST-FAIL: reason".
+#   With sbk.pause on the kernel command line: GUEST-PAUSE, then after a console
+#   line GUEST-RECHECK-OK|FAIL and GUEST-RECONNECT-WRITE-OK.
 # Needs (Debian): linux-image-amd64, busybox-static, cpio, e2fsprogs, kmod, gzip. Run as root.
 set -euo pipefail
 
@@ -128,6 +130,16 @@ head -c 2097152 /dev/urandom > guest-written.bin || fail "write guest-written.bi
 sha256sum guest-written.bin >> guest-written.sha256 || fail "append guest-written.sha256"
 sync || fail "sync"
 echo GUEST-WRITE-OK
+# With "sbk.pause" on the command line, wait for a line on the console (the
+# host restarts the disk's daemon meanwhile), then read and write again.
+if grep -q sbk.pause /proc/cmdline; then
+    echo GUEST-PAUSE
+    read -r _go
+    echo 3 > /proc/sys/vm/drop_caches
+    if sha256sum -c -s SHA256SUMS && tail -n 1 guest-written.sha256 | sha256sum -c -s; then
+        echo GUEST-RECHECK-OK; else echo GUEST-RECHECK-FAIL; fi
+    head -c 1048576 /dev/urandom > after-reconnect.bin && sync && echo GUEST-RECONNECT-WRITE-OK
+fi
 cd /
 mount -o remount,ro / || echo "warning: remount ro failed"   # leave ext4 clean
 echo GUEST-DONE
