@@ -35,7 +35,7 @@ fn no_flushed_write_is_lost_across_sigkills() {
     let mut flushed_writes = 0usize;
 
     for kill in 0..=KILLS {
-        let mut daemon = Daemon::with_disks(&[spec.clone()]);
+        let mut daemon = Daemon::with_disks(&[&spec]);
         let mut c = Client::connect(&socket, 2, BLOCKS * BLOCK);
 
         // Check the whole disk against what may be there.
@@ -123,5 +123,8 @@ fn no_flushed_write_is_lost_across_sigkills() {
         drop(c);
         // Tags completed since the last flush stay in `since`: allowed, not required.
     }
-    assert!(flushed_writes > 500, "only {flushed_writes} flushed writes were checked");
+    assert!(
+        flushed_writes > 500,
+        "only {flushed_writes} flushed writes were checked"
+    );
 }

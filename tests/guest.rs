@@ -21,7 +21,7 @@ fn guest_boots_from_streamblk_writes_survive_restart_and_reconnect() {
     let socket = dir.path().join("vm.sock");
 
     // Boot 1: the guest checks its data, writes, syncs and powers off.
-    let mut daemon = Daemon::with_disks(&[spec.clone()]);
+    let mut daemon = Daemon::with_disks(&[&spec]);
     wait_for_socket(&socket);
     let mut qemu = Qemu::boot(&guest, &socket, 2, "");
     qemu.expect("GUEST-BOOTED", BOOT);
@@ -39,11 +39,14 @@ fn guest_boots_from_streamblk_writes_survive_restart_and_reconnect() {
         use std::os::unix::fs::MetadataExt;
         m.blocks() * 512
     });
-    assert!(allocated.unwrap() >= 2 << 20, "the guest's 2 MiB write is not in the overlay");
+    assert!(
+        allocated.unwrap() >= 2 << 20,
+        "the guest's 2 MiB write is not in the overlay"
+    );
 
     // Boot 2, on a restarted daemon: the guest sees boot 1's writes. Midway
     // the daemon is restarted under the running guest, which reconnects.
-    let mut daemon = Daemon::with_disks(&[spec.clone()]);
+    let mut daemon = Daemon::with_disks(&[&spec]);
     wait_for_socket(&socket);
     let mut qemu = Qemu::boot(&guest, &socket, 2, "sbk.pause");
     qemu.expect("GUEST-SEEN-WRITTEN: boot-1", BOOT);

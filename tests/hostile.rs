@@ -50,7 +50,11 @@ impl Rig {
             readonly,
         )
         .unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let mut serial = [0u8; 20];
         serial[..6].copy_from_slice(b"serial");
         let ctx = Arc::new(DiskContext {
@@ -109,13 +113,17 @@ impl Rig {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
             let d = RawDescriptor::from(Descriptor::new(addr, len, flags, start + i as u16 + 1));
-            self.mem.write_obj(d, self.desc_table.unchecked_add(16 * (start as u64 + i as u64))).unwrap();
+            self.mem
+                .write_obj(d, self.desc_table.unchecked_add(16 * (start as u64 + i as u64)))
+                .unwrap();
         }
         let avail_idx: u16 = self.mem.read_obj(self.avail.unchecked_add(2)).unwrap();
         self.mem
             .write_obj(start, self.avail.unchecked_add(4 + 2 * (avail_idx % QSIZE) as u64))
             .unwrap();
-        self.mem.write_obj(avail_idx.wrapping_add(1), self.avail.unchecked_add(2)).unwrap();
+        self.mem
+            .write_obj(avail_idx.wrapping_add(1), self.avail.unchecked_add(2))
+            .unwrap();
         self.next_desc = start + descs.len() as u16;
         self.thread.process_queue(&self.vring).unwrap();
         // Completions that went asynchronous (flush) come back by eventfd.
@@ -160,57 +168,116 @@ fn every_bad_request_gets_its_status_and_the_queue_keeps_serving() {
 
     // Header in a device-writable descriptor: no readable header at all.
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, true), desc(DATA, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, true), desc(DATA, 512, true), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
 
     // A readable descriptor after a writable one: malformed, dropped.
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true), desc(DATA, 512, false)]), (0, UNTOUCHED));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true), desc(DATA, 512, false)]),
+        (0, UNTOUCHED)
+    );
 
     // No status byte: the last descriptor is readable.
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false)]), (0, UNTOUCHED));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false)]),
+        (0, UNTOUCHED)
+    );
 
     // A zero-length status descriptor.
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 0, true)]), (0, UNTOUCHED));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(STATUS, 0, true)]),
+        (0, UNTOUCHED)
+    );
 
     // Short header.
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 8, false), desc(DATA, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 8, false), desc(DATA, 512, true), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
 
     // Data not a multiple of 512.
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 1000, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 1000, true), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 100, false), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 100, false), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
 
     // Sectors beyond the capacity, and a sector number that overflows.
     let last = (DISK / 512) as u64;
     rig.header(VIRTIO_BLK_T_IN, last - 1);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 1024, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 1024, true), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
     rig.header(VIRTIO_BLK_T_OUT, u64::MAX);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
     // ...while the last sector itself is fine.
     rig.header(VIRTIO_BLK_T_IN, last - 1);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]), (513, OK));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]),
+        (513, OK)
+    );
 
     // Data outside guest memory.
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(MEM as u64 - 256, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[
+            desc(HDR, 16, false),
+            desc(MEM as u64 - 256, 512, true),
+            desc(STATUS, 1, true)
+        ]),
+        (1, IOERR)
+    );
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(u64::MAX - 100, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[
+            desc(HDR, 16, false),
+            desc(u64::MAX - 100, 512, true),
+            desc(STATUS, 1, true)
+        ]),
+        (1, IOERR)
+    );
 
     // Unknown and unsupported request types.
-    for t in [99, VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_ZONE_REPORT, VIRTIO_BLK_T_SECURE_ERASE] {
+    for t in [
+        99,
+        VIRTIO_BLK_T_SCSI_CMD,
+        VIRTIO_BLK_T_ZONE_REPORT,
+        VIRTIO_BLK_T_SECURE_ERASE,
+    ] {
         rig.header(t, 0);
-        assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, UNSUPP), "type {t}");
+        assert_eq!(
+            rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]),
+            (1, UNSUPP),
+            "type {t}"
+        );
     }
 
     // Wrong layouts: a read with readable data, a write with writable data.
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
 
     // Discard with the unmap flag (only write-zeroes may have it), and
     // write-zeroes with a range past the end.
@@ -222,24 +289,41 @@ fn every_bad_request_gets_its_status_and_the_queue_keeps_serving() {
         s
     };
     rig.header(VIRTIO_BLK_T_DISCARD, 0);
-    rig.mem.write_slice(&seg(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), GuestAddress(DATA)).unwrap();
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]), (1, UNSUPP));
+    rig.mem
+        .write_slice(&seg(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]),
+        (1, UNSUPP)
+    );
     rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
     rig.mem.write_slice(&seg(last - 4, 8, 0), GuestAddress(DATA)).unwrap();
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
     rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
     rig.mem.write_slice(&seg(0, 8, 0), GuestAddress(DATA)).unwrap();
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 10, false), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 10, false), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
 
     // GET_ID returns the serial; a good write and a flush still work.
     rig.header(VIRTIO_BLK_T_GET_ID, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 20, true), desc(STATUS, 1, true)]), (21, OK));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 20, true), desc(STATUS, 1, true)]),
+        (21, OK)
+    );
     let mut id = [0u8; 20];
     rig.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id[..7], b"serial\0");
     rig.header(VIRTIO_BLK_T_OUT, 16);
     rig.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, OK));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]),
+        (1, OK)
+    );
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
     assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, OK));
     rig.good_read();
@@ -249,13 +333,19 @@ fn every_bad_request_gets_its_status_and_the_queue_keeps_serving() {
 fn a_readonly_disk_refuses_writes_discards_and_zeroes() {
     let mut rig = Rig::new(true);
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]), (1, IOERR));
+    assert_eq!(
+        rig.submit(&[desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]),
+        (1, IOERR)
+    );
     let mut s = [0u8; 16];
     s[8..12].copy_from_slice(&8u32.to_le_bytes());
     rig.mem.write_slice(&s, GuestAddress(DATA)).unwrap();
     for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         rig.header(t, 0);
-        assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]), (1, IOERR));
+        assert_eq!(
+            rig.submit(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]),
+            (1, IOERR)
+        );
     }
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
     assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, OK));

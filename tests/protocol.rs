@@ -26,7 +26,7 @@ fn random_io_over_two_queues_matches_a_model_and_survives_restart() {
     let base_digest = file_digest(&base);
     let spec = disk_spec("vm", dir.path(), &base, ",queues=2");
     let socket = dir.path().join("vm.sock");
-    let mut daemon = Daemon::with_disks(&[spec.clone()]);
+    let mut daemon = Daemon::with_disks(&[&spec]);
     let mut c = Client::connect(&socket, 2, 16 * MIB);
     assert_eq!(c.capacity, size as u64);
 

@@ -178,7 +178,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?,
             DiskSource::Image(_) => unreachable!("refused by ServeConfig"),
         };
-        if base.size() % SECTOR_SIZE != 0 || base.size() == 0 {
+        if !base.size().is_multiple_of(SECTOR_SIZE) || base.size() == 0 {
             bail!(
                 "disk {}: base size {} is not a positive multiple of 512",
                 spec.name,

@@ -215,7 +215,7 @@ where
     let data_len = u32::try_from(data_len).map_err(|_| fail(Error::Layout(type_)))?;
 
     if matches!(kind, RequestType::In | RequestType::Out) {
-        if data_len as u64 % SECTOR_SIZE != 0 {
+        if !(data_len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(fail(Error::Unaligned(data_len as usize)));
         }
         let count = data_len as u64 / SECTOR_SIZE;
@@ -228,7 +228,7 @@ where
         }
     }
     if matches!(kind, RequestType::Discard | RequestType::WriteZeroes) {
-        if data_len as usize % DISCARD_SEGMENT_LEN != 0 {
+        if !(data_len as usize).is_multiple_of(DISCARD_SEGMENT_LEN) {
             return Err(fail(Error::Layout(type_)));
         }
         let n = data_len as usize / DISCARD_SEGMENT_LEN;

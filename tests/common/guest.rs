@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 pub fn build_guest() -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/mkguest.sh");
-    let status = Command::new("bash").arg(&script).arg(&out).status().expect("run mkguest.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .status()
+        .expect("run mkguest.sh");
     assert!(status.success(), "mkguest.sh failed");
     out
 }

@@ -37,8 +37,11 @@ impl Daemon {
     }
 
     /// One `--disk` argument per spec.
-    pub fn with_disks(specs: &[String]) -> Daemon {
-        let args: Vec<String> = specs.iter().flat_map(|s| ["--disk".to_string(), s.clone()]).collect();
+    pub fn with_disks<S: AsRef<str>>(specs: &[S]) -> Daemon {
+        let args: Vec<String> = specs
+            .iter()
+            .flat_map(|s| ["--disk".to_string(), s.as_ref().to_string()])
+            .collect();
         Daemon::start(&args)
     }
 

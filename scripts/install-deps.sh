@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what streamblk's build, tests and demo need on Debian bookworm (as root).
+# QEMU comes from bookworm-backports: qemu-system-x86 and qemu-utils must come
+# from the same release, and the guest tests use QEMU 9.2+'s reconnect-ms.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh: run as root (apt-get)" >&2
+    exit 1
+fi
+
+. /etc/os-release
+if [ "${VERSION_CODENAME:-}" = bookworm ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+backports=()
+[ "${VERSION_CODENAME:-}" = bookworm ] && backports=(-t bookworm-backports)
+apt-get install -y -q "${backports[@]}" qemu-system-x86 qemu-utils
+apt-get install -y -q linux-image-amd64 busybox-static cpio e2fsprogs kmod gzip iproute2
+
+if ! command -v cargo >/dev/null; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { echo "install-deps.sh: no Rust toolchain (cargo) found; install rustup's stable toolchain" >&2; exit 1; }
+echo "dependencies installed: $(qemu-system-x86_64 --version | head -n1), $(cargo --version)"
