@@ -1,10 +1,13 @@
 //! streamblk: serves VM disks to QEMU over vhost-user-blk, each a per-guest
-//! redirect-on-write overlay over a shared base.
+//! redirect-on-write overlay over a base streamed lazily from an image store.
 
 #![deny(clippy::all, clippy::undocumented_unsafe_blocks, clippy::dbg_macro)]
 
+pub mod cache;
 pub mod cli;
 pub mod engine;
+pub mod fetch;
 pub mod overlay;
+pub mod store;
 pub mod vhost;
 pub mod virtio_blk;

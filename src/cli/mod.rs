@@ -1,5 +1,6 @@
 //! The command line: clap definitions, one file per subcommand.
 
+mod image;
 mod serve;
 
 use std::process::ExitCode;
@@ -21,6 +22,9 @@ pub struct Cli {
 enum Command {
     /// Serve disks to QEMU over vhost-user-blk sockets.
     Serve(ServeArgs),
+    /// Manage images in a store.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -34,6 +38,7 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Image(cmd) => image::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! `streamblk serve`: open the disks, serve each on its socket, shut down
 //! cleanly on SIGTERM.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::cache::{self, ImageCache};
 use crate::engine::{Base, Disk, LocalBases, SECTOR_SIZE};
+use crate::fetch::{FetchConfig, Fetcher, StreamedBase};
+use crate::store::{ImageId, ImageStore};
 use crate::vhost::{self, DiskContext, DisplayChain, VhostUserBlkBackend};
 
 /// Most queues a disk may have.
@@ -22,6 +25,29 @@ pub struct ServeArgs {
     /// name=N,socket=PATH,overlay=DIR,(image=IMAGE|base=RAWFILE)[,queues=Q][,readonly][,serial=S]
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
+    /// The image store for image= disks: a directory, file://, http(s):// or s3://bucket/prefix.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Where the Local Caches of images live.
+    #[arg(long, default_value = "/var/cache/streamblk")]
+    pub cache_dir: PathBuf,
+    /// Cache directory size limit in MiB: least recently used images that
+    /// no disk uses are evicted beyond it (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub cache_size_mib: u64,
+    /// Background fill rate cap in MB/s for profile and background fetching
+    /// (0: no background fill; demand fetching is never capped).
+    #[arg(long, default_value_t = 50.0)]
+    pub fill_rate: f64,
+    /// Seconds a guest read of a missing chunk keeps retrying before it fails with IOERR.
+    #[arg(long, default_value_t = 30.0)]
+    pub fetch_deadline: f64,
+    /// Seconds one fetch attempt may take.
+    #[arg(long, default_value_t = 10.0)]
+    pub fetch_timeout: f64,
+    /// Chunk fetches in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub fetch_concurrency: usize,
 }
 
 /// Where a disk's base comes from.
@@ -109,6 +135,10 @@ impl std::str::FromStr for DiskSpec {
 #[derive(Debug)]
 pub struct ServeConfig {
     pub disks: Vec<DiskSpec>,
+    pub store: Option<String>,
+    pub cache_dir: PathBuf,
+    pub cache_limit: Option<u64>,
+    pub fetch: FetchConfig,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -139,17 +169,41 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     d.overlay.display()
                 );
             }
-            if let DiskSource::Image(_) = d.source {
-                bail!(
-                    "disk {}: image= needs an image store, which this build does not have yet; use base=",
-                    d.name
-                );
+            if matches!(d.source, DiskSource::Image(_)) && args.store.is_none() {
+                bail!("disk {}: image= needs --store", d.name);
             }
             if d.record_trace.is_some() {
                 bail!("disk {}: record-trace= is not supported by this build yet", d.name);
             }
         }
-        Ok(ServeConfig { disks })
+        let secs = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e6 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(anyhow::anyhow!("--{what} {v}: must be a positive number of seconds"))
+            }
+        };
+        if !(args.fill_rate.is_finite() && args.fill_rate >= 0.0) {
+            bail!("--fill-rate {}: must be a number of MB/s, 0 or more", args.fill_rate);
+        }
+        if args.fetch_concurrency == 0 || args.fetch_concurrency > 256 {
+            bail!("--fetch-concurrency {}: must be from 1 to 256", args.fetch_concurrency);
+        }
+        let fetch = FetchConfig {
+            concurrency: args.fetch_concurrency,
+            low_concurrency: (args.fetch_concurrency / 2).max(1),
+            fill_rate: Some((args.fill_rate * 1e6) as u64),
+            attempt_timeout: secs("fetch-timeout", args.fetch_timeout)?,
+            deadline: secs("fetch-deadline", args.fetch_deadline)?,
+            background_fill: args.fill_rate > 0.0,
+        };
+        Ok(ServeConfig {
+            disks,
+            store: args.store,
+            cache_dir: args.cache_dir,
+            cache_limit: (args.cache_size_mib > 0).then_some(args.cache_size_mib << 20),
+            fetch,
+        })
     }
 }
 
@@ -158,6 +212,83 @@ struct Served {
     socket: PathBuf,
     ctx: Arc<DiskContext>,
     active: Arc<Mutex<Option<Arc<VhostUserBlkBackend>>>>,
+}
+
+/// The images the disks use, opened once each.
+struct Images {
+    bases: HashMap<String, Arc<dyn Base>>,
+    caches: Vec<Arc<ImageCache>>,
+}
+
+/// Resolves every image= in the store, opens its Local Cache and starts
+/// filling it. Fails (before any socket exists) if the store is unreachable
+/// or an image is missing or bad.
+fn open_images(config: &ServeConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Images> {
+    let mut images = Images {
+        bases: HashMap::new(),
+        caches: Vec::new(),
+    };
+    let names: Vec<&String> = config
+        .disks
+        .iter()
+        .filter_map(|d| match &d.source {
+            DiskSource::Image(i) => Some(i),
+            DiskSource::Base(_) => None,
+        })
+        .collect();
+    let Some(location) = &config.store else {
+        return Ok(images);
+    };
+    if names.is_empty() {
+        return Ok(images);
+    }
+    let store = ImageStore::open(location, false).map_err(|e| anyhow::anyhow!("{}", DisplayChain(&e)))?;
+    let fetcher = Fetcher::new(store.clone(), config.fetch.clone(), runtime.handle());
+    std::fs::create_dir_all(&config.cache_dir)
+        .with_context(|| format!("create cache directory {}", config.cache_dir.display()))?;
+    let mut by_id: HashMap<ImageId, Arc<ImageCache>> = HashMap::new();
+    for name in names {
+        if images.bases.contains_key(name) {
+            continue;
+        }
+        let (id, manifest) = runtime
+            .block_on(store.manifest(name))
+            .map_err(|e| anyhow::anyhow!("image {name}: {}", DisplayChain(&e)))?;
+        let cache = match by_id.get(&id) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(
+                    ImageCache::open(&config.cache_dir, id, Arc::new(manifest))
+                        .map_err(|e| anyhow::anyhow!("image {name}: {}", DisplayChain(&e)))?,
+                );
+                let (have, all) = c.fill();
+                tracing::info!(image = %name, id = %id, "cache has {have}/{all} chunks");
+                fetcher.start_fill(&c, runtime.handle());
+                by_id.insert(id, c.clone());
+                images.caches.push(c.clone());
+                c
+            }
+        };
+        images
+            .bases
+            .insert(name.clone(), Arc::new(StreamedBase::new(cache, fetcher.clone())));
+    }
+    if let Some(limit) = config.cache_limit {
+        let root = config.cache_dir.clone();
+        let in_use: HashSet<ImageId> = by_id.keys().copied().collect();
+        runtime.spawn(async move {
+            loop {
+                let (root, in_use) = (root.clone(), in_use.clone());
+                if let Ok(removed) = tokio::task::spawn_blocking(move || cache::evict(&root, limit, &in_use)).await {
+                    for r in removed {
+                        tracing::info!(image = %r, "evicted from the cache");
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
+    }
+    Ok(images)
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -169,6 +300,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("start the I/O runtime")?;
     let bases = LocalBases::default();
+    let images = open_images(&config, &runtime)?;
     let mut served = Vec::new();
     let mut listeners = Vec::new();
     for spec in &config.disks {
@@ -176,7 +308,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             DiskSource::Base(path) => bases
                 .get(path)
                 .map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?,
-            DiskSource::Image(_) => unreachable!("refused by ServeConfig"),
+            DiskSource::Image(image) => images.bases[image].clone(),
         };
         if !base.size().is_multiple_of(SECTOR_SIZE) || base.size() == 0 {
             bail!(
@@ -253,6 +385,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let _ = std::fs::remove_file(&s.socket);
     }
+    for cache in &images.caches {
+        if let Err(e) = cache.persist() {
+            tracing::error!(image = %cache.id(), "persisting the cache failed: {}", DisplayChain(&e));
+            clean = false;
+        }
+    }
     if let Some(msg) = failure {
         bail!("{msg}");
     }
@@ -269,9 +407,16 @@ mod tests {
     use super::*;
 
     fn args(disks: &[&str]) -> ServeArgs {
-        ServeArgs {
-            disks: disks.iter().map(|s| s.to_string()).collect(),
+        let mut argv = vec!["serve"];
+        for d in disks {
+            argv.extend(["--disk", d]);
         }
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: ServeArgs,
+        }
+        <P as clap::Parser>::parse_from(argv).a
     }
 
     #[test]
@@ -345,5 +490,9 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.disks.len(), 2);
+        let e = ServeConfig::try_from(args(&["name=a,socket=s1,overlay=o1,image=debian"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs --store"), "{e}");
     }
 }

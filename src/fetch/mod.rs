@@ -1,0 +1,459 @@
+//! The fetch scheduler, one per daemon: brings chunks from the store into
+//! Local Caches. Three classes in strict priority (demand > profile >
+//! background), single flight per chunk, a concurrency limit, per-attempt
+//! timeouts, retries with backoff up to a deadline, a rate cap for the low
+//! classes, and digest verification before a chunk enters a cache.
+
+mod base;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+pub use base::StreamedBase;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{watch, Notify};
+
+use crate::cache::ImageCache;
+use crate::store::{self, verify_chunk, ChunkIdx, ImageId, ImageStore};
+
+/// Why a chunk is wanted, in priority order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Class {
+    /// The rest of the image, filled at a capped rate.
+    Background = 0,
+    /// The image's boot profile, streamed ahead of the guest.
+    Profile = 1,
+    /// A guest is waiting.
+    Demand = 2,
+}
+
+impl Class {
+    fn from_u8(v: u8) -> Class {
+        match v {
+            2 => Class::Demand,
+            1 => Class::Profile,
+            _ => Class::Background,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Fetches in flight at once.
+    pub concurrency: usize,
+    /// Of those, at most this many for profile and background.
+    pub low_concurrency: usize,
+    /// Cap on profile and background fetching, bytes per second (None: no cap).
+    pub fill_rate: Option<u64>,
+    /// Longest one attempt may take.
+    pub attempt_timeout: Duration,
+    /// How long a chunk is retried before its waiters get an error.
+    pub deadline: Duration,
+    /// Fill the whole image in the background.
+    pub background_fill: bool,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            concurrency: 8,
+            low_concurrency: 4,
+            fill_rate: Some(50 << 20),
+            attempt_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(30),
+            background_fill: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("fetch chunk {digest} from {store}")]
+    FetchChunk {
+        digest: store::Digest,
+        store: String,
+        #[source]
+        source: store::Error,
+    },
+    #[error("chunk {digest} from {store} is corrupt: {why}")]
+    Corrupt {
+        digest: store::Digest,
+        store: String,
+        why: String,
+    },
+    #[error("chunk {0} timed out")]
+    Timeout(store::Digest),
+    #[error("write chunk to the cache")]
+    WriteCache(#[source] crate::cache::Error),
+    #[error("the fetch was abandoned")]
+    Abandoned,
+}
+
+/// What the scheduler has done, for logs and `status`.
+#[derive(Debug, Default)]
+pub struct FetchCounters {
+    pub store_chunks: AtomicU64,
+    pub store_bytes: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    /// Guest reads that waited on a fetch, and the time they waited.
+    pub demand_waits: AtomicU64,
+    pub demand_wait_us: AtomicU64,
+    /// Chunks fetched per class (background, profile, demand) at the time they started.
+    pub by_class: [AtomicU64; 3],
+}
+
+type Key = (ImageId, u32);
+type Outcome = Option<Result<(), Arc<FetchError>>>;
+
+struct Flight {
+    cache: Arc<ImageCache>,
+    chunk: ChunkIdx,
+    class: AtomicU8,
+    started: AtomicBool,
+    tx: watch::Sender<Outcome>,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Queued {
+    class: Class,
+    seq: Reverse<u64>,
+    key: Key,
+}
+
+#[derive(Default)]
+struct State {
+    queue: BinaryHeap<Queued>,
+    flights: HashMap<Key, Arc<Flight>>,
+    seq: u64,
+    running_low: usize,
+}
+
+struct Inner {
+    store: ImageStore,
+    config: FetchConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    /// Token bucket for the low classes: (tokens in bytes, last refill).
+    bucket: Mutex<(f64, Instant)>,
+    counters: FetchCounters,
+}
+
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+impl Fetcher {
+    /// Starts the scheduler's workers on `runtime`.
+    pub fn new(store: ImageStore, config: FetchConfig, runtime: &tokio::runtime::Handle) -> Fetcher {
+        let inner = Arc::new(Inner {
+            store,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            bucket: Mutex::new((0.0, Instant::now())),
+            counters: FetchCounters::default(),
+            config,
+        });
+        for _ in 0..inner.config.concurrency.max(1) {
+            runtime.spawn(worker(inner.clone()));
+        }
+        Fetcher { inner }
+    }
+
+    pub fn counters(&self) -> &FetchCounters {
+        &self.inner.counters
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &ImageStore {
+        &self.inner.store
+    }
+
+    /// Resolves when chunk `c` of the cache's image is local, or with the
+    /// error that stopped it. Concurrent wants of one chunk share one fetch.
+    pub fn want(
+        &self,
+        cache: &Arc<ImageCache>,
+        c: ChunkIdx,
+        class: Class,
+    ) -> impl std::future::Future<Output = Result<(), Arc<FetchError>>> + Send + 'static {
+        let rx = if cache.is_ready(c) {
+            None
+        } else {
+            let key = (*cache.id(), c.0);
+            let mut s = self.inner.lock();
+            match s.flights.get(&key).cloned() {
+                Some(f) => {
+                    // A higher class overtakes the queue if not started yet.
+                    let prev = f.class.fetch_max(class as u8, Ordering::AcqRel);
+                    if (class as u8) > prev && !f.started.load(Ordering::Acquire) {
+                        push(&mut s, class, key);
+                        self.inner.wake.notify_one();
+                    }
+                    Some(f.tx.subscribe())
+                }
+                // Checked again under the lock: a fetch may just have finished.
+                None if cache.is_ready(c) => None,
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    s.flights.insert(
+                        key,
+                        Arc::new(Flight {
+                            cache: cache.clone(),
+                            chunk: c,
+                            class: AtomicU8::new(class as u8),
+                            started: AtomicBool::new(false),
+                            tx,
+                        }),
+                    );
+                    push(&mut s, class, key);
+                    self.inner.wake.notify_one();
+                    Some(rx)
+                }
+            }
+        };
+        async move {
+            let Some(mut rx) = rx else { return Ok(()) };
+            let outcome = match rx.wait_for(|v| v.is_some()).await {
+                Ok(v) => v.clone().expect("checked by wait_for"),
+                Err(_) => Err(Arc::new(FetchError::Abandoned)),
+            };
+            outcome
+        }
+    }
+
+    /// Fills the whole image in the background, at background class, until
+    /// every chunk is local or the cache is dropped. Also persists the
+    /// cache's presence bits as chunks arrive.
+    pub fn start_fill(&self, cache: &Arc<ImageCache>, runtime: &tokio::runtime::Handle) {
+        runtime.spawn(persist_loop(Arc::downgrade(cache)));
+        if self.inner.config.background_fill {
+            runtime.spawn(fill_loop(self.clone(), Arc::downgrade(cache)));
+        }
+    }
+}
+
+fn push(s: &mut State, class: Class, key: Key) {
+    s.seq += 1;
+    let seq = Reverse(s.seq);
+    s.queue.push(Queued { class, seq, key });
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the next flight this worker may start, if any.
+    fn take(&self) -> Option<(Arc<Flight>, Class)> {
+        let mut s = self.lock();
+        loop {
+            let top = s.queue.peek()?;
+            let flight = match s.flights.get(&top.key) {
+                Some(f) if !f.started.load(Ordering::Acquire) => f.clone(),
+                // Done, or started under an earlier entry.
+                _ => {
+                    s.queue.pop();
+                    continue;
+                }
+            };
+            let class = Class::from_u8(flight.class.load(Ordering::Acquire));
+            if class < Class::Demand && s.running_low >= self.config.low_concurrency {
+                return None;
+            }
+            s.queue.pop();
+            flight.started.store(true, Ordering::Release);
+            if class < Class::Demand {
+                s.running_low += 1;
+            }
+            self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+            if !s.queue.is_empty() {
+                // Let another worker look at the rest.
+                self.wake.notify_one();
+            }
+            return Some((flight, class));
+        }
+    }
+
+    /// Waits for `bytes` of low-class budget, unless the flight becomes demand.
+    async fn throttle(&self, flight: &Flight, bytes: u64) {
+        let Some(rate) = self.config.fill_rate else { return };
+        let rate = rate.max(1) as f64;
+        loop {
+            let wait = {
+                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                // Up to a quarter second of burst.
+                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate / 4.0 + bytes as f64);
+                b.1 = now;
+                if b.0 >= bytes as f64 {
+                    b.0 -= bytes as f64;
+                    return;
+                }
+                Duration::from_secs_f64((bytes as f64 - b.0) / rate)
+            };
+            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
+                return;
+            }
+            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+        }
+    }
+
+    async fn fetch(&self, flight: &Flight) -> Result<(), FetchError> {
+        let cache = &flight.cache;
+        let m = cache.manifest();
+        let Some(entry) = m.chunks[flight.chunk.0 as usize] else {
+            return Ok(());
+        };
+        let len = m.chunk_len(flight.chunk);
+        let deadline = Instant::now() + self.config.deadline;
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry.digest)).await {
+                Ok(Ok(bytes)) => match verify_chunk(&entry, len, &bytes) {
+                    Ok(data) => {
+                        let cache = cache.clone();
+                        let c = flight.chunk;
+                        tokio::task::spawn_blocking(move || cache.write_chunk(c, &data))
+                            .await
+                            .map_err(|_| FetchError::Abandoned)?
+                            .map_err(FetchError::WriteCache)?;
+                        self.counters.store_chunks.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .store_bytes
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(why) => {
+                        self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                        let e = FetchError::Corrupt {
+                            digest: entry.digest,
+                            store: self.store.url().to_string(),
+                            why: why.to_string(),
+                        };
+                        tracing::warn!("{e}; not served, fetching again");
+                        e
+                    }
+                },
+                Ok(Err(source)) => FetchError::FetchChunk {
+                    digest: entry.digest,
+                    store: self.store.url().to_string(),
+                    source,
+                },
+                Err(_) => FetchError::Timeout(entry.digest),
+            };
+            self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            if attempt == 1 {
+                tracing::warn!(error = %crate::vhost::DisplayChain(&err), "chunk fetch failed; retrying");
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+async fn worker(strong: Arc<Inner>) {
+    loop {
+        let notified = strong.wake.notified();
+        let Some((flight, class)) = strong.take() else {
+            notified.await;
+            continue;
+        };
+        if class < Class::Demand {
+            let len = flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
+            strong.throttle(&flight, len).await;
+        }
+        let result = strong.fetch(&flight).await.map_err(Arc::new);
+        {
+            let mut s = strong.lock();
+            s.flights.remove(&(*flight.cache.id(), flight.chunk.0));
+            if class < Class::Demand {
+                s.running_low -= 1;
+            }
+        }
+        flight.tx.send_replace(Some(result));
+        strong.wake.notify_one();
+    }
+}
+
+/// Persists a cache's presence bits as chunks arrive.
+async fn persist_loop(cache: Weak<ImageCache>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(c) = cache.upgrade() else { return };
+        if c.unsynced() == 0 {
+            continue;
+        }
+        let res = tokio::task::spawn_blocking(move || c.persist()).await;
+        if let Ok(Err(e)) = res {
+            tracing::error!(error = %crate::vhost::DisplayChain(&e), "persisting cache bitmap failed");
+        }
+    }
+}
+
+/// Fills an image in the background, chunk order, a few at a time.
+async fn fill_loop(fetcher: Fetcher, cache: Weak<ImageCache>) {
+    let per_pass = fetcher.inner.config.low_concurrency.max(1);
+    let mut last_log = Instant::now();
+    loop {
+        let Some(c) = cache.upgrade() else { return };
+        let n = c.manifest().chunk_count();
+        let id = *c.id();
+        drop(c);
+        let mut failed = 0;
+        let mut next = 0u32;
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < per_pass && next < n {
+                let Some(c) = cache.upgrade() else { return };
+                if !c.is_ready(ChunkIdx(next)) {
+                    running.push(fetcher.want(&c, ChunkIdx(next), Class::Background));
+                }
+                next += 1;
+            }
+            match running.next().await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => failed += 1,
+                None if next >= n => break,
+                None => {}
+            }
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                if let Some(c) = cache.upgrade() {
+                    let (have, all) = c.fill();
+                    tracing::info!(image = %id, "filling: {have}/{all} chunks ({:.0}%)", pct(have, all));
+                }
+                last_log = Instant::now();
+            }
+        }
+        if failed == 0 {
+            if let Some(c) = cache.upgrade() {
+                let (have, all) = c.fill();
+                tracing::info!(image = %id, "image fully cached: {have}/{all} chunks");
+            }
+            return;
+        }
+        // The store is failing: try the rest again later.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+pub fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        100.0
+    } else {
+        a as f64 * 100.0 / b as f64
+    }
+}
