@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod httpstore;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -264,4 +265,44 @@ pub fn tmpdir() -> tempfile::TempDir {
 
 pub fn path_of(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
+}
+
+/// Imports `image` into the store directory `store`; returns the image id.
+pub fn import(image: &Path, store: &Path, name: &str, chunk_size: u64) -> String {
+    let out = Command::new(BIN)
+        .args(["image", "import"])
+        .arg(image)
+        .arg("--store")
+        .arg(store)
+        .args(["--name", name, "--chunk-size", &chunk_size.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Runs `streamblk serve ARGS` expecting it to fail; returns its stderr.
+pub fn serve_fails(args: &[String]) -> String {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success(), "serve {args:?} succeeded");
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve {args:?} neither failed nor exited");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,0 +1,197 @@
+//! Disks streamed from a store: on-demand fetch through the Local Cache,
+//! shared between disks, persistent across restarts, and every fault path:
+//! corrupt chunks, a failing or stalling store, bad manifests.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::httpstore::{Fault, HttpStore};
+use common::*;
+
+const MIB: usize = 1 << 20;
+const CHUNK: u64 = 64 << 10;
+
+/// A 16 MiB image: random data with some all-zero chunks.
+fn make_image(path: &Path) -> Vec<u8> {
+    let mut data = random_bytes(16 * MIB, 21);
+    for c in (0..256).step_by(7) {
+        data[c * CHUNK as usize..(c + 1) * CHUNK as usize].fill(0);
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn image_disk(name: &str, dir: &Path, image: &str, extra: &str) -> String {
+    format!(
+        "name={name},socket={},overlay={},image={image}{extra}",
+        dir.join(format!("{name}.sock")).display(),
+        dir.join(format!("{name}.overlay")).display(),
+    )
+}
+
+fn serve_args(store: &str, cache: &Path, disks: &[String], extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec!["--store".into(), store.into(), "--cache-dir".into(), cache.display().to_string()];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    for d in disks {
+        a.push("--disk".into());
+        a.push(d.clone());
+    }
+    a
+}
+
+#[test]
+fn streamed_disks_share_one_cache_fetch_each_chunk_once_and_keep_it() {
+    let dir = tmpdir();
+    let image = make_image(&dir.path().join("image.raw"));
+    let store_dir = dir.path().join("store");
+    import(&dir.path().join("image.raw"), &store_dir, "img", CHUNK);
+    let http = HttpStore::start(store_dir);
+    http.set_delay(Duration::from_millis(1));
+    let cache = dir.path().join("cache");
+    let disks = [image_disk("a", dir.path(), "img", ",queues=2"), image_disk("b", dir.path(), "img", "")];
+    let args = serve_args(&http.url, &cache, &disks, &["--fill-rate", "0"]);
+    let mut daemon = Daemon::start(&args);
+
+    let mut a = Client::connect(&dir.path().join("a.sock"), 2, 16 * MIB);
+    let mut b = Client::connect(&dir.path().join("b.sock"), 1, 16 * MIB);
+    // Guest A reads half, scattered, at depth; guest B then reads everything.
+    let ops: Vec<Op> = (0..64u64)
+        .map(|i| Op::Read {
+            offset: (i * 131 % 128) * 2 * CHUNK + 4096,
+            len: 8192,
+            buf: i as usize * 8192,
+        })
+        .collect();
+    assert!(a.run(&ops).iter().all(|&r| r == 0));
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Read { offset, len, buf } = *op else { unreachable!() };
+        assert!(a.buf()[buf..buf + len] == image[offset as usize..offset as usize + len], "op {i}");
+    }
+    assert!(b.read(0, 16 * MIB) == image, "guest B read the wrong data");
+    // Writes go to each guest's own overlay.
+    a.write(0, &[0xaa; 4096]);
+    a.flush();
+    assert!(b.read(0, 4096) == image[..4096]);
+
+    let requests = http.chunk_requests();
+    let nonzero: std::collections::HashSet<_> = (0..256).filter(|c| c % 7 != 0).collect();
+    assert_eq!(requests.len(), nonzero.len(), "every non-zero chunk fetched, no zero chunk");
+    assert!(requests.values().all(|&n| n == 1), "a chunk was fetched twice: {requests:?}");
+
+    // SIGKILL after the bitmap is persisted: a new daemon fetches nothing again.
+    std::thread::sleep(Duration::from_millis(800));
+    daemon.kill();
+    let mut daemon = Daemon::start(&args);
+    let mut b = Client::connect(&dir.path().join("b.sock"), 1, 16 * MIB);
+    assert!(b.read(0, 16 * MIB) == image);
+    assert_eq!(http.chunk_requests(), requests, "chunks were fetched again after a restart");
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
+    assert!(a.read(0, 4096) == vec![0xaa; 4096], "guest A's flushed write was lost");
+    drop((a, b));
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn background_fill_brings_the_whole_image_at_a_capped_rate() {
+    let dir = tmpdir();
+    let image = make_image(&dir.path().join("image.raw"));
+    let store_dir = dir.path().join("store");
+    import(&dir.path().join("image.raw"), &store_dir, "img", CHUNK);
+    let stored: u64 = std::fs::read_dir(store_dir.join("chunks")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let http = HttpStore::start(store_dir);
+    let cache = dir.path().join("cache");
+    let disks = [image_disk("a", dir.path(), "img", "")];
+    // 8 MB/s: about two seconds for this image.
+    let start = Instant::now();
+    let _daemon = Daemon::start(&serve_args(&http.url, &cache, &disks, &["--fill-rate", "8"]));
+    while http.chunk_bytes() < stored {
+        assert!(start.elapsed() < Duration::from_secs(60), "background fill did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(stored * 1000 / 8_000_000 / 2), "fill ignored the rate cap: {took:?}");
+    // Now the disk reads entirely from the cache, even with the store down.
+    http.set_fault(Fault::Error);
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
+    assert!(a.read(0, 16 * MIB) == image);
+}
+
+#[test]
+fn corrupt_chunks_are_never_served_and_a_failing_store_recovers() {
+    let dir = tmpdir();
+    let image = make_image(&dir.path().join("image.raw"));
+    let store_dir = dir.path().join("store");
+    import(&dir.path().join("image.raw"), &store_dir, "img", CHUNK);
+    let http = HttpStore::start(store_dir);
+    let cache = dir.path().join("cache");
+    let disks = [image_disk("a", dir.path(), "img", "")];
+    let _daemon = Daemon::start(&serve_args(
+        &http.url,
+        &cache,
+        &disks,
+        &["--fill-rate", "0", "--fetch-deadline", "2", "--fetch-timeout", "1"],
+    ));
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
+    // Chunk 1 is cached while the store is healthy.
+    assert!(a.read(CHUNK, CHUNK as usize) == image[CHUNK as usize..2 * CHUNK as usize]);
+
+    // Each fault on a chunk that is not cached yet (2, 3, 4: none all-zero).
+    for (chunk, fault) in [(2u64, Fault::Corrupt), (3, Fault::Error), (4, Fault::Stall)] {
+        let at = (chunk * CHUNK) as usize;
+        http.set_fault(fault);
+        // Cached data keeps being served.
+        let t = Instant::now();
+        assert!(a.read(CHUNK, CHUNK as usize) == image[CHUNK as usize..2 * CHUNK as usize], "{fault:?}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{fault:?}: a cached read waited on the store");
+        // A missing chunk is retried until the deadline, then fails with EIO.
+        a.buf()[..4096].fill(0x77);
+        let t = Instant::now();
+        let r = a.run(&[Op::Read { offset: at as u64, len: 4096, buf: 0 }]);
+        assert_eq!(r[0], -libc::EIO, "{fault:?}");
+        assert!(t.elapsed() >= Duration::from_millis(1500), "{fault:?}: gave up after {:?}", t.elapsed());
+        assert!(a.buf()[..4096] != image[at..at + 4096], "{fault:?}: data of an unverified chunk reached the guest");
+        // The store comes back: the same chunk reads right.
+        http.set_fault(Fault::None);
+        assert!(a.read(at as u64 + 8192, 4096) == image[at + 8192..at + 12288], "{fault:?}: no recovery");
+    }
+}
+
+#[test]
+fn a_bad_store_or_image_stops_the_daemon_with_a_clear_error() {
+    let dir = tmpdir();
+    make_image(&dir.path().join("image.raw"));
+    let store = dir.path().join("store");
+    let id = import(&dir.path().join("image.raw"), &store, "img", CHUNK);
+    let cache = dir.path().join("cache");
+    let store_s = store.display().to_string();
+    let disk = |image: &str| vec![image_disk("a", dir.path(), image, "")];
+
+    let err = serve_fails(&serve_args("http://127.0.0.1:9", &cache, &disk("img"), &[]));
+    assert!(err.contains("image img") && err.contains("127.0.0.1:9"), "{err}");
+    let err = serve_fails(&serve_args(&store_s, &cache, &disk("nope"), &[]));
+    assert!(err.contains("no such name or id"), "{err}");
+    let err = serve_fails(&serve_args("/nonexistent/store", &cache, &disk("img"), &[]));
+    assert!(err.contains("not a directory"), "{err}");
+
+    // A manifest that does not match its id, and one that does not parse.
+    let manifest = store.join("manifests").join(&id);
+    let good = std::fs::read(&manifest).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 1;
+    std::fs::write(&manifest, &bad).unwrap();
+    let err = serve_fails(&serve_args(&store_s, &cache, &disk("img"), &[]));
+    assert!(err.contains("does not match its id"), "{err}");
+    // A store whose name points at garbage stored under its own digest.
+    let junk = b"{\"version\": 1, \"size\": 7}";
+    let junk_id = blake3::hash(junk).to_hex().to_string();
+    std::fs::write(store.join("manifests").join(&junk_id), junk).unwrap();
+    std::fs::write(store.join("names/junk"), &junk_id).unwrap();
+    let err = serve_fails(&serve_args(&store_s, &cache, &disk("junk"), &[]));
+    assert!(err.contains("manifest"), "{err}");
+    std::fs::write(&manifest, &good).unwrap();
+    // No socket was left behind by the failed starts.
+    assert!(!dir.path().join("a.sock").exists());
+}
