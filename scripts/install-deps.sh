@@ -18,7 +18,12 @@ apt-get update -q
 backports=()
 [ "${VERSION_CODENAME:-}" = bookworm ] && backports=(-t bookworm-backports)
 apt-get install -y -q "${backports[@]}" qemu-system-x86 qemu-utils
-apt-get install -y -q linux-image-amd64 busybox-static cpio e2fsprogs kmod gzip iproute2
+# policy-rc.d keeps Debian from starting nginx's default site: the tests
+# start their own nginx, inside a network namespace.
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod +x /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+apt-get install -y -q linux-image-amd64 busybox-static cpio e2fsprogs kmod gzip iproute2 nginx-light
 
 if ! command -v cargo >/dev/null; then
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

@@ -218,6 +218,40 @@ struct Served {
 struct Images {
     bases: HashMap<String, Arc<dyn Base>>,
     caches: Vec<Arc<ImageCache>>,
+    fetcher: Option<Fetcher>,
+}
+
+impl Images {
+    /// One log line per image and one for the fetcher: the numbers an
+    /// operator watches while images stream.
+    fn log_stats(&self) {
+        for c in &self.caches {
+            let (have, all) = c.fill();
+            tracing::info!(
+                image = %c.id(),
+                chunks = have,
+                of = all,
+                hits = c.counters.hits.load(Ordering::Relaxed),
+                misses = c.counters.misses.load(Ordering::Relaxed),
+                "cache {:.1}% filled",
+                crate::fetch::pct(have, all)
+            );
+        }
+        if let Some(f) = &self.fetcher {
+            let n = f.counters();
+            let waits = n.demand_waits.load(Ordering::Relaxed);
+            tracing::info!(
+                store_chunks = n.store_chunks.load(Ordering::Relaxed),
+                store_bytes = n.store_bytes.load(Ordering::Relaxed),
+                corrupt_chunks = n.corrupt_chunks.load(Ordering::Relaxed),
+                failed_attempts = n.failed_attempts.load(Ordering::Relaxed),
+                guest_waits = waits,
+                guest_wait_ms = n.demand_wait_us.load(Ordering::Relaxed) / 1000,
+                "fetched from {}",
+                f.store().url()
+            );
+        }
+    }
 }
 
 /// Resolves every image= in the store, opens its Local Cache and starts
@@ -227,6 +261,7 @@ fn open_images(config: &ServeConfig, runtime: &tokio::runtime::Runtime) -> anyho
     let mut images = Images {
         bases: HashMap::new(),
         caches: Vec::new(),
+        fetcher: None,
     };
     let names: Vec<&String> = config
         .disks
@@ -273,6 +308,7 @@ fn open_images(config: &ServeConfig, runtime: &tokio::runtime::Runtime) -> anyho
             .bases
             .insert(name.clone(), Arc::new(StreamedBase::new(cache, fetcher.clone())));
     }
+    images.fetcher = Some(fetcher);
     if let Some(limit) = config.cache_limit {
         let root = config.cache_dir.clone();
         let in_use: HashSet<ImageId> = by_id.keys().copied().collect();
@@ -354,6 +390,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(disk = %s.name, socket = %s.socket.display(), "serving");
     }
 
+    let images = Arc::new(images);
+    if images.fetcher.is_some() {
+        let images = images.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                images.log_stats();
+            }
+        });
+    }
     let failure = runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -385,6 +431,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let _ = std::fs::remove_file(&s.socket);
     }
+    images.log_stats();
     for cache in &images.caches {
         if let Err(e) = cache.persist() {
             tracing::error!(image = %cache.id(), "persisting the cache failed: {}", DisplayChain(&e));

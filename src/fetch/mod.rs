@@ -457,3 +457,145 @@ pub fn pct(a: u64, b: u64) -> f64 {
         a as f64 * 100.0 / b as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::store::{ChunkEntry, Digest, Manifest};
+
+    /// An image of `n` 64 KiB chunks in an in-memory store, and its cache.
+    async fn setup(n: u32, dir: &std::path::Path) -> (ImageStore, Arc<ImageCache>) {
+        let store = ImageStore::with_backend(Arc::new(object_store::memory::InMemory::new()), "memory");
+        let mut chunks = Vec::new();
+        for i in 0..n {
+            let data = vec![i as u8 + 1; 65536];
+            let d = Digest::of(&data);
+            store.put_chunk(&d, Bytes::from(data)).await.unwrap();
+            chunks.push(Some(ChunkEntry {
+                digest: d,
+                stored_len: 65536,
+                zstd: false,
+            }));
+        }
+        let m = Manifest {
+            version: 1,
+            size: n as u64 * 65536,
+            chunk_size: 65536,
+            chunks,
+        };
+        let cache = ImageCache::open(dir, Digest::of(b"img"), Arc::new(m)).unwrap();
+        (store, Arc::new(cache))
+    }
+
+    fn config(concurrency: usize) -> FetchConfig {
+        FetchConfig {
+            concurrency,
+            low_concurrency: concurrency,
+            fill_rate: None,
+            background_fill: false,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn demand_overtakes_queued_background_and_profile_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(12, dir.path()).await;
+        let fetcher = Fetcher::new(store, config(1), &tokio::runtime::Handle::current());
+        // All queued before the single worker runs (current-thread runtime).
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (c, class) in [
+            (0, Class::Background),
+            (1, Class::Background),
+            (2, Class::Profile),
+            (3, Class::Background),
+            (4, Class::Demand),
+            (5, Class::Profile),
+            (6, Class::Demand),
+        ] {
+            let want = fetcher.want(&cache, ChunkIdx(c), class);
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                want.await.unwrap();
+                order.lock().unwrap().push(c);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![4, 6, 2, 5, 0, 1, 3]);
+        // An upgraded want overtakes too: chunk 7 queued as background after
+        // chunk 8, then wanted on demand.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (c, class) in [(8, Class::Background), (7, Class::Background), (7, Class::Demand)] {
+            let want = fetcher.want(&cache, ChunkIdx(c), class);
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                want.await.unwrap();
+                order.lock().unwrap().push((c, class));
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let chunks: Vec<u32> = order.lock().unwrap().iter().map(|&(c, _)| c).collect();
+        assert_eq!(
+            chunks,
+            vec![7, 7, 8],
+            "the demand want of chunk 7 waited for background chunk 8"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_wants_of_a_chunk_share_one_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(4, dir.path()).await;
+        let fetcher = Fetcher::new(store, config(4), &tokio::runtime::Handle::current());
+        let wants: Vec<_> = (0..50)
+            .map(|i| {
+                fetcher.want(
+                    &cache,
+                    ChunkIdx(i % 2),
+                    if i % 3 == 0 { Class::Demand } else { Class::Background },
+                )
+            })
+            .collect();
+        for r in futures::future::join_all(wants).await {
+            r.unwrap();
+        }
+        assert_eq!(fetcher.counters().store_chunks.load(Ordering::Relaxed), 2);
+        // Ready chunks need no fetch at all.
+        fetcher.want(&cache, ChunkIdx(0), Class::Demand).await.unwrap();
+        assert_eq!(fetcher.counters().store_chunks.load(Ordering::Relaxed), 2);
+        let mut buf = vec![0u8; 65536];
+        let mut slot = [crate::engine::IoBuf::default(); 1];
+        assert!(cache
+            .read(65536, crate::engine::IoRange::from_slice(&mut slot, &mut buf))
+            .unwrap());
+        assert!(buf.iter().all(|&b| b == 2));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_missing_chunk_fails_after_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        let empty = ImageStore::with_backend(Arc::new(object_store::memory::InMemory::new()), "empty");
+        drop(store);
+        let cfg = FetchConfig {
+            deadline: Duration::from_millis(300),
+            ..config(1)
+        };
+        let fetcher = Fetcher::new(empty, cfg, &tokio::runtime::Handle::current());
+        let t = Instant::now();
+        let e = fetcher.want(&cache, ChunkIdx(0), Class::Demand).await.unwrap_err();
+        assert!(matches!(*e, FetchError::FetchChunk { .. }), "{e}");
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        assert!(!cache.is_ready(ChunkIdx(0)));
+    }
+}

@@ -122,6 +122,14 @@ impl ImageStore {
         })
     }
 
+    /// A store over any `object_store` backend (tests use the in-memory one).
+    pub fn with_backend(inner: Arc<dyn ObjectStore>, url: &str) -> Self {
+        ImageStore {
+            inner,
+            url: url.to_string(),
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

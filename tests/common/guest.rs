@@ -8,11 +8,19 @@ use std::time::{Duration, Instant};
 
 /// Builds (or finds cached) the test guest: kernel, initrd, rootfs image.
 pub fn build_guest() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
+    build_guest_with("guest", 64, 0)
+}
+
+/// A guest with a `disk_mb` root disk holding `bulk_mb` of random data it
+/// never reads, cached under `target/tmp/NAME`.
+pub fn build_guest_with(name: &str, disk_mb: u64, bulk_mb: u64) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/mkguest.sh");
     let status = Command::new("bash")
         .arg(&script)
         .arg(&out)
+        .env("GUEST_DISK_MB", disk_mb.to_string())
+        .env("GUEST_BULK_MB", bulk_mb.to_string())
         .status()
         .expect("run mkguest.sh");
     assert!(status.success(), "mkguest.sh failed");

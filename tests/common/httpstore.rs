@@ -104,7 +104,10 @@ fn serve(conn: TcpStream, s: &State) {
             return;
         }
         let mut parts = line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
+        let (method, path) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("/").to_string(),
+        );
         let mut body_len = 0usize;
         loop {
             let mut h = String::new();

@@ -4,6 +4,7 @@
 
 pub mod guest;
 pub mod httpstore;
+pub mod netns;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -277,7 +278,11 @@ pub fn import(image: &Path, store: &Path, name: &str, chunk_size: u64) -> String
         .args(["--name", name, "--chunk-size", &chunk_size.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
