@@ -32,7 +32,12 @@ fn image_disk(name: &str, dir: &Path, image: &str, extra: &str) -> String {
 }
 
 fn serve_args(store: &str, cache: &Path, disks: &[String], extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec!["--store".into(), store.into(), "--cache-dir".into(), cache.display().to_string()];
+    let mut a: Vec<String> = vec![
+        "--store".into(),
+        store.into(),
+        "--cache-dir".into(),
+        cache.display().to_string(),
+    ];
     a.extend(extra.iter().map(|s| s.to_string()));
     for d in disks {
         a.push("--disk".into());
@@ -50,7 +55,10 @@ fn streamed_disks_share_one_cache_fetch_each_chunk_once_and_keep_it() {
     let http = HttpStore::start(store_dir);
     http.set_delay(Duration::from_millis(1));
     let cache = dir.path().join("cache");
-    let disks = [image_disk("a", dir.path(), "img", ",queues=2"), image_disk("b", dir.path(), "img", "")];
+    let disks = [
+        image_disk("a", dir.path(), "img", ",queues=2"),
+        image_disk("b", dir.path(), "img", ""),
+    ];
     let args = serve_args(&http.url, &cache, &disks, &["--fill-rate", "0"]);
     let mut daemon = Daemon::start(&args);
 
@@ -66,8 +74,13 @@ fn streamed_disks_share_one_cache_fetch_each_chunk_once_and_keep_it() {
         .collect();
     assert!(a.run(&ops).iter().all(|&r| r == 0));
     for (i, op) in ops.iter().enumerate() {
-        let Op::Read { offset, len, buf } = *op else { unreachable!() };
-        assert!(a.buf()[buf..buf + len] == image[offset as usize..offset as usize + len], "op {i}");
+        let Op::Read { offset, len, buf } = *op else {
+            unreachable!()
+        };
+        assert!(
+            a.buf()[buf..buf + len] == image[offset as usize..offset as usize + len],
+            "op {i}"
+        );
     }
     assert!(b.read(0, 16 * MIB) == image, "guest B read the wrong data");
     // Writes go to each guest's own overlay.
@@ -77,8 +90,15 @@ fn streamed_disks_share_one_cache_fetch_each_chunk_once_and_keep_it() {
 
     let requests = http.chunk_requests();
     let nonzero: std::collections::HashSet<_> = (0..256).filter(|c| c % 7 != 0).collect();
-    assert_eq!(requests.len(), nonzero.len(), "every non-zero chunk fetched, no zero chunk");
-    assert!(requests.values().all(|&n| n == 1), "a chunk was fetched twice: {requests:?}");
+    assert_eq!(
+        requests.len(),
+        nonzero.len(),
+        "every non-zero chunk fetched, no zero chunk"
+    );
+    assert!(
+        requests.values().all(|&n| n == 1),
+        "a chunk was fetched twice: {requests:?}"
+    );
 
     // SIGKILL after the bitmap is persisted: a new daemon fetches nothing again.
     std::thread::sleep(Duration::from_millis(800));
@@ -86,7 +106,11 @@ fn streamed_disks_share_one_cache_fetch_each_chunk_once_and_keep_it() {
     let mut daemon = Daemon::start(&args);
     let mut b = Client::connect(&dir.path().join("b.sock"), 1, 16 * MIB);
     assert!(b.read(0, 16 * MIB) == image);
-    assert_eq!(http.chunk_requests(), requests, "chunks were fetched again after a restart");
+    assert_eq!(
+        http.chunk_requests(),
+        requests,
+        "chunks were fetched again after a restart"
+    );
     let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
     assert!(a.read(0, 4096) == vec![0xaa; 4096], "guest A's flushed write was lost");
     drop((a, b));
@@ -99,7 +123,10 @@ fn background_fill_brings_the_whole_image_at_a_capped_rate() {
     let image = make_image(&dir.path().join("image.raw"));
     let store_dir = dir.path().join("store");
     import(&dir.path().join("image.raw"), &store_dir, "img", CHUNK);
-    let stored: u64 = std::fs::read_dir(store_dir.join("chunks")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let stored: u64 = std::fs::read_dir(store_dir.join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
     let http = HttpStore::start(store_dir);
     let cache = dir.path().join("cache");
     let disks = [image_disk("a", dir.path(), "img", "")];
@@ -107,11 +134,17 @@ fn background_fill_brings_the_whole_image_at_a_capped_rate() {
     let start = Instant::now();
     let _daemon = Daemon::start(&serve_args(&http.url, &cache, &disks, &["--fill-rate", "8"]));
     while http.chunk_bytes() < stored {
-        assert!(start.elapsed() < Duration::from_secs(60), "background fill did not finish");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "background fill did not finish"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(stored * 1000 / 8_000_000 / 2), "fill ignored the rate cap: {took:?}");
+    assert!(
+        took >= Duration::from_millis(stored * 1000 / 8_000_000 / 2),
+        "fill ignored the rate cap: {took:?}"
+    );
     // Now the disk reads entirely from the cache, even with the store down.
     http.set_fault(Fault::Error);
     let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
@@ -143,18 +176,38 @@ fn corrupt_chunks_are_never_served_and_a_failing_store_recovers() {
         http.set_fault(fault);
         // Cached data keeps being served.
         let t = Instant::now();
-        assert!(a.read(CHUNK, CHUNK as usize) == image[CHUNK as usize..2 * CHUNK as usize], "{fault:?}");
-        assert!(t.elapsed() < Duration::from_secs(1), "{fault:?}: a cached read waited on the store");
+        assert!(
+            a.read(CHUNK, CHUNK as usize) == image[CHUNK as usize..2 * CHUNK as usize],
+            "{fault:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{fault:?}: a cached read waited on the store"
+        );
         // A missing chunk is retried until the deadline, then fails with EIO.
         a.buf()[..4096].fill(0x77);
         let t = Instant::now();
-        let r = a.run(&[Op::Read { offset: at as u64, len: 4096, buf: 0 }]);
+        let r = a.run(&[Op::Read {
+            offset: at as u64,
+            len: 4096,
+            buf: 0,
+        }]);
         assert_eq!(r[0], -libc::EIO, "{fault:?}");
-        assert!(t.elapsed() >= Duration::from_millis(1500), "{fault:?}: gave up after {:?}", t.elapsed());
-        assert!(a.buf()[..4096] != image[at..at + 4096], "{fault:?}: data of an unverified chunk reached the guest");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1500),
+            "{fault:?}: gave up after {:?}",
+            t.elapsed()
+        );
+        assert!(
+            a.buf()[..4096] != image[at..at + 4096],
+            "{fault:?}: data of an unverified chunk reached the guest"
+        );
         // The store comes back: the same chunk reads right.
         http.set_fault(Fault::None);
-        assert!(a.read(at as u64 + 8192, 4096) == image[at + 8192..at + 12288], "{fault:?}: no recovery");
+        assert!(
+            a.read(at as u64 + 8192, 4096) == image[at + 8192..at + 12288],
+            "{fault:?}: no recovery"
+        );
     }
 }
 

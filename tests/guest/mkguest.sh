@@ -18,6 +18,8 @@ set -euo pipefail
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 DISK_MB=${GUEST_DISK_MB:-64}
+# Data the guest never reads at boot: makes a streamed boot's share visible.
+BULK_MB=${GUEST_BULK_MB:-0}
 BUSYBOX=/bin/busybox            # busybox-static: no shared libs to copy
 
 # Newest kernel by version sort; its modules must be installed alongside.
@@ -26,7 +28,7 @@ KVER=${KERNEL#/boot/vmlinuz-}
 [ -d "/lib/modules/$KVER" ] || { echo "no /lib/modules/$KVER" >&2; exit 1; }
 
 # Cache key: this script's content + inputs that change the output.
-STAMP="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1) kernel=$KVER disk_mb=$DISK_MB"
+STAMP="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1) kernel=$KVER disk_mb=$DISK_MB bulk_mb=$BULK_MB"
 if [ -f "$OUT/.done" ] && [ "$(cat "$OUT/.done")" = "$STAMP" ]; then
     echo "guest up to date in $OUT"
     exit 0
@@ -101,6 +103,10 @@ head -c 1M  /dev/urandom > "$R/data/rand-1M.bin"
 head -c 5M  /dev/urandom > "$R/data/rand-5M.bin"
 head -c 17K /dev/urandom > "$R/data/rand-17K.bin"
 head -c 3M  /dev/zero    > "$R/data/zero-3M.bin"
+if [ "$BULK_MB" -gt 0 ]; then
+    mkdir -p "$R/bulk"
+    head -c "${BULK_MB}M" /dev/urandom > "$R/bulk/unread.bin"
+fi
 (cd "$R/data" && sha256sum rand-1M.bin rand-5M.bin rand-17K.bin zero-3M.bin > SHA256SUMS)
 
 cat > "$R/sbin/init-test" <<'EOF'
