@@ -5,9 +5,11 @@
 
 pub mod cache;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod fetch;
 pub mod overlay;
+pub mod profile;
 pub mod store;
 pub mod vhost;
 pub mod virtio_blk;

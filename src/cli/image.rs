@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::fetch::pct;
-use crate::store::{self, ImageStore};
+use crate::profile::Profile;
+use crate::store::{self, ChunkIdx, ImageStore};
 use crate::vhost::DisplayChain;
 
 #[derive(Debug, Subcommand)]
@@ -16,6 +17,18 @@ pub enum ImageCommand {
     Import(ImportArgs),
     /// Show an image's size, chunks, stored bytes and profile.
     Inspect(InspectArgs),
+    /// Store a boot profile (from `profile build`) with an image.
+    SetProfile(SetProfileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetProfileArgs {
+    /// Image name or id.
+    pub image: String,
+    /// The profile file.
+    pub profile: PathBuf,
+    #[arg(long)]
+    pub store: String,
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +63,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Import(a) => rt.block_on(import(a)),
         ImageCommand::Inspect(a) => rt.block_on(inspect(a)),
+        ImageCommand::SetProfile(a) => rt.block_on(set_profile(a)),
     }
 }
 
@@ -113,8 +127,28 @@ async fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         pct(m.stored_bytes(), m.size)
     );
     match store.profile(&id).await.map_err(err)? {
-        Some(p) => println!("profile:      {} bytes", p.len()),
+        Some(bytes) => {
+            let p = Profile::parse(&bytes, m.chunk_size, m.chunk_count()).map_err(err)?;
+            let bytes: u64 = p.chunks.iter().map(|&c| m.chunk_len(ChunkIdx(c))).sum();
+            println!(
+                "profile:      {} chunks, {} bytes ({:.1}% of the image)",
+                p.chunks.len(),
+                bytes,
+                pct(bytes, m.size)
+            );
+        }
         None => println!("profile:      none"),
     }
+    Ok(())
+}
+
+async fn set_profile(a: SetProfileArgs) -> anyhow::Result<()> {
+    let store = ImageStore::open(&a.store, false).map_err(err)?;
+    let (id, m) = store.manifest(&a.image).await.map_err(err)?;
+    let bytes = std::fs::read(&a.profile).with_context(|| format!("read {}", a.profile.display()))?;
+    let p = Profile::parse(&bytes, m.chunk_size, m.chunk_count())
+        .map_err(|e| anyhow::anyhow!("{}: {}", a.profile.display(), DisplayChain(&e)))?;
+    store.put_profile(&id, bytes.into()).await.map_err(err)?;
+    eprintln!("profile of {} chunks stored with image {id}", p.chunks.len());
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The command line: clap definitions, one file per subcommand.
 
 mod image;
+mod profile;
 mod serve;
+mod status;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,11 @@ enum Command {
     /// Manage images in a store.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Build boot profiles from traces.
+    #[command(subcommand)]
+    Profile(profile::ProfileCommand),
+    /// Show a running daemon's disks, cache fill and fetch counters.
+    Status(status::StatusArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -39,6 +46,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Image(cmd) => image::run(cmd),
+        Command::Profile(cmd) => profile::run(cmd),
+        Command::Status(a) => status::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

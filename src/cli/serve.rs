@@ -12,9 +12,12 @@ use clap::Args;
 
 use crate::cache::{self, ImageCache};
 use crate::engine::{Base, Disk, LocalBases, SECTOR_SIZE};
-use crate::fetch::{FetchConfig, Fetcher, StreamedBase};
+use crate::fetch::{FetchConfig, Fetcher, ProfileReplay, StreamedBase};
+use crate::profile::{Profile, TraceRecorder};
 use crate::store::{ImageId, ImageStore};
 use crate::vhost::{self, DiskContext, DisplayChain, VhostUserBlkBackend};
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
 
 /// Most queues a disk may have.
 const MAX_QUEUES: u16 = 64;
@@ -23,6 +26,7 @@ const MAX_QUEUES: u16 = 64;
 pub struct ServeArgs {
     /// A disk to serve (repeatable):
     /// name=N,socket=PATH,overlay=DIR,(image=IMAGE|base=RAWFILE)[,queues=Q][,readonly][,serial=S]
+    /// [,record-trace=PATH[,trace-secs=N][,trace-mib=M]]
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// The image store for image= disks: a directory, file://, http(s):// or s3://bucket/prefix.
@@ -35,10 +39,13 @@ pub struct ServeArgs {
     /// no disk uses are evicted beyond it (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub cache_size_mib: u64,
-    /// Background fill rate cap in MB/s for profile and background fetching
-    /// (0: no background fill; demand fetching is never capped).
+    /// Background fill rate cap in MB/s (0: no background fill). Demand
+    /// fetching is never capped.
     #[arg(long, default_value_t = 50.0)]
     pub fill_rate: f64,
+    /// Boot profile streaming rate cap in MB/s (0: no cap).
+    #[arg(long, default_value_t = 200.0)]
+    pub profile_rate: f64,
     /// Seconds a guest read of a missing chunk keeps retrying before it fails with IOERR.
     #[arg(long, default_value_t = 30.0)]
     pub fetch_deadline: f64,
@@ -48,6 +55,12 @@ pub struct ServeArgs {
     /// Chunk fetches in flight at once.
     #[arg(long, default_value_t = 8)]
     pub fetch_concurrency: usize,
+    /// The control socket `streamblk status` reads.
+    #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+    pub control_socket: PathBuf,
+    /// How far (MiB) boot profile streaming runs ahead of the guest.
+    #[arg(long, default_value_t = 64)]
+    pub profile_window_mib: u64,
 }
 
 /// Where a disk's base comes from.
@@ -69,6 +82,9 @@ pub struct DiskSpec {
     pub readonly: bool,
     pub serial: String,
     pub record_trace: Option<PathBuf>,
+    /// Trace recording window: seconds after attach, and MiB read.
+    pub trace_secs: u64,
+    pub trace_mib: u64,
 }
 
 impl std::str::FromStr for DiskSpec {
@@ -78,6 +94,7 @@ impl std::str::FromStr for DiskSpec {
         let (mut name, mut socket, mut overlay, mut source, mut serial, mut record_trace) =
             (None, None, None, None, None, None);
         let mut queues = 1u16;
+        let (mut trace_secs, mut trace_mib) = (120u64, 4096u64);
         let mut readonly = false;
         for field in spec.split(',') {
             let (key, value) = match field.split_once('=') {
@@ -112,6 +129,19 @@ impl std::str::FromStr for DiskSpec {
                     serial = Some(v);
                 }
                 "record-trace" => record_trace = Some(PathBuf::from(need(value)?)),
+                "trace-secs" | "trace-mib" => {
+                    let v = need(value)?;
+                    let n: u64 = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .with_context(|| format!("{key}={v}: must be a positive number"))?;
+                    if key == "trace-secs" {
+                        trace_secs = n;
+                    } else {
+                        trace_mib = n;
+                    }
+                }
                 _ => bail!("unknown disk spec field {field:?}"),
             }
         }
@@ -127,6 +157,8 @@ impl std::str::FromStr for DiskSpec {
             readonly,
             serial: serial.unwrap_or_else(|| name.chars().take(20).collect()),
             record_trace,
+            trace_secs,
+            trace_mib,
             name,
         })
     }
@@ -139,6 +171,8 @@ pub struct ServeConfig {
     pub cache_dir: PathBuf,
     pub cache_limit: Option<u64>,
     pub fetch: FetchConfig,
+    pub profile_window: u64,
+    pub control_socket: PathBuf,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -172,9 +206,6 @@ impl TryFrom<ServeArgs> for ServeConfig {
             if matches!(d.source, DiskSource::Image(_)) && args.store.is_none() {
                 bail!("disk {}: image= needs --store", d.name);
             }
-            if d.record_trace.is_some() {
-                bail!("disk {}: record-trace= is not supported by this build yet", d.name);
-            }
         }
         let secs = |what: &str, v: f64| {
             if v.is_finite() && v > 0.0 && v < 1e6 {
@@ -183,8 +214,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 Err(anyhow::anyhow!("--{what} {v}: must be a positive number of seconds"))
             }
         };
-        if !(args.fill_rate.is_finite() && args.fill_rate >= 0.0) {
-            bail!("--fill-rate {}: must be a number of MB/s, 0 or more", args.fill_rate);
+        for (what, v) in [("fill-rate", args.fill_rate), ("profile-rate", args.profile_rate)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("--{what} {v}: must be a number of MB/s, 0 or more");
+            }
         }
         if args.fetch_concurrency == 0 || args.fetch_concurrency > 256 {
             bail!("--fetch-concurrency {}: must be from 1 to 256", args.fetch_concurrency);
@@ -193,6 +226,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             concurrency: args.fetch_concurrency,
             low_concurrency: (args.fetch_concurrency / 2).max(1),
             fill_rate: Some((args.fill_rate * 1e6) as u64),
+            profile_rate: (args.profile_rate > 0.0).then_some((args.profile_rate * 1e6) as u64),
             attempt_timeout: secs("fetch-timeout", args.fetch_timeout)?,
             deadline: secs("fetch-deadline", args.fetch_deadline)?,
             background_fill: args.fill_rate > 0.0,
@@ -203,6 +237,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             cache_dir: args.cache_dir,
             cache_limit: (args.cache_size_mib > 0).then_some(args.cache_size_mib << 20),
             fetch,
+            profile_window: args.profile_window_mib.max(1) << 20,
+            control_socket: args.control_socket,
         })
     }
 }
@@ -217,15 +253,63 @@ struct Served {
 /// The images the disks use, opened once each.
 struct Images {
     bases: HashMap<String, Arc<dyn Base>>,
-    caches: Vec<Arc<ImageCache>>,
+    caches: Vec<(Arc<ImageCache>, Option<Arc<ProfileReplay>>)>,
     fetcher: Option<Fetcher>,
 }
 
 impl Images {
+    fn status(&self) -> serde_json::Value {
+        let images: Vec<_> = self
+            .caches
+            .iter()
+            .map(|(c, p)| {
+                let (have, all) = c.fill();
+                let profile = p.as_ref().map(|p| {
+                    let (first, done) = p.times_ms();
+                    serde_json::json!({
+                        "chunks": p.len(),
+                        "streamed": p.counters.streamed.load(Ordering::Relaxed),
+                        "hits": p.counters.hits.load(Ordering::Relaxed),
+                        "stalls": p.counters.stalls.load(Ordering::Relaxed),
+                        "first_read_ms": first,
+                        "done_ms": done,
+                    })
+                });
+                serde_json::json!({
+                    "id": c.id().to_hex(),
+                    "chunks": all,
+                    "filled": have,
+                    "percent": crate::fetch::pct(have, all),
+                    "hits": c.counters.hits.load(Ordering::Relaxed),
+                    "misses": c.counters.misses.load(Ordering::Relaxed),
+                    "profile": profile,
+                })
+            })
+            .collect();
+        let fetch = self.fetcher.as_ref().map(|f| {
+            let n = f.counters();
+            serde_json::json!({
+                "store": f.store().url(),
+                "store_chunks": n.store_chunks.load(Ordering::Relaxed),
+                "store_bytes": n.store_bytes.load(Ordering::Relaxed),
+                "corrupt_chunks": n.corrupt_chunks.load(Ordering::Relaxed),
+                "failed_attempts": n.failed_attempts.load(Ordering::Relaxed),
+                "guest_waits": n.demand_waits.load(Ordering::Relaxed),
+                "guest_wait_ms": n.demand_wait_us.load(Ordering::Relaxed) / 1000,
+                "by_class": {
+                    "background": n.by_class[0].load(Ordering::Relaxed),
+                    "profile": n.by_class[1].load(Ordering::Relaxed),
+                    "demand": n.by_class[2].load(Ordering::Relaxed),
+                },
+            })
+        });
+        serde_json::json!({ "images": images, "fetch": fetch })
+    }
+
     /// One log line per image and one for the fetcher: the numbers an
     /// operator watches while images stream.
     fn log_stats(&self) {
-        for c in &self.caches {
+        for (c, _) in &self.caches {
             let (have, all) = c.fill();
             tracing::info!(
                 image = %c.id(),
@@ -281,32 +365,43 @@ fn open_images(config: &ServeConfig, runtime: &tokio::runtime::Runtime) -> anyho
     let fetcher = Fetcher::new(store.clone(), config.fetch.clone(), runtime.handle());
     std::fs::create_dir_all(&config.cache_dir)
         .with_context(|| format!("create cache directory {}", config.cache_dir.display()))?;
-    let mut by_id: HashMap<ImageId, Arc<ImageCache>> = HashMap::new();
+    let mut by_id: HashMap<ImageId, (Arc<ImageCache>, Option<Arc<ProfileReplay>>)> = HashMap::new();
     for name in names {
         if images.bases.contains_key(name) {
             continue;
         }
-        let (id, manifest) = runtime
-            .block_on(store.manifest(name))
-            .map_err(|e| anyhow::anyhow!("image {name}: {}", DisplayChain(&e)))?;
-        let cache = match by_id.get(&id) {
+        let fail = |e: &dyn std::error::Error| anyhow::anyhow!("image {name}: {}", DisplayChain(e));
+        let (id, manifest) = runtime.block_on(store.manifest(name)).map_err(|e| fail(&e))?;
+        let (cache, replay) = match by_id.get(&id) {
             Some(c) => c.clone(),
             None => {
-                let c = Arc::new(
-                    ImageCache::open(&config.cache_dir, id, Arc::new(manifest))
-                        .map_err(|e| anyhow::anyhow!("image {name}: {}", DisplayChain(&e)))?,
-                );
+                let profile = match runtime.block_on(store.profile(&id)).map_err(|e| fail(&e))? {
+                    Some(bytes) => {
+                        let p = Profile::parse(&bytes, manifest.chunk_size, manifest.chunk_count())
+                            .map_err(|e| fail(&e))?;
+                        Some(Arc::new(ProfileReplay::new(p, manifest.chunk_count())))
+                    }
+                    None => None,
+                };
+                let c = Arc::new(ImageCache::open(&config.cache_dir, id, Arc::new(manifest)).map_err(|e| fail(&e))?);
                 let (have, all) = c.fill();
-                tracing::info!(image = %name, id = %id, "cache has {have}/{all} chunks");
-                fetcher.start_fill(&c, runtime.handle());
-                by_id.insert(id, c.clone());
-                images.caches.push(c.clone());
-                c
+                tracing::info!(
+                    image = %name,
+                    id = %id,
+                    profile_chunks = profile.as_ref().map_or(0, |p| p.len()),
+                    "cache has {have}/{all} chunks"
+                );
+                let window = (config.profile_window / c.manifest().chunk_size as u64).max(1) as u32;
+                fetcher.start_fill(&c, profile.clone(), window, runtime.handle());
+                by_id.insert(id, (c.clone(), profile.clone()));
+                images.caches.push((c.clone(), profile.clone()));
+                (c, profile)
             }
         };
-        images
-            .bases
-            .insert(name.clone(), Arc::new(StreamedBase::new(cache, fetcher.clone())));
+        images.bases.insert(
+            name.clone(),
+            Arc::new(StreamedBase::new(cache, fetcher.clone(), replay)),
+        );
     }
     images.fetcher = Some(fetcher);
     if let Some(limit) = config.cache_limit {
@@ -353,8 +448,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 base.size()
             );
         }
-        let disk = Disk::open(base, &spec.overlay, spec.readonly)
+        let mut disk = Disk::open(base, &spec.overlay, spec.readonly)
             .map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?;
+        if let Some(path) = &spec.record_trace {
+            let t = TraceRecorder::create(path, Duration::from_secs(spec.trace_secs), spec.trace_mib << 20)
+                .map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?;
+            disk = disk.with_trace(t);
+        }
         let mut serial = [0u8; 20];
         serial[..spec.serial.len()].copy_from_slice(spec.serial.as_bytes());
         let ctx = Arc::new(DiskContext {
@@ -391,6 +491,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let images = Arc::new(images);
+    {
+        let images = images.clone();
+        let disks: Vec<_> = served
+            .iter()
+            .map(|s| (s.name.clone(), s.socket.clone(), s.active.clone()))
+            .collect();
+        crate::control::serve_status(&config.control_socket, move || {
+            let mut status = images.status();
+            status["disks"] = disks
+                .iter()
+                .map(|(name, socket, active)| {
+                    let connected = active.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                    serde_json::json!({ "name": name, "socket": socket, "connected": connected })
+                })
+                .collect();
+            status
+        })
+        .map_err(|e| anyhow::anyhow!("{}", DisplayChain(&e)))?;
+    }
     if images.fetcher.is_some() {
         let images = images.clone();
         runtime.spawn(async move {
@@ -425,6 +544,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 clean = false;
             }
         }
+        if let Some(t) = s.ctx.disk.trace() {
+            t.finish();
+        }
         if let Err(e) = s.ctx.disk.flush() {
             tracing::error!(disk = %s.name, "final flush failed: {}", DisplayChain(&e));
             clean = false;
@@ -432,7 +554,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&s.socket);
     }
     images.log_stats();
-    for cache in &images.caches {
+    for (cache, _) in &images.caches {
         if let Err(e) = cache.persist() {
             tracing::error!(image = %cache.id(), "persisting the cache failed: {}", DisplayChain(&e));
             clean = false;
@@ -482,6 +604,8 @@ mod tests {
                 readonly: true,
                 serial: "SN1".into(),
                 record_trace: None,
+                trace_secs: 120,
+                trace_mib: 4096,
             }
         );
         let d: DiskSpec = "name=vm2,socket=s,overlay=o,image=debian".parse().unwrap();

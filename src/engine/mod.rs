@@ -18,6 +18,7 @@ pub use base::{Base, FetchFuture, LocalBase, LocalBases};
 pub use iobuf::{IoBuf, IoRange};
 
 use crate::overlay::{self, BlockState, Overlay};
+use crate::profile::TraceRecorder;
 
 /// The overlay's unit: 4 KiB.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -73,6 +74,7 @@ pub struct Disk {
     overlay: Overlay,
     size: u64,
     readonly: bool,
+    trace: Option<TraceRecorder>,
 }
 
 impl Disk {
@@ -83,7 +85,18 @@ impl Disk {
             overlay,
             size,
             readonly,
+            trace: None,
         }
+    }
+
+    /// Records the guest's reads into a boot trace.
+    pub fn with_trace(mut self, trace: TraceRecorder) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    pub fn trace(&self) -> Option<&TraceRecorder> {
+        self.trace.as_ref()
     }
 
     /// Opens (or creates) the overlay in `dir` over `base`.

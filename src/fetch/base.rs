@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Class, Fetcher};
+use super::{Class, Fetcher, ProfileReplay};
 use crate::cache::ImageCache;
 use crate::engine::{Base, Error, FetchFuture, IoRange};
 use crate::store::ChunkIdx;
@@ -13,11 +13,16 @@ use crate::store::ChunkIdx;
 pub struct StreamedBase {
     cache: Arc<ImageCache>,
     fetcher: Fetcher,
+    profile: Option<Arc<ProfileReplay>>,
 }
 
 impl StreamedBase {
-    pub fn new(cache: Arc<ImageCache>, fetcher: Fetcher) -> Self {
-        StreamedBase { cache, fetcher }
+    pub fn new(cache: Arc<ImageCache>, fetcher: Fetcher, profile: Option<Arc<ProfileReplay>>) -> Self {
+        StreamedBase {
+            cache,
+            fetcher,
+            profile,
+        }
     }
 
     pub fn cache(&self) -> &Arc<ImageCache> {
@@ -35,6 +40,11 @@ impl Base for StreamedBase {
     }
 
     fn read_local(&self, offset: u64, dst: IoRange) -> Result<bool, Error> {
+        if let Some(p) = &self.profile {
+            p.note_read(self.cache.manifest().chunks_of(offset, dst.len() as u64), |c| {
+                self.cache.is_ready(c)
+            });
+        }
         self.cache.read(offset, dst).map_err(|e| Error::FetchBase(Box::new(e)))
     }
 

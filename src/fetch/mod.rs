@@ -5,6 +5,7 @@
 //! classes, and digest verification before a chunk enters a cache.
 
 mod base;
+mod replay;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use base::StreamedBase;
 use futures::stream::{FuturesUnordered, StreamExt};
+pub use replay::{ProfileCounters, ProfileReplay};
 use tokio::sync::{watch, Notify};
 
 use crate::cache::ImageCache;
@@ -47,8 +49,10 @@ pub struct FetchConfig {
     pub concurrency: usize,
     /// Of those, at most this many for profile and background.
     pub low_concurrency: usize,
-    /// Cap on profile and background fetching, bytes per second (None: no cap).
+    /// Cap on background fetching, bytes per second (None: no cap).
     pub fill_rate: Option<u64>,
+    /// Cap on profile streaming, bytes per second (None: no cap).
+    pub profile_rate: Option<u64>,
     /// Longest one attempt may take.
     pub attempt_timeout: Duration,
     /// How long a chunk is retried before its waiters get an error.
@@ -62,7 +66,8 @@ impl Default for FetchConfig {
         FetchConfig {
             concurrency: 8,
             low_concurrency: 4,
-            fill_rate: Some(50 << 20),
+            fill_rate: Some(50_000_000),
+            profile_rate: Some(200_000_000),
             attempt_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(30),
             background_fill: true,
@@ -138,8 +143,8 @@ struct Inner {
     config: FetchConfig,
     state: Mutex<State>,
     wake: Notify,
-    /// Token bucket for the low classes: (tokens in bytes, last refill).
-    bucket: Mutex<(f64, Instant)>,
+    /// Token buckets for background and profile: (tokens in bytes, last refill).
+    buckets: [Mutex<(f64, Instant)>; 2],
     counters: FetchCounters,
 }
 
@@ -155,7 +160,7 @@ impl Fetcher {
             store,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
-            bucket: Mutex::new((0.0, Instant::now())),
+            buckets: [Mutex::new((0.0, Instant::now())), Mutex::new((0.0, Instant::now()))],
             counters: FetchCounters::default(),
             config,
         });
@@ -230,14 +235,27 @@ impl Fetcher {
         }
     }
 
-    /// Fills the whole image in the background, at background class, until
-    /// every chunk is local or the cache is dropped. Also persists the
+    /// Streams the image's boot profile (if any) `window` chunks ahead of
+    /// the guests, then fills the rest of the image in the background
+    /// until every chunk is local or the cache is dropped. Also persists the
     /// cache's presence bits as chunks arrive.
-    pub fn start_fill(&self, cache: &Arc<ImageCache>, runtime: &tokio::runtime::Handle) {
+    pub fn start_fill(
+        &self,
+        cache: &Arc<ImageCache>,
+        profile: Option<Arc<ProfileReplay>>,
+        window: u32,
+        runtime: &tokio::runtime::Handle,
+    ) {
         runtime.spawn(persist_loop(Arc::downgrade(cache)));
-        if self.inner.config.background_fill {
-            runtime.spawn(fill_loop(self.clone(), Arc::downgrade(cache)));
-        }
+        let (fetcher, weak, fill) = (self.clone(), Arc::downgrade(cache), self.inner.config.background_fill);
+        runtime.spawn(async move {
+            if let Some(p) = profile {
+                replay::replay(&fetcher, &weak, &p, window).await;
+            }
+            if fill {
+                fill_loop(fetcher, weak).await;
+            }
+        });
     }
 }
 
@@ -283,13 +301,18 @@ impl Inner {
         }
     }
 
-    /// Waits for `bytes` of low-class budget, unless the flight becomes demand.
-    async fn throttle(&self, flight: &Flight, bytes: u64) {
-        let Some(rate) = self.config.fill_rate else { return };
+    /// Waits for `bytes` of its class's budget, unless the flight becomes demand.
+    async fn throttle(&self, flight: &Flight, class: Class, bytes: u64) {
+        let rate = match class {
+            Class::Background => self.config.fill_rate,
+            Class::Profile => self.config.profile_rate,
+            Class::Demand => None,
+        };
+        let Some(rate) = rate else { return };
         let rate = rate.max(1) as f64;
         loop {
             let wait = {
-                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                let mut b = self.buckets[class as usize].lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
                 // Up to a quarter second of burst.
                 b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate / 4.0 + bytes as f64);
@@ -374,7 +397,7 @@ async fn worker(strong: Arc<Inner>) {
         };
         if class < Class::Demand {
             let len = flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
-            strong.throttle(&flight, len).await;
+            strong.throttle(&flight, class, len).await;
         }
         let result = strong.fetch(&flight).await.map_err(Arc::new);
         {
@@ -496,6 +519,7 @@ mod tests {
             concurrency,
             low_concurrency: concurrency,
             fill_rate: None,
+            profile_rate: None,
             background_fill: false,
             ..Default::default()
         }

@@ -246,6 +246,9 @@ pub fn serve(
         backend.register_completions(&daemon)?;
         daemon.start(&mut listener).map_err(|e| Error::Accept(e.to_string()))?;
         *lock(&active) = Some(backend.clone());
+        if let Some(t) = ctx.disk.trace() {
+            t.attach();
+        }
         tracing::info!(disk = name, "frontend connected");
         match daemon.wait() {
             Ok(())

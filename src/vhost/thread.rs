@@ -246,6 +246,11 @@ impl VhostUserBlkThread {
                 });
             }
         };
+        if req.kind == RequestType::In {
+            if let Some(t) = self.ctx.disk.trace() {
+                t.record(req.offset, u64::from(req.data_len));
+            }
+        }
         match execute(&self.ctx, &req, &self.data, false) {
             Outcome::Done(status) => {
                 virtio_blk::write_status(&**mem, req.status_addr, status);

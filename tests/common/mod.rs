@@ -19,13 +19,24 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_streamblk");
 pub struct Daemon {
     pub child: Child,
     pub args: Vec<String>,
+    pub control: PathBuf,
+}
+
+/// A control socket path of its own for each daemon a test starts.
+fn control_socket() -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("streamblk-test-ctl-{}-{n}.sock", std::process::id()))
 }
 
 impl Daemon {
     pub fn start(args: &[String]) -> Daemon {
         let log = std::env::var("STREAMBLK_TEST_LOG").is_ok();
+        let control = control_socket();
         let child = Command::new(BIN)
             .arg("serve")
+            .arg("--control-socket")
+            .arg(&control)
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -35,6 +46,19 @@ impl Daemon {
         Daemon {
             child,
             args: args.to_vec(),
+            control,
+        }
+    }
+
+    /// The daemon's status document (see `streamblk status --json`).
+    pub fn status(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match streamblk::control::read_status(&self.control) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() > deadline => panic!("status: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
     }
 
@@ -70,6 +94,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(&self.control);
     }
 }
 
@@ -290,6 +315,8 @@ pub fn import(image: &Path, store: &Path, name: &str, chunk_size: u64) -> String
 pub fn serve_fails(args: &[String]) -> String {
     let mut child = Command::new(BIN)
         .arg("serve")
+        .arg("--control-socket")
+        .arg(control_socket())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -310,4 +337,15 @@ pub fn serve_fails(args: &[String]) -> String {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs the streamblk binary with `args`, asserting success; returns stdout.
+pub fn streamblk(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "streamblk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
