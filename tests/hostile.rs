@@ -351,3 +351,37 @@ fn a_readonly_disk_refuses_writes_discards_and_zeroes() {
     assert_eq!(rig.submit(&[desc(HDR, 16, false), desc(STATUS, 1, true)]), (1, OK));
     rig.good_read();
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Any chain at all: the worker completes it with a sane used length and
+    /// status (or drops it with none), never panics, and keeps serving.
+    #[test]
+    fn random_chains_never_break_the_worker(
+        type_ in proptest::prop_oneof![0u32..16, proptest::prelude::any::<u32>()],
+        sector in proptest::prop_oneof![0u64..4096, proptest::prelude::any::<u64>()],
+        descs in proptest::collection::vec(
+            (proptest::prop_oneof![Just(HDR), Just(DATA), Just(STATUS), Just(MEM as u64 - 100), proptest::prelude::any::<u64>()],
+             proptest::prop_oneof![0u32..32, Just(512u32), Just(4096u32), 0u32..70000],
+             proptest::prelude::any::<bool>()),
+            0..6),
+    ) {
+        let mut rig = Rig::new(false);
+        rig.header(type_, sector);
+        if !descs.is_empty() {
+            let (len, status) = rig.submit(&descs);
+            let writable: u64 = descs.iter().filter(|d| d.2).map(|d| u64::from(d.1)).sum();
+            proptest::prop_assert!(u64::from(len) <= writable.max(1));
+            // With a proper status descriptor last, the status is a real one.
+            let ordered = descs.windows(2).all(|w| !w[0].2 || w[1].2);
+            if ordered && descs.last() == Some(&(STATUS, 1, true)) && descs.iter().filter(|d| d.0 == STATUS).count() == 1 {
+                proptest::prop_assert!([OK, IOERR, UNSUPP].contains(&status), "status {}", status);
+                proptest::prop_assert!(len >= 1);
+            }
+        }
+        rig.good_read();
+    }
+}
+
+use proptest::prelude::Just;

@@ -329,6 +329,49 @@ mod tests {
         assert!(!c.read(16 * 65536, IoRange::from_slice(&mut slot, &mut buf)).unwrap());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Across crashes (drop without persist, then reopen), the bitmap
+        /// keeps every chunk persisted before the crash and never claims a
+        /// chunk that was not written.
+        #[test]
+        fn bitmap_never_over_reports_across_crashes(
+            ops in proptest::collection::vec((0u32..40, 0u8..4), 1..80)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let m = manifest(40);
+            let id = Digest::of(b"image");
+            let mut c = ImageCache::open(dir.path(), id, m.clone()).unwrap();
+            let mut written = std::collections::HashSet::new();
+            let mut durable = std::collections::HashSet::new();
+            for (chunk, action) in ops {
+                match action {
+                    0 | 1 => {
+                        if m.chunks[chunk as usize].is_some() {
+                            c.write_chunk(ChunkIdx(chunk), &[chunk as u8; 65536]).unwrap();
+                            written.insert(chunk);
+                        }
+                    }
+                    2 => {
+                        c.persist().unwrap();
+                        durable.extend(written.iter().copied());
+                    }
+                    _ => {
+                        drop(c);
+                        c = ImageCache::open(dir.path(), id, m.clone()).unwrap();
+                        for i in 0..40u32 {
+                            let present = m.chunks[i as usize].is_some() && c.is_ready(ChunkIdx(i));
+                            proptest::prop_assert!(!present || written.contains(&i), "chunk {} invented", i);
+                            proptest::prop_assert!(!durable.contains(&i) || present, "chunk {} lost", i);
+                        }
+                        written = durable.clone();
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn eviction_removes_unused_images_oldest_first() {
         let root = tempfile::tempdir().unwrap();

@@ -300,3 +300,123 @@ impl<'a> Source<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SIZE: usize = 64 * 1024 + 3 * 512; // not a multiple of the block size
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write { sector: u64, sectors: u64, seed: u8 },
+        Zero { sector: u64, sectors: u64 },
+        Discard { sector: u64, sectors: u64 },
+        Flush,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let max = (SIZE / 512) as u64;
+        let range = (0..max).prop_flat_map(move |s| (Just(s), 1..=(max - s).min(40)));
+        prop_oneof![
+            4 => (range.clone(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
+            1 => range.clone().prop_map(|(sector, sectors)| Op::Zero { sector, sectors }),
+            1 => range.prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn read_all(d: &Disk) -> Vec<u8> {
+        let mut buf = vec![0u8; SIZE];
+        let mut slot = [IoBuf::default(); 1];
+        assert_eq!(
+            d.read(0, IoRange::from_slice(&mut slot, &mut buf)).unwrap(),
+            Status::Done
+        );
+        buf
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The disk reads back as a plain byte array with the same operations
+        /// applied would, across flushes and reopens, and the base never changes.
+        #[test]
+        fn overlay_matches_a_byte_array_model(ops in prop::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let base_path = dir.path().join("base");
+            let base: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8 + 1).collect();
+            std::fs::write(&base_path, &base).unwrap();
+            let open = || Disk::open(Arc::new(LocalBase::open(&base_path).unwrap()), &dir.path().join("ov"), false).unwrap();
+            let mut disk = open();
+            let mut model = base.clone();
+            for op in ops {
+                match op {
+                    Op::Write { sector, sectors, seed } => {
+                        let (o, n) = (sector as usize * 512, sectors as usize * 512);
+                        let mut data: Vec<u8> = (0..n).map(|i| seed.wrapping_add(i as u8 / 7)).collect();
+                        let mut slot = [IoBuf::default(); 1];
+                        prop_assert_eq!(disk.write(o as u64, IoRange::from_slice(&mut slot, &mut data)).unwrap(), Status::Done);
+                        model[o..o + n].copy_from_slice(&data);
+                    }
+                    Op::Zero { sector, sectors } => {
+                        let (o, n) = (sector as usize * 512, sectors as usize * 512);
+                        prop_assert_eq!(disk.write_zeroes(o as u64, n as u64).unwrap(), Status::Done);
+                        model[o..o + n].fill(0);
+                    }
+                    Op::Discard { sector, sectors } => {
+                        let (o, n) = (sector * 512, sectors * 512);
+                        disk.discard(o, n).unwrap();
+                        let (first, end) = (o.div_ceil(BLOCK_SIZE) * BLOCK_SIZE, (o + n) / BLOCK_SIZE * BLOCK_SIZE);
+                        if end > first {
+                            model[first as usize..end as usize].fill(0);
+                        }
+                    }
+                    Op::Flush => disk.flush().unwrap(),
+                    Op::Reopen => {
+                        // A clean reopen keeps what was flushed; flush first so all of it is.
+                        disk.flush().unwrap();
+                        drop(disk);
+                        disk = open();
+                    }
+                }
+                prop_assert!(read_all(&disk) == model);
+            }
+            prop_assert!(std::fs::read(&base_path).unwrap() == base);
+        }
+    }
+
+    #[test]
+    fn out_of_range_and_readonly_writes_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("base");
+        std::fs::write(&base_path, vec![1u8; 8192]).unwrap();
+        let d = Disk::open(
+            Arc::new(LocalBase::open(&base_path).unwrap()),
+            &dir.path().join("ov"),
+            true,
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 512];
+        let mut slot = [IoBuf::default(); 1];
+        assert!(matches!(
+            d.write(0, IoRange::from_slice(&mut slot, &mut buf)),
+            Err(Error::ReadOnly)
+        ));
+        assert!(matches!(d.write_zeroes(0, 512), Err(Error::ReadOnly)));
+        let mut slot = [IoBuf::default(); 1];
+        assert!(matches!(
+            d.read(8192 - 256, IoRange::from_slice(&mut slot, &mut buf)),
+            Err(Error::OutOfRange { .. })
+        ));
+        let mut slot = [IoBuf::default(); 1];
+        assert!(matches!(
+            d.read(u64::MAX - 10, IoRange::from_slice(&mut slot, &mut buf)),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+}
