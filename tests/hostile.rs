@@ -63,6 +63,7 @@ impl Rig {
             serial,
             runtime: rt.handle().clone(),
             stopping: Default::default(),
+            poll: std::time::Duration::ZERO,
         });
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let (completions, _consumer) = Completions::new().unwrap();

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Chunk fetches in flight at once.
     #[arg(long, default_value_t = 8)]
     pub fetch_concurrency: usize,
+    /// Microseconds a queue worker polls its ring for more requests before
+    /// sleeping (0: never poll). Adapts downwards while polls find nothing.
+    #[arg(long, default_value_t = vhost::DEFAULT_POLL_US)]
+    pub poll_us: u64,
     /// The control socket `streamblk status` reads.
     #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
     pub control_socket: PathBuf,
@@ -173,6 +177,7 @@ pub struct ServeConfig {
     pub fetch: FetchConfig,
     pub profile_window: u64,
     pub control_socket: PathBuf,
+    pub poll: Duration,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -219,6 +224,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 bail!("--{what} {v}: must be a number of MB/s, 0 or more");
             }
         }
+        if args.poll_us > vhost::MAX_POLL_US {
+            bail!("--poll-us {}: at most {}", args.poll_us, vhost::MAX_POLL_US);
+        }
         if args.fetch_concurrency == 0 || args.fetch_concurrency > 256 {
             bail!("--fetch-concurrency {}: must be from 1 to 256", args.fetch_concurrency);
         }
@@ -239,6 +247,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             fetch,
             profile_window: args.profile_window_mib.max(1) << 20,
             control_socket: args.control_socket,
+            poll: Duration::from_micros(args.poll_us),
         })
     }
 }
@@ -463,6 +472,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             serial,
             runtime: runtime.handle().clone(),
             stopping: Default::default(),
+            poll: config.poll,
         });
         listeners.push(
             vhost::listen(&spec.socket).map_err(|e| anyhow::anyhow!("disk {}: {}", spec.name, DisplayChain(&e)))?,

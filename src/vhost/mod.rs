@@ -19,7 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 pub use completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
-pub use thread::{DiskContext, DisplayChain, VhostUserBlkThread};
+pub use thread::{DiskContext, DisplayChain, VhostUserBlkThread, DEFAULT_POLL_US, MAX_POLL_US};
 
 use crate::virtio_blk::{self, BlkConfig};
 
