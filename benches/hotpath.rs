@@ -637,6 +637,8 @@ fn main() {
         let socket = dir.path().join(format!("streamblk-{tag}.sock"));
         let args = vec![
             "serve".to_string(),
+            "--control-socket".to_string(),
+            dir.path().join(format!("control-{tag}.sock")).display().to_string(),
             "--disk".to_string(),
             format!(
                 "name=b,socket={},overlay={},base={},queues={queues}",
