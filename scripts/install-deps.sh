@@ -25,6 +25,12 @@ chmod +x /usr/sbin/policy-rc.d
 trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 apt-get install -y -q linux-image-amd64 busybox-static cpio e2fsprogs kmod gzip iproute2 nginx-light
 
+# An S3-compatible server for the S3 store test (moto, from PyPI), on loopback only.
+if [ ! -x /opt/streamblk-moto/bin/moto_server ]; then
+    python3 -m venv /opt/streamblk-moto || { apt-get install -y -q python3-venv && python3 -m venv /opt/streamblk-moto; }
+    /opt/streamblk-moto/bin/pip install -q 'moto[server]'
+fi
+
 if ! command -v cargo >/dev/null; then
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi

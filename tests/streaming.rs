@@ -248,3 +248,111 @@ fn a_bad_store_or_image_stops_the_daemon_with_a_clear_error() {
     // No socket was left behind by the failed starts.
     assert!(!dir.path().join("a.sock").exists());
 }
+
+/// An S3-compatible server (moto) on loopback, killed on drop.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    fn start() -> S3Server {
+        let bin =
+            std::env::var("STREAMBLK_MOTO_SERVER").unwrap_or_else(|_| "/opt/streamblk-moto/bin/moto_server".into());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin} (scripts/install-deps.sh installs it): {e}"));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server { child, endpoint }
+    }
+
+    /// Creates a bucket (moto does not check signatures).
+    fn create_bucket(&self, name: &str) {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(self.endpoint.trim_start_matches("http://")).unwrap();
+        write!(
+            c,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_image_in_an_s3_bucket_streams_like_any_other() {
+    let dir = tmpdir();
+    let image = make_image(&dir.path().join("image.raw"));
+    let s3 = S3Server::start();
+    s3.create_bucket("sbk-images");
+    let store = "s3://sbk-images/prod/images";
+    let out = std::process::Command::new(BIN)
+        .args(["image", "import"])
+        .arg(dir.path().join("image.raw"))
+        .args(["--store", store, "--name", "img", "--chunk-size", "65536"])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "import to S3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let cache = dir.path().join("cache");
+    let disks = [image_disk("a", dir.path(), "img", "")];
+    let mut args = vec![
+        "--control-socket".to_string(),
+        dir.path().join("ctl.sock").display().to_string(),
+    ];
+    args.extend(serve_args(store, &cache, &disks, &["--fill-rate", "0"]));
+    let mut child = std::process::Command::new(BIN)
+        .arg("serve")
+        .args(&args)
+        .envs(s3.env())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
+    assert!(
+        a.read(0, 16 * MIB) == image,
+        "the disk differs from the image in the bucket"
+    );
+    let status = streamblk::control::read_status(&dir.path().join("ctl.sock")).unwrap();
+    let nonzero = (0..256).filter(|c| c % 7 != 0).count() as u64;
+    assert_eq!(status["fetch"]["store_chunks"].as_u64(), Some(nonzero), "{status}");
+    drop(a);
+    let _ = child.kill();
+    let _ = child.wait();
+}
