@@ -65,30 +65,19 @@ fn execute(ctx: &DiskContext, req: &virtio_blk::Request, data: &[IoBuf], may_blo
             Ok(Status::Done)
         }
         RequestType::Discard | RequestType::WriteZeroes => {
-            let mut status = Status::Done;
-            let r = virtio_blk::discard_segments(req.kind, data, ctx.capacity_sectors, |seg| {
-                let res = if req.kind == RequestType::Discard {
-                    disk.discard(seg.offset, seg.len).map(|()| Status::Done)
-                } else {
-                    disk.write_zeroes(seg.offset, seg.len)
-                };
-                match res {
-                    Ok(Status::Done) => Ok(()),
-                    Ok(miss) => {
-                        status = miss;
-                        Err(virtio_blk::Error::Layout(0))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %DisplayChain(&e), "discard/write-zeroes failed");
-                        Err(virtio_blk::Error::Layout(0))
-                    }
-                }
-            });
-            match (r, status) {
-                (_, Status::Miss { offset, len }) => return Outcome::Miss { offset, len },
-                (Ok(()), _) => Ok(Status::Done),
-                (Err(e), _) => return Outcome::Done(e.status().unwrap_or(STATUS_IOERR)),
-            }
+            let segments = match virtio_blk::discard_segments(req.kind, data, ctx.capacity_sectors) {
+                Ok(s) => s,
+                Err(e) => return Outcome::Done(e.status().unwrap_or(STATUS_IOERR)),
+            };
+            // Each segment is idempotent: a retry after a miss redoes them all.
+            segments
+                .iter()
+                .map(|seg| match req.kind {
+                    RequestType::Discard => disk.discard(seg.offset, seg.len).map(|()| Status::Done),
+                    _ => disk.write_zeroes(seg.offset, seg.len),
+                })
+                .find(|r| !matches!(r, Ok(Status::Done)))
+                .unwrap_or(Ok(Status::Done))
         }
     };
     match result {

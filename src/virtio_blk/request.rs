@@ -264,13 +264,16 @@ fn strip_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
 }
 
 /// Reads and checks the segments of a discard or write-zeroes request.
+///
+/// All of them are checked before any is returned, so a request with one bad
+/// segment changes nothing.
 pub fn discard_segments(
     kind: RequestType,
     data: &[IoBuf],
     capacity_sectors: u64,
-    mut f: impl FnMut(DiscardSegment) -> Result<(), Error>,
-) -> Result<(), Error> {
+) -> Result<Vec<DiscardSegment>, Error> {
     let r = IoRange::new(data);
+    let mut segments = Vec::with_capacity(r.len() / DISCARD_SEGMENT_LEN);
     for i in 0..r.len() / DISCARD_SEGMENT_LEN {
         let mut s = [0u8; DISCARD_SEGMENT_LEN];
         r.sub(i * DISCARD_SEGMENT_LEN, DISCARD_SEGMENT_LEN).copy_to(&mut s);
@@ -297,13 +300,13 @@ pub fn discard_segments(
                 capacity: capacity_sectors,
             });
         }
-        f(DiscardSegment {
+        segments.push(DiscardSegment {
             offset: sector * SECTOR_SIZE,
             len: u64::from(count) * SECTOR_SIZE,
             unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-        })?;
+        });
     }
-    Ok(())
+    Ok(segments)
 }
 
 /// Writes the status byte; false if the guest gave an address outside its memory.
