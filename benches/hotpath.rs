@@ -157,6 +157,9 @@ struct Job {
     poll: bool,
     /// A flush after every this many writes.
     flush_every: Option<u64>,
+    /// streamblk serves the file as a fully cached streamed image (image=)
+    /// rather than as a local base (base=).
+    streamed: bool,
 }
 
 #[derive(Default)]
@@ -455,7 +458,9 @@ fn rows() -> Vec<Row> {
         queues,
         poll,
         flush_every,
+        streamed: false,
     };
+    let cached = |job: Job| Job { streamed: true, ..job };
     use Kind::*;
     use Measure::*;
     vec![
@@ -503,6 +508,21 @@ fn rows() -> Vec<Row> {
             name: "4K randread 2 queues x QD16, polling",
             job: j(RandRead, 4096, 16, 2, true, None),
             measure: Iops,
+        },
+        Row {
+            name: "cached streamed image: 4K randread QD1, blocking",
+            job: cached(j(RandRead, 4096, 1, 1, false, None)),
+            measure: Latency,
+        },
+        Row {
+            name: "cached streamed image: 4K randread QD16, blocking",
+            job: cached(j(RandRead, 4096, 16, 1, false, None)),
+            measure: Iops,
+        },
+        Row {
+            name: "cached streamed image: 128K seqread QD4, blocking",
+            job: cached(j(SeqRead, 128 << 10, 4, 1, false, None)),
+            measure: Mbps,
         },
     ]
 }
@@ -584,6 +604,23 @@ fn fmt_value(measure: Measure, v: f64) -> String {
     }
 }
 
+/// Waits (up to 5 minutes) until a daemon's images are fully cached.
+fn wait_filled(control: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(s) = streamblk::control::read_status(control) {
+            let images = s["images"].as_array().cloned().unwrap_or_default();
+            if !images.is_empty() && images.iter().all(|i| i["filled"] == i["chunks"]) {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            fail("the streamed image did not fill within 5 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter-less run is the only mode.
     let default_hook = std::panic::take_hook();
@@ -632,27 +669,58 @@ fn main() {
 
     // One pair of daemons per queue count, so each row's daemons have as many
     // queues as its client uses (an unused queue costs qemu-storage-daemon).
-    let spawn_streamblk = |queues: usize, writes: bool| {
-        let tag = format!("{queues}q{}", if writes { "-w" } else { "" });
+    let store = dir.path().join("store");
+    let spawn_streamblk = |queues: usize, writes: bool, streamed: bool| {
+        let tag = format!(
+            "{queues}q{}{}",
+            if writes { "-w" } else { "" },
+            if streamed { "-s" } else { "" }
+        );
         let socket = dir.path().join(format!("streamblk-{tag}.sock"));
-        let args = vec![
+        let control = dir.path().join(format!("control-{tag}.sock"));
+        let overlay = dir.path().join(format!("overlay-{tag}"));
+        let mut args = vec![
             "serve".to_string(),
-            "--control-socket".to_string(),
-            dir.path().join(format!("control-{tag}.sock")).display().to_string(),
+            "--control-socket".into(),
+            control.display().to_string(),
+        ];
+        let source = if streamed {
+            // The whole image fills as fast as it can before the rows run.
+            let cache = dir.path().join(format!("cache-{tag}"));
+            args.extend(
+                [
+                    "--store",
+                    store.to_str().unwrap(),
+                    "--cache-dir",
+                    cache.to_str().unwrap(),
+                    "--fill-rate",
+                    "100000",
+                ]
+                .map(String::from),
+            );
+            "image=bench".to_string()
+        } else {
+            format!("base={}", file.display())
+        };
+        args.extend([
             "--disk".to_string(),
             format!(
-                "name=b,socket={},overlay={},base={},queues={queues}",
+                "name=b,socket={},overlay={},{source},queues={queues}",
                 socket.display(),
-                dir.path().join(format!("overlay-{tag}")).display(),
-                file.display()
+                overlay.display()
             ),
-        ];
-        Server::spawn("streamblk", &bin.to_string_lossy(), &args, &socket)
+        ]);
+        let server = Server::spawn("streamblk", &bin.to_string_lossy(), &args, &socket);
+        if streamed {
+            wait_filled(&control);
+        }
+        server
     };
-    let spawn_qsd = |queues: usize, aio: &str, writes: bool| {
-        let socket = dir
-            .path()
-            .join(format!("qsd-{aio}-{queues}q{}.sock", if writes { "-w" } else { "" }));
+    let spawn_qsd = |queues: usize, aio: &str, writes: bool, tag: &str| {
+        let socket = dir.path().join(format!(
+            "qsd-{aio}-{queues}q{}{tag}.sock",
+            if writes { "-w" } else { "" }
+        ));
         Server::spawn(
             "qemu-storage-daemon",
             &qsd_bin,
@@ -669,6 +737,7 @@ fn main() {
         queues: 1,
         poll: false,
         flush_every: None,
+        streamed: false,
     };
     let (aio, qsd_note) = match std::env::var("QSD_AIO") {
         Ok(aio) => {
@@ -679,7 +748,7 @@ fn main() {
             const AIOS: [&str; 2] = ["io_uring", "threads"];
             let mut cands: Vec<(Server, Samples)> = AIOS
                 .iter()
-                .map(|aio| (spawn_qsd(1, aio, false), Samples::default()))
+                .map(|aio| (spawn_qsd(1, aio, false, "-calib"), Samples::default()))
                 .collect();
             for round in 0..3 {
                 for (s, samples) in cands.iter_mut() {
@@ -705,13 +774,35 @@ fn main() {
     };
     // Writes get daemons of their own, so the read rows read the base
     // rather than an overlay that earlier write rows scattered blocks into.
-    let key = |job: &Job| (job.queues, job.kind == Kind::RandWrite);
-    let mut keys: Vec<(usize, bool)> = rows.iter().map(|r| key(&r.job)).collect();
+    let key = |job: &Job| (job.queues, job.kind == Kind::RandWrite, job.streamed);
+    let mut keys: Vec<(usize, bool, bool)> = rows.iter().map(|r| key(&r.job)).collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut servers: Vec<((usize, bool), [Server; 2])> = keys
+    if keys.iter().any(|k| k.2) {
+        eprintln!("hotpath: importing the file into a local store for the cached-image rows");
+        let out = std::process::Command::new(&bin)
+            .args(["image", "import"])
+            .arg(&file)
+            .arg("--store")
+            .arg(&store)
+            .args(["--name", "bench"])
+            .output()
+            .unwrap_or_else(|e| fail(&format!("run streamblk image import: {e}")));
+        if !out.status.success() {
+            fail(&format!("image import: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+    }
+    let mut servers: Vec<((usize, bool, bool), [Server; 2])> = keys
         .iter()
-        .map(|&(q, w)| ((q, w), [spawn_streamblk(q, w), spawn_qsd(q, &aio, w)]))
+        .map(|&(q, w, st)| {
+            (
+                (q, w, st),
+                [
+                    spawn_streamblk(q, w, st),
+                    spawn_qsd(q, &aio, w, if st { "-s" } else { "" }),
+                ],
+            )
+        })
         .collect();
 
     let mut results: Vec<[Samples; 2]> = vec![Default::default(); rows.len()];
