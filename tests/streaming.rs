@@ -356,3 +356,87 @@ fn an_image_in_an_s3_bucket_streams_like_any_other() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn import_reads_qcow2_stores_each_chunk_once_and_shares_chunks_between_images() {
+    let dir = tmpdir();
+    let raw = dir.path().join("image.raw");
+    let image = make_image(&raw);
+    let store = dir.path().join("store");
+    let chunks_stored = || std::fs::read_dir(store.join("chunks")).unwrap().count();
+    let id = import(&raw, &store, "img", CHUNK);
+    let first = chunks_stored();
+    assert_eq!(
+        first,
+        (0..256).filter(|c| c % 7 != 0).count(),
+        "one object per distinct non-zero chunk"
+    );
+
+    // The same content as qcow2: the same image, nothing new stored.
+    let qcow2 = dir.path().join("image.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = std::process::Command::new(BIN)
+        .args(["image", "import"])
+        .arg(&qcow2)
+        .arg("--store")
+        .arg(&store)
+        .args(["--name", "img-qcow2", "--chunk-size", &CHUNK.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        id,
+        "qcow2 import gave another image"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("0 new chunks") && err.contains("already in the store"),
+        "{err}"
+    );
+    assert_eq!(chunks_stored(), first);
+
+    // An image that changes 3 chunks of the first shares the rest.
+    let mut other = image.clone();
+    for c in [1usize, 50, 200] {
+        other[c * CHUNK as usize] ^= 0xff;
+    }
+    let other_path = dir.path().join("other.raw");
+    std::fs::write(&other_path, &other).unwrap();
+    let other_id = import(&other_path, &store, "other", CHUNK);
+    assert_ne!(other_id, id);
+    assert_eq!(chunks_stored(), first + 3);
+    let inspect = streamblk(&["image", "inspect", "other", "--store", store.to_str().unwrap()]);
+    assert!(
+        inspect.contains(&format!("chunks:       256 ({} all-zero", 256 - first)),
+        "{inspect}"
+    );
+
+    // Bad input gets a clear error.
+    std::fs::write(dir.path().join("odd.raw"), vec![1u8; 1000]).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["image", "import"])
+        .arg(dir.path().join("odd.raw"))
+        .arg("--store")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a positive multiple of 512"));
+    let out = std::process::Command::new(BIN)
+        .args(["image", "import"])
+        .arg(&raw)
+        .arg("--store")
+        .arg(&store)
+        .args(["--chunk-size", "100000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+}
