@@ -440,3 +440,48 @@ fn import_reads_qcow2_stores_each_chunk_once_and_shares_chunks_between_images() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
+
+#[test]
+fn metrics_endpoint_reports_fetches_and_cache_hits() {
+    let dir = tmpdir();
+    let image = make_image(&dir.path().join("image.raw"));
+    let store = dir.path().join("store");
+    import(&dir.path().join("image.raw"), &store, "img", CHUNK);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let disks = [image_disk("a", dir.path(), "img", "")];
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(&serve_args(
+        store.to_str().unwrap(),
+        &dir.path().join("cache"),
+        &disks,
+        &["--fill-rate", "0", "--metrics-listen", &addr],
+    ));
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, MIB);
+    assert!(a.read(CHUNK, 4096) == image[CHUNK as usize..CHUNK as usize + 4096]);
+    assert!(a.read(CHUNK + 4096, 4096) == image[CHUNK as usize + 4096..CHUNK as usize + 8192]);
+    let get = || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    };
+    let m = get();
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    let id = daemon.status()["images"][0]["id"].as_str().unwrap().to_string();
+    assert!(m.contains("streamblk_store_chunks_total 1\n"), "{m}");
+    assert!(
+        m.contains(&format!("streamblk_cache_hits_total{{image=\"{id}\"}} 2\n")),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("streamblk_cache_misses_total{{image=\"{id}\"}} 1\n")),
+        "{m}"
+    );
+    assert!(m.contains("streamblk_disk_attached{disk=\"a\"} 1\n"), "{m}");
+}

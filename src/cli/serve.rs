@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// sleeping (0: never poll). Adapts downwards while polls find nothing.
     #[arg(long, default_value_t = vhost::DEFAULT_POLL_US)]
     pub poll_us: u64,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The control socket `streamblk status` reads.
     #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
     pub control_socket: PathBuf,
@@ -177,6 +180,7 @@ pub struct ServeConfig {
     pub fetch: FetchConfig,
     pub profile_window: u64,
     pub control_socket: PathBuf,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub poll: Duration,
 }
 
@@ -247,6 +251,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             fetch,
             profile_window: args.profile_window_mib.max(1) << 20,
             control_socket: args.control_socket,
+            metrics_listen: args.metrics_listen,
             poll: Duration::from_micros(args.poll_us),
         })
     }
@@ -501,13 +506,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let images = Arc::new(images);
-    {
+    let status = {
         let images = images.clone();
         let disks: Vec<_> = served
             .iter()
             .map(|s| (s.name.clone(), s.socket.clone(), s.active.clone()))
             .collect();
-        crate::control::serve_status(&config.control_socket, move || {
+        Arc::new(move || {
             let mut status = images.status();
             status["disks"] = disks
                 .iter()
@@ -518,16 +523,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .collect();
             status
         })
+    };
+    let s = status.clone();
+    crate::control::serve_status(&config.control_socket, move || s())
         .map_err(|e| anyhow::anyhow!("{}", DisplayChain(&e)))?;
-    }
-    if images.fetcher.is_some() {
-        let images = images.clone();
-        runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                images.log_stats();
-            }
-        });
+    if let Some(addr) = config.metrics_listen {
+        let s = status.clone();
+        let bound = crate::control::serve_metrics(addr, move || crate::control::prometheus(&s()))
+            .map_err(|e| anyhow::anyhow!("{}", DisplayChain(&e)))?;
+        tracing::info!(%bound, "serving metrics");
     }
     let failure = runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
