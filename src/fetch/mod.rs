@@ -251,6 +251,8 @@ impl Fetcher {
         runtime.spawn(async move {
             if let Some(p) = profile {
                 replay::replay(&fetcher, &weak, &p, window).await;
+                // The rest of the image waits for the boot, not just its profile.
+                p.boot_over().await;
             }
             if fill {
                 fill_loop(fetcher, weak).await;

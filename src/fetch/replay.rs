@@ -96,6 +96,13 @@ impl ProfileReplay {
         }
     }
 
+    /// Waits until the boot the profile recorded would be over.
+    pub async fn boot_over(&self) {
+        if let Some(ms) = self.profile.boot_ms {
+            tokio::time::sleep_until((self.start + std::time::Duration::from_millis(ms)).into()).await;
+        }
+    }
+
     /// Milliseconds from attach to the guest's first read, and to the end of the profile stream.
     pub fn times_ms(&self) -> (Option<u64>, Option<u64>) {
         let f = |v: u64| (v != UNSET).then_some(v / 1000);

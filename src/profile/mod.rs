@@ -137,6 +137,11 @@ pub struct Profile {
     pub chunk_size: u32,
     /// Chunk indices in the order a boot first reads them, each once.
     pub chunks: Vec<u32>,
+    /// How long the recorded boots read (median of the traces' last reads):
+    /// background fill waits this long after attach, so it does not compete
+    /// with the boot for the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_ms: Option<u64>,
 }
 
 impl Profile {
@@ -168,10 +173,13 @@ impl Profile {
             })
             .collect();
         order.sort_unstable();
+        let mut ends: Vec<u64> = traces.iter().filter_map(|t| t.iter().map(|r| r.usec).max()).collect();
+        ends.sort_unstable();
         Profile {
             version: VERSION,
             chunk_size,
             chunks: order.into_iter().map(|(_, c)| c).collect(),
+            boot_ms: (!ends.is_empty()).then(|| ends[(ends.len() - 1) / 2] / 1000),
         }
     }
 
@@ -220,6 +228,7 @@ mod tests {
         // chunk size 8 KiB: blocks 5 -> chunk 2; 0..2 -> chunk 0; 3..7 -> chunks 1, 2, 3.
         let p = Profile::build(&[t], 8192);
         assert_eq!(p.chunks, vec![2, 0, 1, 3]);
+        assert_eq!(p.boot_ms, Some(0));
     }
 
     #[test]
@@ -229,6 +238,12 @@ mod tests {
         let b = vec![rec(1, 2 * cs, 1), rec(2, 0, 1), rec(9, 5 * cs, 1)];
         let c = vec![rec(1, 2 * cs, 1), rec(5, 0, 1), rec(6, cs, 1)];
         // medians: chunk0 {1,2,5}->2, chunk1 {2,6}->2, chunk2 {3,1,1}->1, chunk5 {9}->9
+        let secs = |t: &[TraceRecord]| -> Vec<TraceRecord> {
+            t.iter().map(|r| rec(r.usec * 1_000_000, r.offset, r.len)).collect()
+        };
+        // The boots read until 3 s, 9 s and 6 s: background fill waits 6 s.
+        let p = Profile::build(&[secs(&a), secs(&b), secs(&c)], cs as u32);
+        assert_eq!(p.boot_ms, Some(6000));
         let p = Profile::build(&[a, b, c], cs as u32);
         assert_eq!(p.chunks, vec![2, 0, 1, 5]);
         let back = Profile::parse(&p.to_bytes(), cs as u32, 6).unwrap();

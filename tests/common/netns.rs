@@ -148,8 +148,19 @@ impl StoreHost {
 
 impl Drop for StoreHost {
     fn drop(&mut self) {
+        // Every process in the namespace: nginx's workers outlive a killed
+        // master, and would keep the namespace (and its veth) alive.
+        let pids = Command::new("ip").args(["netns", "pids", &self.ns]).output();
         let _ = self.nginx.kill();
         let _ = self.nginx.wait();
+        if let Ok(out) = pids {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) on a process of the test's own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         // Deleting the namespace deletes its end of the veth pair, and so the pair.
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
