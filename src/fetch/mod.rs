@@ -146,6 +146,9 @@ struct Inner {
     /// Token buckets for background and profile: (tokens in bytes, last refill).
     buckets: [Mutex<(f64, Instant)>; 2],
     counters: FetchCounters,
+    /// Chunks in the order workers took them, for the ordering tests.
+    #[cfg(test)]
+    taken: Mutex<Vec<u32>>,
 }
 
 #[derive(Clone)]
@@ -162,6 +165,8 @@ impl Fetcher {
             wake: Notify::new(),
             buckets: [Mutex::new((0.0, Instant::now())), Mutex::new((0.0, Instant::now()))],
             counters: FetchCounters::default(),
+            #[cfg(test)]
+            taken: Mutex::default(),
             config,
         });
         for _ in 0..inner.config.concurrency.max(1) {
@@ -295,6 +300,8 @@ impl Inner {
                 s.running_low += 1;
             }
             self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+            #[cfg(test)]
+            self.taken.lock().unwrap().push(flight.chunk.0);
             if !s.queue.is_empty() {
                 // Let another worker look at the rest.
                 self.wake.notify_one();
@@ -532,9 +539,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, cache) = setup(12, dir.path()).await;
         let fetcher = Fetcher::new(store, config(1), &tokio::runtime::Handle::current());
-        // All queued before the single worker runs (current-thread runtime).
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
+        // All queued before the single worker runs (current-thread runtime);
+        // the order the worker takes them is the order the classes say.
+        let mut wants = Vec::new();
         for (c, class) in [
             (0, Class::Background),
             (1, Class::Background),
@@ -544,36 +551,22 @@ mod tests {
             (5, Class::Profile),
             (6, Class::Demand),
         ] {
-            let want = fetcher.want(&cache, ChunkIdx(c), class);
-            let order = order.clone();
-            tasks.push(tokio::spawn(async move {
-                want.await.unwrap();
-                order.lock().unwrap().push(c);
-            }));
+            wants.push(fetcher.want(&cache, ChunkIdx(c), class));
         }
-        for t in tasks {
-            t.await.unwrap();
+        for r in futures::future::join_all(wants).await {
+            r.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), vec![4, 6, 2, 5, 0, 1, 3]);
+        assert_eq!(*fetcher.inner.taken.lock().unwrap(), vec![4, 6, 2, 5, 0, 1, 3]);
         // An upgraded want overtakes too: chunk 7 queued as background after
         // chunk 8, then wanted on demand.
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for (c, class) in [(8, Class::Background), (7, Class::Background), (7, Class::Demand)] {
-            let want = fetcher.want(&cache, ChunkIdx(c), class);
-            let order = order.clone();
-            tasks.push(tokio::spawn(async move {
-                want.await.unwrap();
-                order.lock().unwrap().push((c, class));
-            }));
+        let wants = [(8, Class::Background), (7, Class::Background), (7, Class::Demand)]
+            .map(|(c, class)| fetcher.want(&cache, ChunkIdx(c), class));
+        for r in futures::future::join_all(wants).await {
+            r.unwrap();
         }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let chunks: Vec<u32> = order.lock().unwrap().iter().map(|&(c, _)| c).collect();
         assert_eq!(
-            chunks,
-            vec![7, 7, 8],
+            fetcher.inner.taken.lock().unwrap()[7..],
+            [7, 8],
             "the demand want of chunk 7 waited for background chunk 8"
         );
     }
