@@ -59,7 +59,6 @@ struct Persist {
 pub struct ImageCache {
     id: ImageId,
     manifest: Arc<Manifest>,
-    dir: PathBuf,
     data: File,
     present: BitVec<AtomicU64, Lsb0>,
     /// Non-zero chunks present; the fill progress.
@@ -120,7 +119,6 @@ impl ImageCache {
         Ok(ImageCache {
             id,
             manifest,
-            dir,
             data,
             present,
             filled: AtomicU64::new(filled),
@@ -140,10 +138,6 @@ impl ImageCache {
 
     pub fn manifest(&self) -> &Arc<Manifest> {
         &self.manifest
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// True if the chunk's data is local: present, or all zeros.

@@ -24,10 +24,6 @@ impl StreamedBase {
             profile,
         }
     }
-
-    pub fn cache(&self) -> &Arc<ImageCache> {
-        &self.cache
-    }
 }
 
 impl Base for StreamedBase {

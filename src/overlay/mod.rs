@@ -148,9 +148,9 @@ impl Overlay {
         let compact = journal.wants_compaction(dirty.len() as u64);
         let mut runs = Vec::new();
         if !compact {
+            // `runs` leaves out base blocks: a block never returns to base.
             for (start, count) in &dirty {
                 runs.extend(self.map.runs(*start, *count));
-                // Blocks that went back to base cannot happen; zero and data are journalled.
             }
         }
         if self.written.swap(false, Ordering::AcqRel) {
