@@ -10,8 +10,14 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 . /etc/os-release
+. "$(dirname "$0")/apt-mirror.sh"
 if [ "${VERSION_CODENAME:-}" = bookworm ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
+    mirror=$(bookworm_mirror | sed -n 1p)
+    if [ -z "$mirror" ]; then
+        echo "install-deps.sh: no bookworm source in /etc/apt to derive bookworm-backports from" >&2
+        exit 1
+    fi
+    echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q

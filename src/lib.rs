@@ -10,6 +10,8 @@ pub mod engine;
 pub mod fetch;
 pub mod overlay;
 pub mod profile;
+pub mod storage;
 pub mod store;
+pub mod units;
 pub mod vhost;
 pub mod virtio_blk;

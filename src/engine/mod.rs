@@ -8,36 +8,17 @@
 //! a partial attempt is safe.
 
 mod base;
-mod iobuf;
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use crate::storage::{IoBuf, IoRange};
+pub use crate::units::{BlockIdx, BLOCK_SIZE, SECTOR_SIZE};
 pub use base::{Base, FetchFuture, LocalBase, LocalBases};
-pub use iobuf::{IoBuf, IoRange};
 
 use crate::overlay::{self, BlockState, Overlay};
 use crate::profile::TraceRecorder;
-
-/// The overlay's unit: 4 KiB.
-pub const BLOCK_SIZE: u64 = 4096;
-/// The guest's unit of addressing.
-pub const SECTOR_SIZE: u64 = 512;
-
-/// Index of a 4 KiB block of a disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BlockIdx(pub u64);
-
-impl BlockIdx {
-    pub fn of(offset: u64) -> Self {
-        BlockIdx(offset / BLOCK_SIZE)
-    }
-
-    pub fn offset(self) -> u64 {
-        self.0 * BLOCK_SIZE
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::engine::BlockIdx;
+use crate::units::BlockIdx;
 
 /// Where a block's current content lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::blockmap::{BlockMap, BlockState};
 use super::Error;
-use crate::engine::BlockIdx;
+use crate::units::BlockIdx;
 
 const MAGIC: &[u8; 8] = b"SBLKOVL\0";
 const VERSION: u32 = 1;

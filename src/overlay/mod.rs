@@ -19,7 +19,8 @@ use std::sync::{Mutex, MutexGuard};
 pub use blockmap::{BlockMap, BlockState};
 use journal::{Header, Journal, MAX_BASE_ID};
 
-use crate::engine::{BlockIdx, IoRange, BLOCK_SIZE};
+use crate::storage::IoRange;
+use crate::units::{BlockIdx, BLOCK_SIZE};
 
 /// Lock stripes for read-modify-write of partially written blocks.
 const STRIPES: usize = 64;

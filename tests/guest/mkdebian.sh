@@ -14,7 +14,7 @@
 #     -drive file=COPY-OF-debian.raw,format=raw,if=virtio
 # Cached: does nothing if OUTDIR already holds a guest built by this script
 # with the same inputs. Needs (Debian): debootstrap, e2fsprogs, linux-image-amd64.
-# Network: http://deb.debian.org/debian (or $DEBIAN_MIRROR). Run as root.
+# Network: the bookworm mirror of the machine's apt sources (or $DEBIAN_MIRROR). Run as root.
 set -euo pipefail
 
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
@@ -22,7 +22,9 @@ set -euo pipefail
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 DISK_MB=${GUEST_DISK_MB:-2048}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/apt-mirror.sh"
+MIRROR=${DEBIAN_MIRROR:-$(bookworm_mirror | sed -n 1p)}
+[ -n "$MIRROR" ] || { echo "$0: no bookworm mirror in /etc/apt; set DEBIAN_MIRROR" >&2; exit 1; }
 SUITE=bookworm
 
 KERNEL=$(ls /boot/vmlinuz-* | sort -V | tail -n1)

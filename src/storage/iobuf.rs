@@ -1,4 +1,4 @@
-//! Host buffers the engine reads into and writes from, and the vectored file
+//! Host buffers the engine and storage read into and write from, and the vectored file
 //! I/O on them. The caller (the vhost layer) maps guest memory into `IoBuf`s,
 //! so data moves between files and guest memory with no copy in between.
 
@@ -38,6 +38,18 @@ impl IoBuf {
     /// `IoBuf`, or any `IoRange` over it, is used.
     pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
         IoBuf { ptr, len }
+    }
+
+    /// A buffer over `buf`, for writing a byte slice to a file.
+    ///
+    /// # Safety
+    /// The buffer (and any `IoRange` over it) must only be read from, and
+    /// only while `buf` is borrowed.
+    pub unsafe fn for_reading(buf: &[u8]) -> Self {
+        IoBuf {
+            ptr: buf.as_ptr().cast_mut(),
+            len: buf.len(),
+        }
     }
 
     pub fn len(&self) -> usize {
