@@ -5,6 +5,7 @@
 pub mod guest;
 pub mod httpstore;
 pub mod netns;
+pub mod powercutfs;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
