@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use crate::fetch::pct;
 use crate::profile::Profile;
 use crate::store::{self, ChunkIdx, ImageStore};
-use crate::vhost::DisplayChain;
+use crate::DisplayChain;
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::profile::{read_trace, Profile};
-use crate::vhost::DisplayChain;
+use crate::DisplayChain;
 
 #[derive(Debug, Subcommand)]
 pub enum ProfileCommand {

@@ -15,7 +15,8 @@ use crate::engine::{Base, Disk, LocalBases, SECTOR_SIZE};
 use crate::fetch::{FetchConfig, Fetcher, ProfileReplay, StreamedBase};
 use crate::profile::{Profile, TraceRecorder};
 use crate::store::{ImageId, ImageStore};
-use crate::vhost::{self, DiskContext, DisplayChain, VhostUserBlkBackend};
+use crate::vhost::{self, DiskContext, VhostUserBlkBackend};
+use crate::DisplayChain;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
 

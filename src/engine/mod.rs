@@ -19,6 +19,7 @@ pub use base::{Base, FetchFuture, LocalBase, LocalBases};
 
 use crate::overlay::{self, BlockState, Overlay};
 use crate::profile::TraceRecorder;
+use crate::storage::{RealStorage, Storage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,6 +37,13 @@ pub enum Error {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("overlay size {overlay} differs from base size {base}")]
     SizeMismatch { overlay: u64, base: u64 },
+}
+
+impl Error {
+    /// True if the error was already logged once and must not be logged per request.
+    pub fn is_repeat(&self) -> bool {
+        matches!(self, Error::Overlay(e) if e.is_repeat())
+    }
 }
 
 /// How an operation ended.
@@ -82,7 +90,17 @@ impl Disk {
 
     /// Opens (or creates) the overlay in `dir` over `base`.
     pub fn open(base: Arc<dyn Base>, overlay_dir: &std::path::Path, readonly: bool) -> Result<Self, Error> {
-        let overlay = Overlay::open(overlay_dir, base.size(), &base.id())?;
+        Self::open_on(RealStorage::shared(), base, overlay_dir, readonly)
+    }
+
+    /// Opens (or creates) the overlay in `dir` on `storage` over `base`.
+    pub fn open_on(
+        storage: Arc<dyn Storage>,
+        base: Arc<dyn Base>,
+        overlay_dir: &std::path::Path,
+        readonly: bool,
+    ) -> Result<Self, Error> {
+        let overlay = Overlay::open_on(storage, overlay_dir, base.size(), &base.id())?;
         Ok(Disk::new(base, overlay, readonly))
     }
 
@@ -160,7 +178,7 @@ impl Disk {
         let first = offset.div_ceil(BLOCK_SIZE);
         let end = (offset + len) / BLOCK_SIZE;
         if end > first {
-            self.overlay.set_state(BlockIdx(first), end - first, BlockState::Zero);
+            self.overlay.set_state(BlockIdx(first), end - first, BlockState::Zero)?;
         }
         Ok(())
     }
@@ -192,9 +210,9 @@ impl Disk {
                 match src {
                     Source::Data(r) => {
                         self.overlay.write(pos, r.sub((pos - offset) as usize, n as usize))?;
-                        self.overlay.set_state(b, n / BLOCK_SIZE, BlockState::Data);
+                        self.overlay.set_state(b, n / BLOCK_SIZE, BlockState::Data)?;
                     }
-                    Source::Zeros(_) => self.overlay.set_state(b, n / BLOCK_SIZE, BlockState::Zero),
+                    Source::Zeros(_) => self.overlay.set_state(b, n / BLOCK_SIZE, BlockState::Zero)?,
                 }
                 pos = run_end;
             } else {
@@ -247,7 +265,7 @@ impl Disk {
         }
         let mut slot = [IoBuf::default(); 1];
         self.overlay.write(b.offset(), IoRange::from_slice(&mut slot, block))?;
-        self.overlay.set_state(b, 1, BlockState::Data);
+        self.overlay.set_state(b, 1, BlockState::Data)?;
         Ok(Status::Done)
     }
 

@@ -71,7 +71,7 @@ struct ArcError(Arc<super::FetchError>);
 
 impl std::fmt::Display for ArcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", crate::vhost::DisplayChain(&*self.0))
+        write!(f, "{}", crate::DisplayChain(&*self.0))
     }
 }
 

@@ -386,7 +386,7 @@ impl Inner {
             };
             self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
             if attempt == 1 {
-                tracing::warn!(error = %crate::vhost::DisplayChain(&err), "chunk fetch failed; retrying");
+                tracing::warn!(error = %crate::DisplayChain(&err), "chunk fetch failed; retrying");
             }
             if Instant::now() + backoff >= deadline {
                 return Err(err);
@@ -431,7 +431,7 @@ async fn persist_loop(cache: Weak<ImageCache>) {
         }
         let res = tokio::task::spawn_blocking(move || c.persist()).await;
         if let Ok(Err(e)) = res {
-            tracing::error!(error = %crate::vhost::DisplayChain(&e), "persisting cache bitmap failed");
+            tracing::error!(error = %crate::DisplayChain(&e), "persisting cache bitmap failed");
         }
     }
 }

@@ -56,6 +56,7 @@ pub trait Storage: Send + Sync {
 }
 
 /// An open file.
+#[allow(clippy::len_without_is_empty)] // `len` is an I/O call, not a container's size
 pub trait StorageFile: Send + Sync {
     /// Reads `dst.len()` bytes at `offset`; bytes past the end read as zeros.
     fn read_at(&self, dst: IoRange, offset: u64) -> io::Result<()>;
@@ -66,6 +67,7 @@ pub trait StorageFile: Send + Sync {
     /// Makes every write that returned before the call durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
 
+    /// The file's size in bytes.
     fn len(&self) -> io::Result<u64>;
 
     fn set_len(&self, len: u64) -> io::Result<()>;
@@ -114,7 +116,22 @@ struct RealFile(File);
 
 impl Storage for RealStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        // Each directory made here is durable before anything goes in it:
+        // its entry in its parent is synced.
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .filter(|d| !d.as_os_str().is_empty())
+            .take_while(|d| !d.is_dir())
+            .collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+                Err(e) => return Err(e),
+            }
+            self.sync_dir(&parent_of(d))?;
+        }
+        Ok(())
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {

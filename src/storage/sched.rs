@@ -10,8 +10,9 @@
 //! plain std locks.
 
 use std::cell::RefCell;
-use std::sync::{Arc, Condvar, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
-use std::thread::JoinHandle;
+use std::collections::BTreeMap;
+use std::sync::{Arc, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::{JoinHandle, Thread};
 
 thread_local! {
     static CURRENT: RefCell<Option<(Arc<Sched>, usize)>> = const { RefCell::new(None) };
@@ -19,11 +20,12 @@ thread_local! {
 
 pub struct Sched {
     state: std::sync::Mutex<State>,
-    turn: Condvar,
 }
 
 struct State {
     running: Option<usize>,
+    /// Each scheduled thread, to wake it alone when its turn comes.
+    threads: BTreeMap<usize, Thread>,
     /// Threads waiting for a turn, in a deterministic order.
     ready: Vec<usize>,
     next_id: usize,
@@ -36,12 +38,12 @@ impl Sched {
         Arc::new(Sched {
             state: std::sync::Mutex::new(State {
                 running: None,
+                threads: BTreeMap::new(),
                 ready: Vec::new(),
                 next_id: 0,
                 started: false,
                 rng: seed ^ 0x9e37_79b9_7f4a_7c15,
             }),
-            turn: Condvar::new(),
         })
     }
 
@@ -56,12 +58,14 @@ impl Sched {
             id
         };
         let sched = self.clone();
-        std::thread::spawn(move || {
+        let handle = std::thread::spawn(move || {
             CURRENT.with(|c| *c.borrow_mut() = Some((sched.clone(), id)));
             let _done = Finish(sched.clone());
             sched.wait_turn(id);
             f()
-        })
+        });
+        self.lock().threads.insert(id, handle.thread().clone());
+        handle
     }
 
     /// Starts the spawned threads; join them to wait for the end.
@@ -71,7 +75,6 @@ impl Sched {
         if st.running.is_none() {
             pick(&mut st);
         }
-        self.turn.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -79,9 +82,8 @@ impl Sched {
     }
 
     fn wait_turn(&self, id: usize) {
-        let mut st = self.lock();
-        while st.running != Some(id) {
-            st = self.turn.wait(st).unwrap_or_else(|e| e.into_inner());
+        while self.lock().running != Some(id) {
+            std::thread::park();
         }
     }
 
@@ -90,7 +92,6 @@ impl Sched {
             let mut st = self.lock();
             st.ready.push(id);
             pick(&mut st);
-            self.turn.notify_all();
         }
         self.wait_turn(id);
     }
@@ -109,6 +110,11 @@ fn pick(st: &mut State) {
         let i = (z % st.ready.len() as u64) as usize;
         Some(st.ready.swap_remove(i))
     };
+    // A thread registers its handle just after it starts; one that is not
+    // registered yet finds its turn when it first looks.
+    if let Some(t) = st.running.and_then(|id| st.threads.get(&id)) {
+        t.unpark();
+    }
 }
 
 /// Gives the turn away when a scheduled thread ends, even by panic.
@@ -119,7 +125,6 @@ impl Drop for Finish {
         CURRENT.with(|c| *c.borrow_mut() = None);
         let mut st = self.0.lock();
         pick(&mut st);
-        self.0.turn.notify_all();
     }
 }
 

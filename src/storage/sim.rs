@@ -10,7 +10,8 @@
 //! sector boundary) and a random prefix of each directory's unsynced
 //! operations. [`SimStorage::process_crash`] models the daemon dying while
 //! the machine stays up: nothing written is lost. ENOSPC and EIO can be
-//! injected at chosen operations or for as long as the disk is "full".
+//! injected at chosen operations, and while the disk is "full" writes and
+//! allocations that need space their file does not have fail with ENOSPC.
 //! Every operation is a yield point of the [`super::sched`] scheduler.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{errno, parent_of, sched, IoRange, LockGuard, Storage, StorageFile};
 
 const SECTOR: u64 = 512;
+const PAGE: u64 = 4096;
 
 /// The kind of a storage operation, for injecting faults into some kinds only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +54,21 @@ struct Inode {
     durable: Vec<u8>,
     current: Vec<u8>,
     pending: Vec<Pending>,
+    /// 4 KiB pages with space on the device: a full device fails writes
+    /// and allocations that need more.
+    allocated: BTreeSet<u64>,
+}
+
+impl Inode {
+    /// Gives `offset..offset+len` space on the device, unless it is full.
+    fn take_space(&mut self, full: bool, offset: u64, len: u64) -> io::Result<()> {
+        let pages = offset / PAGE..(offset + len).div_ceil(PAGE);
+        if full && pages.clone().any(|p| !self.allocated.contains(&p)) {
+            return Err(errno(libc::ENOSPC));
+        }
+        self.allocated.extend(pages);
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -117,9 +134,6 @@ impl State {
                 self.faults.remove(i);
             }
             return Err(errno(f.errno));
-        }
-        if self.full && matches!(kind, OpKind::Write | OpKind::Allocate | OpKind::SetLen) {
-            return Err(errno(libc::ENOSPC));
         }
         Ok(())
     }
@@ -202,7 +216,8 @@ impl SimStorage {
         self.lock().faults.clear();
     }
 
-    /// While full, writes, allocations and size changes fail with ENOSPC.
+    /// While full, writes and allocations that need space not yet allocated
+    /// to their file fail with ENOSPC.
     pub fn set_full(&self, full: bool) {
         self.lock().full = full;
     }
@@ -230,7 +245,7 @@ impl SimStorage {
             for p in pending {
                 match p {
                     Pending::SetLen(len) => {
-                        if st.next() % 2 == 0 {
+                        if st.next().is_multiple_of(2) {
                             image.resize(len as usize, 0);
                         }
                     }
@@ -308,7 +323,7 @@ fn sector_survives(st: &mut State, cuts: &mut BTreeMap<u64, bool>, s: u64) -> bo
     if cuts.get(&s) == Some(&false) {
         return false;
     }
-    let keep = st.next() % 3 != 0;
+    let keep = !st.next().is_multiple_of(3);
     cuts.insert(s, keep);
     keep
 }
@@ -424,7 +439,13 @@ impl Storage for SimStorage {
         }
         // Removing a tree is made durable at once: the tests only need that
         // what was inside is gone after a cut, and it always is here.
-        let inside: Vec<PathBuf> = st.names.keys().filter(|p| p.starts_with(dir)).cloned().collect();
+        let inside: BTreeSet<PathBuf> = st
+            .names
+            .keys()
+            .chain(st.durable_names.keys())
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
         for p in inside {
             st.names.remove(&p);
             st.durable_names.remove(&p);
@@ -519,7 +540,9 @@ impl StorageFile for SimFile {
         let mut st = self.op(OpKind::Write)?;
         let mut data = vec![0u8; src.len()];
         src.copy_to(&mut data);
+        let full = st.full;
         let inode = &mut st.inodes[self.ino];
+        inode.take_space(full, offset, data.len() as u64)?;
         let end = offset as usize + data.len();
         if inode.current.len() < end {
             inode.current.resize(end, 0);
@@ -552,7 +575,9 @@ impl StorageFile for SimFile {
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut st = self.op(OpKind::Allocate)?;
+        let full = st.full;
         let inode = &mut st.inodes[self.ino];
+        inode.take_space(full, offset, len)?;
         let end = (offset + len) as usize;
         if inode.current.len() < end {
             inode.current.resize(end, 0);
@@ -568,6 +593,9 @@ impl StorageFile for SimFile {
         let hi = (offset + len).min(inode.current.len() as u64) as usize;
         inode.current[lo..hi].fill(0);
         inode.pending.push(Pending::PunchHole { offset, len });
+        for p in offset.div_ceil(PAGE)..(offset + len) / PAGE {
+            inode.allocated.remove(&p);
+        }
         Ok(())
     }
 }
@@ -649,9 +677,13 @@ mod tests {
         f.read_exact_at(&mut b, 0).unwrap();
         assert_eq!(b, [7; 100]);
         sim.set_full(true);
-        assert_eq!(f.write_all_at(&[1], 0).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        f.write_all_at(&[1], 0).expect("space the file has needs no more");
+        assert_eq!(
+            f.write_all_at(&[1], 1 << 20).unwrap_err().raw_os_error(),
+            Some(libc::ENOSPC)
+        );
         f.sync_data().unwrap();
         sim.set_full(false);
-        f.write_all_at(&[1], 0).unwrap();
+        f.write_all_at(&[1], 1 << 20).unwrap();
     }
 }

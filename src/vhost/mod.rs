@@ -18,8 +18,9 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
+pub use crate::DisplayChain;
 pub use completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
-pub use thread::{DiskContext, DisplayChain, VhostUserBlkThread, DEFAULT_POLL_US, MAX_POLL_US};
+pub use thread::{DiskContext, VhostUserBlkThread, DEFAULT_POLL_US, MAX_POLL_US};
 
 use crate::virtio_blk::{self, BlkConfig};
 

@@ -15,6 +15,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use super::completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
 use crate::engine::{Disk, IoBuf, IoRange, Status};
 use crate::virtio_blk::{self, RequestType, STATUS_IOERR, STATUS_OK};
+use crate::DisplayChain;
 
 /// Attempts of one request against misses before it fails: a fetched chunk
 /// can be evicted again before the retry reads it, but not forever.
@@ -84,7 +85,9 @@ fn execute(ctx: &DiskContext, req: &virtio_blk::Request, data: &[IoBuf], may_blo
         Ok(Status::Done) => Outcome::Done(STATUS_OK),
         Ok(Status::Miss { offset, len }) => Outcome::Miss { offset, len },
         Err(e) => {
-            tracing::warn!(kind = ?req.kind, offset = req.offset, error = %DisplayChain(&e), "request failed");
+            if !e.is_repeat() {
+                tracing::warn!(kind = ?req.kind, offset = req.offset, error = %DisplayChain(&e), "request failed");
+            }
             Outcome::Done(STATUS_IOERR)
         }
     }
@@ -352,19 +355,4 @@ impl VhostUserBlkThread {
 
 fn queue_error(e: virtio_queue::Error) -> std::io::Error {
     std::io::Error::other(e.to_string())
-}
-
-/// Shows an error with its sources, one line.
-pub struct DisplayChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut src = self.0.source();
-        while let Some(s) = src {
-            write!(f, ": {s}")?;
-            src = s.source();
-        }
-        Ok(())
-    }
 }
