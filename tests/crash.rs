@@ -128,3 +128,69 @@ fn no_flushed_write_is_lost_across_sigkills() {
         "only {flushed_writes} flushed writes were checked"
     );
 }
+
+/// A daemon crash is not a power cut: the guest keeps running, so every
+/// write it saw complete must still be there after a restart, flushed or
+/// not (writes, partial writes and write-zeroes; SIGKILL, no flush ever).
+#[test]
+fn completed_writes_survive_sigkill_without_a_flush() {
+    let dir = tmpdir();
+    let base = path_of(&dir, "base.raw");
+    let base_data = random_file(&base, BLOCKS * BLOCK, 21);
+    let spec = disk_spec("vm", dir.path(), &base, ",queues=2");
+    let socket = dir.path().join("vm.sock");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let mut model = base_data.clone();
+    let mut checked = 0;
+    for round in 0..5 {
+        let mut daemon = Daemon::with_disks(&[&spec]);
+        let mut c = Client::connect(&socket, 2, BLOCKS * BLOCK);
+        assert!(
+            c.read(0, BLOCKS * BLOCK) == model,
+            "round {round}: a completed write is gone"
+        );
+        checked += BLOCKS;
+        for _ in 0..40 {
+            let mut ops = Vec::new();
+            let mut touched: Vec<(usize, usize)> = Vec::new();
+            let mut at = 0;
+            for _ in 0..8 {
+                // Sector-aligned pieces, some of a block, some across blocks.
+                let start = rng.gen_range(0..BLOCKS * 8) * 512;
+                let len = (rng.gen_range(1..=16) * 512).min(BLOCKS * BLOCK - start);
+                if touched.iter().any(|&(s, l)| start < s + l && s < start + len) {
+                    continue;
+                }
+                touched.push((start, len));
+                if rng.gen_bool(0.2) {
+                    ops.push(Op::WriteZeroes {
+                        offset: start as u64,
+                        len: len as u64,
+                    });
+                    model[start..start + len].fill(0);
+                } else {
+                    let data = random_bytes(len, rng.gen());
+                    c.buf()[at..at + len].copy_from_slice(&data);
+                    model[start..start + len].copy_from_slice(&data);
+                    ops.push(Op::Write {
+                        offset: start as u64,
+                        len,
+                        buf: at,
+                    });
+                    at += len;
+                }
+            }
+            assert!(c.run(&ops).iter().all(|&r| r == 0), "a write failed");
+        }
+        daemon.kill();
+        drop(c);
+    }
+    let daemon = Daemon::with_disks(&[&spec]);
+    let mut c = Client::connect(&socket, 2, BLOCKS * BLOCK);
+    assert!(
+        c.read(0, BLOCKS * BLOCK) == model,
+        "after the last kill: a completed write is gone"
+    );
+    drop(daemon);
+    assert!(checked > 0);
+}

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -33,7 +34,7 @@ pub trait Base: Send + Sync {
 /// A local raw file: everything is always local.
 pub struct LocalBase {
     file: File,
-    path: PathBuf,
+    id: String,
     size: u64,
 }
 
@@ -48,9 +49,19 @@ impl LocalBase {
                 io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
             ));
         }
+        // Path and size do not tell a file from its replacement: the inode
+        // and modification time do.
+        let id = format!(
+            "file:{}:{}:{}:{}.{}",
+            path.display(),
+            meta.len(),
+            meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        );
         Ok(LocalBase {
             file,
-            path: path.to_path_buf(),
+            id,
             size: meta.len(),
         })
     }
@@ -62,7 +73,7 @@ impl Base for LocalBase {
     }
 
     fn id(&self) -> String {
-        format!("file:{}:{}", self.path.display(), self.size)
+        self.id.clone()
     }
 
     fn read_local(&self, offset: u64, dst: IoRange) -> Result<bool, Error> {

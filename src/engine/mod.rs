@@ -390,6 +390,23 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_is_refused_over_a_replaced_base_of_the_same_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("base");
+        std::fs::write(&base_path, vec![1u8; 8192]).unwrap();
+        let ov = dir.path().join("ov");
+        drop(Disk::open(Arc::new(LocalBase::open(&base_path).unwrap()), &ov, false).unwrap());
+        // The same path and size, other content: a new file put in place.
+        let tmp = dir.path().join("new");
+        std::fs::write(&tmp, vec![2u8; 8192]).unwrap();
+        std::fs::rename(&tmp, &base_path).unwrap();
+        let err = Disk::open(Arc::new(LocalBase::open(&base_path).unwrap()), &ov, false)
+            .err()
+            .expect("an overlay of the old base opened over the new one");
+        assert!(matches!(err, Error::Overlay(overlay::Error::Mismatch { .. })), "{err}");
+    }
+
+    #[test]
     fn out_of_range_and_readonly_writes_fail() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = dir.path().join("base");

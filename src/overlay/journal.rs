@@ -238,7 +238,27 @@ impl Journal {
         let len = file.len().map_err(read_err)?;
         let mut head = vec![0u8; HEADER_LEN as usize];
         file.read_exact_at(&mut head, 0).map_err(read_err)?;
-        let header = Header::decode(&head).map_err(|why| Error::BadJournal(path.to_path_buf(), why))?;
+        let bad = |why| Error::BadJournal(path.to_path_buf(), why);
+        let len_body = len.saturating_sub(HEADER_LEN);
+        let mut body = vec![0u8; len_body as usize];
+        file.read_exact_at(&mut body, HEADER_LEN).map_err(read_err)?;
+        if u32::from_le_bytes(head[8..12].try_into().unwrap()) == 1 && &head[0..8] == MAGIC {
+            let found = v1::replay(&head, &body, map, expect).map_err(bad)?;
+            tracing::info!(path = %path.display(), records = found, "overlay journal: migrated from version 1");
+            sync_data().map_err(Error::SyncData)?;
+            let header = Header {
+                identity: expect.clone(),
+                generation: 1,
+                boot_id: boot_id(&*storage, path)?,
+            };
+            let journal = Self::write_snapshot(storage, path, header, map)?;
+            let replay = Replay {
+                records: found,
+                ..Replay::default()
+            };
+            return Ok((journal, replay));
+        }
+        let header = Header::decode(&head).map_err(bad)?;
         if header.identity != *expect {
             let describe = |i: &Identity| {
                 format!(
@@ -252,9 +272,7 @@ impl Journal {
                 expected: describe(expect),
             });
         }
-        let slots = len.saturating_sub(HEADER_LEN) / RECORD_LEN;
-        let mut body = vec![0u8; (slots * RECORD_LEN) as usize];
-        file.read_exact_at(&mut body, HEADER_LEN).map_err(read_err)?;
+        body.truncate((len_body / RECORD_LEN * RECORD_LEN) as usize);
         let same_boot = boot_id(&*storage, path)? == header.boot_id;
         let replay = replay(&header, &body, map, same_boot)
             .map_err(|(slot, why)| Error::BadJournal(path.to_path_buf(), format!("slot {slot}: {why}")))?;
@@ -368,6 +386,56 @@ impl Journal {
         };
         *self = Self::write_snapshot(self.storage.clone(), &self.path, header, map)?;
         Ok(())
+    }
+}
+
+/// Journals of streamblk before version 2: records written only at flush,
+/// after their data was synced, so every whole record is trusted; a torn
+/// tail is dropped.
+mod v1 {
+    use super::{BlockMap, BlockState, Identity, HEADER_LEN};
+    use crate::units::BlockIdx;
+
+    const RECORD_LEN: usize = 24;
+
+    /// Replays a version 1 journal into `map`; returns the records applied.
+    pub fn replay(head: &[u8], body: &[u8], map: &BlockMap, expect: &Identity) -> Result<u64, String> {
+        let n = HEADER_LEN as usize;
+        if u32::from_le_bytes(head[n - 4..n].try_into().unwrap()) != crc32fast::hash(&head[..n - 4]) {
+            return Err("version 1 header checksum mismatch".into());
+        }
+        let block_size = u32::from_le_bytes(head[12..16].try_into().unwrap());
+        let disk_size = u64::from_le_bytes(head[16..24].try_into().unwrap());
+        let id_len = (u16::from_le_bytes(head[24..26].try_into().unwrap()) as usize).min(n - 30);
+        let base_id = String::from_utf8_lossy(&head[26..26 + id_len]);
+        // Version 1 named a file base by path and size only: that prefix of
+        // today's identity is the same base.
+        let same_base = base_id == expect.base_id || expect.base_id.starts_with(&format!("{base_id}:"));
+        if block_size != expect.block_size || disk_size != expect.disk_size || !same_base {
+            return Err(format!(
+                "version 1 overlay of another disk (size {disk_size}, base {base_id:?}); this disk has size {}, base {:?}",
+                expect.disk_size, expect.base_id
+            ));
+        }
+        let mut records = 0;
+        for r in body.chunks_exact(RECORD_LEN) {
+            if u32::from_le_bytes(r[16..20].try_into().unwrap()) != crc32fast::hash(&r[..16]) {
+                break;
+            }
+            let start = u64::from_le_bytes(r[0..8].try_into().unwrap());
+            let count = u32::from_le_bytes(r[8..12].try_into().unwrap()) as u64;
+            let Some(state) = BlockState::from_bits(r[12]) else {
+                break;
+            };
+            if start.checked_add(count).is_none_or(|end| end > map.blocks()) {
+                break;
+            }
+            for b in start..start + count {
+                map.set(BlockIdx(b), state);
+            }
+            records += 1;
+        }
+        Ok(records)
     }
 }
 
@@ -539,6 +607,37 @@ mod tests {
         let (map, _, r) = reopen(&storage, &path).unwrap();
         assert_eq!(r.records, 1);
         assert_eq!(map.get(BlockIdx(2)), BlockState::Data);
+    }
+
+    #[test]
+    fn a_version_1_journal_is_migrated() {
+        let (_, storage, path) = setup();
+        let mut head = vec![0u8; HEADER_LEN as usize];
+        head[0..8].copy_from_slice(MAGIC);
+        head[8..12].copy_from_slice(&1u32.to_le_bytes());
+        head[12..16].copy_from_slice(&4096u32.to_le_bytes());
+        head[16..24].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        head[24..26].copy_from_slice(&4u16.to_le_bytes());
+        head[26..30].copy_from_slice(b"test");
+        let crc = crc32fast::hash(&head[..4092]);
+        head[4092..].copy_from_slice(&crc.to_le_bytes());
+        let mut rec = [0u8; 24];
+        rec[0..8].copy_from_slice(&7u64.to_le_bytes());
+        rec[8..12].copy_from_slice(&2u32.to_le_bytes());
+        rec[12] = BlockState::Zero as u8;
+        let crc = crc32fast::hash(&rec[..16]);
+        rec[16..20].copy_from_slice(&crc.to_le_bytes());
+        head.extend_from_slice(&rec);
+        head.extend_from_slice(&[0xab; 10]); // a torn tail
+        let f = storage.open(&path, true).unwrap();
+        f.write_all_at(&head, 0).unwrap();
+        let (map, _, r) = reopen(&storage, &path).unwrap();
+        assert_eq!(r.records, 1);
+        assert_eq!(map.get(BlockIdx(8)), BlockState::Zero);
+        // Reopened again, it is a version 2 journal with the same states.
+        let (map, _, _) = reopen(&storage, &path).unwrap();
+        assert_eq!(map.get(BlockIdx(7)), BlockState::Zero);
+        assert_eq!(map.get(BlockIdx(9)), BlockState::Base);
     }
 
     #[test]
