@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod engine;
 pub mod fetch;
 pub mod overlay;

@@ -1,5 +1,6 @@
 //! The command line: clap definitions, one file per subcommand.
 
+mod disk;
 mod image;
 mod profile;
 mod serve;
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use serve::{DiskSource, DiskSpec, ServeArgs, ServeConfig};
+pub use serve::ServeArgs;
 
 /// Serve VM disks over vhost-user-blk from lazily streamed images, each
 /// with a per-guest redirect-on-write overlay.
@@ -23,13 +24,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve disks to QEMU over vhost-user-blk sockets.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage images in a store.
     #[command(subcommand)]
     Image(image::ImageCommand),
     /// Build boot profiles from traces.
     #[command(subcommand)]
     Profile(profile::ProfileCommand),
+    /// Add, remove and list the disks of a running daemon.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
     /// Show a running daemon's disks, cache fill and fetch counters.
     Status(status::StatusArgs),
 }
@@ -44,9 +48,10 @@ pub fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Image(cmd) => image::run(cmd),
         Command::Profile(cmd) => profile::run(cmd),
+        Command::Disk(cmd) => disk::run(cmd),
         Command::Status(a) => status::run(a),
     };
     match result {

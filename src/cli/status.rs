@@ -1,69 +1,161 @@
 //! `streamblk status`: what a running daemon serves, and how its images fill.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Args;
 
+use super::disk::ControlArgs;
+use crate::control::{DiskState, DiskStatus, ImageStatus, Op, Status};
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The daemon's control socket.
-    #[arg(long, default_value = super::serve::DEFAULT_CONTROL_SOCKET)]
-    pub control_socket: PathBuf,
-    /// Print the raw JSON document.
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Print the JSON document.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let s = crate::control::read_status(&a.control_socket)
-        .with_context(|| format!("read status from {}", a.control_socket.display()))?;
+    let v = crate::control::request(&a.control.control_socket, Op::Status)
+        .map_err(|e| anyhow::anyhow!("{}", crate::DisplayChain(&e)))
+        .with_context(|| format!("read status from {}", a.control.control_socket.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    for d in s["disks"].as_array().into_iter().flatten() {
-        println!(
-            "disk {:<16} {:<8} {}",
-            d["name"].as_str().unwrap_or("?"),
-            if d["connected"].as_bool() == Some(true) {
-                "attached"
-            } else {
-                "waiting"
-            },
-            d["socket"].as_str().unwrap_or("?")
-        );
+    let s: Status = serde_json::from_value(v).context("the daemon's status document")?;
+    for d in &s.disks {
+        println!("{}", disk_line(d));
     }
-    for i in s["images"].as_array().into_iter().flatten() {
-        println!(
-            "image {} cached {}/{} chunks ({:.1}%), {} hits, {} misses",
-            i["id"].as_str().unwrap_or("?"),
-            i["filled"],
-            i["chunks"],
-            i["percent"].as_f64().unwrap_or(0.0),
-            i["hits"],
-            i["misses"]
-        );
-        let p = &i["profile"];
-        if !p.is_null() {
+    for i in &s.images {
+        println!("{}", image_line(i));
+        if let Some(p) = &i.profile {
             println!(
-                "  profile {} chunks: {} streamed, {} guest hits, {} guest stalls, first read {} ms, streamed by {} ms",
-                p["chunks"], p["streamed"], p["hits"], p["stalls"], p["first_read_ms"], p["done_ms"]
+                "  profile {} chunks: {} streamed, {} guest hits, {} guest stalls, first read {}, streamed by {}",
+                p.chunks,
+                p.streamed,
+                p.hits,
+                p.stalls,
+                p.first_read_ms.map_or("-".into(), |m| format!("{m} ms")),
+                p.done_ms.map_or("-".into(), |m| format!("{m} ms")),
             );
         }
     }
-    let f = &s["fetch"];
-    if !f.is_null() {
+    if let Some(f) = &s.fetch {
         println!(
-            "store {}: {} chunks, {} bytes fetched; {} corrupt, {} failed attempts; guests waited {} times, {} ms",
-            f["store"].as_str().unwrap_or("?"),
-            f["store_chunks"],
-            f["store_bytes"],
-            f["corrupt_chunks"],
-            f["failed_attempts"],
-            f["guest_waits"],
-            f["guest_wait_ms"]
+            "store {}: {} chunks, {} fetched; {} corrupt, {} failed attempts; guests waited {} times, {} ms",
+            f.store,
+            f.store_chunks,
+            bytes(f.store_bytes as f64),
+            f.corrupt_chunks,
+            f.failed_attempts,
+            f.guest_waits,
+            f.guest_wait_ms
         );
     }
     Ok(())
+}
+
+pub fn disk_line(d: &DiskStatus) -> String {
+    let state = match d.state {
+        DiskState::Attached => "attached",
+        DiskState::Waiting => "waiting",
+        DiskState::Stopping => "stopping",
+    };
+    format!(
+        "disk {:<16} {:<8} {} ({}, {} queue{}{}, {} in flight)",
+        d.name,
+        state,
+        d.socket.display(),
+        d.source,
+        d.queues,
+        if d.queues == 1 { "" } else { "s" },
+        if d.readonly { ", read-only" } else { "" },
+        d.inflight
+    )
+}
+
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut n = n;
+    let mut u = 0;
+    while n >= 1024.0 && u < UNITS.len() - 1 {
+        n /= 1024.0;
+        u += 1;
+    }
+    format!("{n:.1} {}", UNITS[u])
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// `image ID [#####.....]  42.0%  1.2 MiB/s  ETA 3m10s`
+pub fn image_line(i: &ImageStatus) -> String {
+    const WIDTH: usize = 30;
+    let filled = ((i.percent / 100.0) * WIDTH as f64).round().clamp(0.0, WIDTH as f64) as usize;
+    let bar = format!("{}{}", "#".repeat(filled), ".".repeat(WIDTH - filled));
+    let id = i.id.get(..12).unwrap_or(&i.id);
+    let names = if i.names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", i.names.join(", "))
+    };
+    let eta = match (i.filled >= i.chunks, i.eta_secs) {
+        (true, _) => "complete".to_string(),
+        (false, Some(s)) => format!("ETA {}", duration(s)),
+        (false, None) => "ETA -".to_string(),
+    };
+    format!(
+        "image {id}{names} [{bar}] {:5.1}% {}/{} chunks {}/s {eta}; {} hits, {} misses, {} disk{}",
+        i.percent,
+        i.filled,
+        i.chunks,
+        bytes(i.fill_rate),
+        i.hits,
+        i.misses,
+        i.users,
+        if i.users == 1 { "" } else { "s" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_line_shows_bar_rate_and_eta() {
+        let i = ImageStatus {
+            id: "0123456789abcdef".into(),
+            names: vec!["debian".into()],
+            chunk_size: 1 << 20,
+            chunks: 100,
+            filled: 50,
+            percent: 50.0,
+            fill_rate: 2.0 * 1024.0 * 1024.0,
+            eta_secs: Some(125.0),
+            hits: 1,
+            misses: 2,
+            users: 1,
+            profile: None,
+        };
+        let l = image_line(&i);
+        assert!(l.contains("[###############...............]"), "{l}");
+        assert!(
+            l.contains("2.0 MiB/s") && l.contains("ETA 2m05s") && l.contains("(debian)"),
+            "{l}"
+        );
+        let done = ImageStatus {
+            filled: 100,
+            percent: 100.0,
+            eta_secs: None,
+            ..i
+        };
+        assert!(image_line(&done).contains("complete"));
+    }
 }

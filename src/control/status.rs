@@ -1,0 +1,254 @@
+//! The status document: what `streamblk status`, `disk list` and the
+//! metrics endpoint show, one typed struct the daemon fills in.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub disks: Vec<DiskStatus>,
+    pub images: Vec<ImageStatus>,
+    /// The fetch scheduler, once an image has been opened.
+    pub fetch: Option<FetchStatus>,
+}
+
+/// Whether a disk is ready for, or serving, a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    /// Listening; no frontend connected.
+    Waiting,
+    /// A frontend (QEMU) is connected.
+    Attached,
+    /// Being removed.
+    Stopping,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub name: String,
+    pub socket: PathBuf,
+    pub overlay: PathBuf,
+    /// `image=NAME` or `base=PATH`.
+    pub source: String,
+    pub queues: u16,
+    pub readonly: bool,
+    pub state: DiskState,
+    /// Kept for scripts that read `connected`: `state == attached`.
+    pub connected: bool,
+    /// Requests in flight from the frontend.
+    pub inflight: u64,
+    /// Where the disk came from: `config` (file or command line) or `api`.
+    pub origin: String,
+    /// The disk's spec, in `--disk` form.
+    pub spec: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageStatus {
+    pub id: String,
+    /// Names the disks use for it.
+    pub names: Vec<String>,
+    pub chunk_size: u64,
+    /// Non-zero chunks of the image, and those in the Local Cache.
+    pub chunks: u64,
+    pub filled: u64,
+    pub percent: f64,
+    /// Average fill rate since the image was opened, bytes per second.
+    pub fill_rate: f64,
+    /// Seconds until the cache holds every chunk at that rate (None: no progress yet, or done).
+    pub eta_secs: Option<f64>,
+    pub hits: u64,
+    pub misses: u64,
+    /// Disks using the image.
+    pub users: u64,
+    pub profile: Option<ProfileStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProfileStatus {
+    pub chunks: u64,
+    pub streamed: u64,
+    pub hits: u64,
+    pub stalls: u64,
+    pub first_read_ms: Option<u64>,
+    pub done_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ByClass {
+    pub background: u64,
+    pub profile: u64,
+    pub demand: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FetchStatus {
+    pub store: String,
+    pub store_chunks: u64,
+    pub store_bytes: u64,
+    pub corrupt_chunks: u64,
+    pub failed_attempts: u64,
+    pub guest_waits: u64,
+    pub guest_wait_ms: u64,
+    pub by_class: ByClass,
+}
+
+/// Escapes a label value for the Prometheus text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Status {
+    /// The document in Prometheus's text exposition format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP streamblk_{name} {help}\n# TYPE streamblk_{name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "streamblk_{name}{labels} {v}");
+            }
+        };
+        let per_image = |f: &dyn Fn(&ImageStatus) -> f64| -> Vec<(String, f64)> {
+            self.images
+                .iter()
+                .map(|i| (format!("{{image=\"{}\"}}", label(&i.id)), f(i)))
+                .collect()
+        };
+        metric(
+            "image_chunks",
+            "Non-zero chunks of the image.",
+            "gauge",
+            &per_image(&|i| i.chunks as f64),
+        );
+        metric(
+            "image_cached_chunks",
+            "Non-zero chunks of the image in the Local Cache.",
+            "gauge",
+            &per_image(&|i| i.filled as f64),
+        );
+        metric(
+            "image_fill_rate_bytes_per_second",
+            "Average rate the image's Local Cache filled at since it was opened.",
+            "gauge",
+            &per_image(&|i| i.fill_rate),
+        );
+        metric(
+            "image_users",
+            "Disks using the image.",
+            "gauge",
+            &per_image(&|i| i.users as f64),
+        );
+        metric(
+            "cache_hits_total",
+            "Guest reads served from the Local Cache.",
+            "counter",
+            &per_image(&|i| i.hits as f64),
+        );
+        metric(
+            "cache_misses_total",
+            "Guest reads that waited for a fetch.",
+            "counter",
+            &per_image(&|i| i.misses as f64),
+        );
+        if let Some(f) = &self.fetch {
+            let one = |v: u64| [(String::new(), v as f64)];
+            metric(
+                "store_chunks_total",
+                "Chunks fetched from the store.",
+                "counter",
+                &one(f.store_chunks),
+            );
+            metric(
+                "store_bytes_total",
+                "Bytes fetched from the store.",
+                "counter",
+                &one(f.store_bytes),
+            );
+            metric(
+                "corrupt_chunks_total",
+                "Fetched chunks that failed verification.",
+                "counter",
+                &one(f.corrupt_chunks),
+            );
+            metric(
+                "fetch_failures_total",
+                "Failed fetch attempts.",
+                "counter",
+                &one(f.failed_attempts),
+            );
+            metric(
+                "guest_waits_total",
+                "Guest reads that waited on a fetch.",
+                "counter",
+                &one(f.guest_waits),
+            );
+            metric(
+                "guest_wait_seconds_total",
+                "Time guests waited on fetches.",
+                "counter",
+                &[(String::new(), f.guest_wait_ms as f64 / 1000.0)],
+            );
+            metric(
+                "fetched_chunks_total",
+                "Chunks fetched, by priority class.",
+                "counter",
+                &[
+                    ("{class=\"demand\"}".into(), f.by_class.demand as f64),
+                    ("{class=\"profile\"}".into(), f.by_class.profile as f64),
+                    ("{class=\"background\"}".into(), f.by_class.background as f64),
+                ],
+            );
+        }
+        let per_disk = |f: &dyn Fn(&DiskStatus) -> f64| -> Vec<(String, f64)> {
+            self.disks
+                .iter()
+                .map(|d| (format!("{{disk=\"{}\"}}", label(&d.name)), f(d)))
+                .collect()
+        };
+        metric(
+            "disk_attached",
+            "1 while a frontend is connected to the disk.",
+            "gauge",
+            &per_disk(&|d| u64::from(d.connected) as f64),
+        );
+        metric(
+            "disk_inflight_requests",
+            "Requests of the disk's frontend in flight.",
+            "gauge",
+            &per_disk(&|d| d.inflight as f64),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_output_has_help_type_and_escaped_labels() {
+        let s = Status {
+            disks: vec![DiskStatus {
+                name: "a\"b".into(),
+                socket: "s".into(),
+                overlay: "o".into(),
+                source: "base=b".into(),
+                queues: 1,
+                readonly: false,
+                state: DiskState::Attached,
+                connected: true,
+                inflight: 0,
+                origin: "api".into(),
+                spec: String::new(),
+            }],
+            images: vec![],
+            fetch: Some(FetchStatus::default()),
+        };
+        let text = s.prometheus();
+        assert!(text.contains("streamblk_disk_attached{disk=\"a\\\"b\"} 1"), "{text}");
+        assert!(text.contains("# TYPE streamblk_store_bytes_total counter"), "{text}");
+    }
+}

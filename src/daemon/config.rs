@@ -1,0 +1,457 @@
+//! The daemon's settings: defaults, overridden by the config file, overridden
+//! by the command line; and the config file itself (TOML, keys named like the
+//! long options, one `[[disk]]` table per disk).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::spec::{DiskSource, DiskSpec, Scalar};
+use crate::fetch::FetchConfig;
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/streamblk";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("config file {0}, line {1}: [[disk]] {2}")]
+    Disk(PathBuf, usize, String),
+    #[error("--{0} {1}: {2}")]
+    Option(&'static str, String, &'static str),
+    #[error("two disks are named {0}")]
+    SameName(String),
+    #[error("two disks use socket {0}")]
+    SameSocket(PathBuf),
+    #[error("two disks use overlay {0}: each guest needs its own")]
+    SameOverlay(PathBuf),
+}
+
+/// Every serve option, each unset unless given; the config file's keys
+/// and the command line's long options are the same names.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Options {
+    pub store: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size_mib: Option<u64>,
+    pub fill_rate: Option<f64>,
+    pub profile_rate: Option<f64>,
+    pub fetch_deadline: Option<f64>,
+    pub fetch_timeout: Option<f64>,
+    pub fetch_concurrency: Option<usize>,
+    pub poll_us: Option<u64>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub control_socket: Option<PathBuf>,
+    pub control_group: Option<String>,
+    pub profile_window_mib: Option<u64>,
+}
+
+impl Options {
+    /// `self` with every option that `over` sets replaced by its value.
+    pub fn overridden_by(self, over: &Options) -> Options {
+        macro_rules! pick {
+            ($($f:ident),*) => { Options { $($f: over.$f.clone().or(self.$f)),* } };
+        }
+        pick!(
+            store,
+            cache_dir,
+            cache_size_mib,
+            fill_rate,
+            profile_rate,
+            fetch_deadline,
+            fetch_timeout,
+            fetch_concurrency,
+            poll_us,
+            metrics_listen,
+            control_socket,
+            control_group,
+            profile_window_mib
+        )
+    }
+}
+
+/// The resolved settings the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub store: Option<String>,
+    pub cache_dir: PathBuf,
+    pub cache_limit: Option<u64>,
+    pub fetch: FetchConfig,
+    pub profile_window: u64,
+    pub control_socket: PathBuf,
+    pub control_group: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub poll: Duration,
+}
+
+impl TryFrom<&Options> for Settings {
+    type Error = ConfigError;
+
+    fn try_from(o: &Options) -> Result<Self, ConfigError> {
+        let secs = |what: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e6 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(ConfigError::Option(
+                    what,
+                    v.to_string(),
+                    "must be a positive number of seconds",
+                ))
+            }
+        };
+        let fill_rate = o.fill_rate.unwrap_or(50.0);
+        let profile_rate = o.profile_rate.unwrap_or(200.0);
+        for (what, v) in [("fill-rate", fill_rate), ("profile-rate", profile_rate)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(ConfigError::Option(
+                    what,
+                    v.to_string(),
+                    "must be a number of MB/s, 0 or more",
+                ));
+            }
+        }
+        let poll_us = o.poll_us.unwrap_or(crate::vhost::DEFAULT_POLL_US);
+        if poll_us > crate::vhost::MAX_POLL_US {
+            return Err(ConfigError::Option("poll-us", poll_us.to_string(), "too large"));
+        }
+        let concurrency = o.fetch_concurrency.unwrap_or(8);
+        if concurrency == 0 || concurrency > 256 {
+            return Err(ConfigError::Option(
+                "fetch-concurrency",
+                concurrency.to_string(),
+                "must be from 1 to 256",
+            ));
+        }
+        let fetch = FetchConfig {
+            concurrency,
+            low_concurrency: (concurrency / 2).max(1),
+            fill_rate: Some((fill_rate * 1e6) as u64),
+            profile_rate: (profile_rate > 0.0).then_some((profile_rate * 1e6) as u64),
+            attempt_timeout: secs("fetch-timeout", o.fetch_timeout.unwrap_or(10.0))?,
+            deadline: secs("fetch-deadline", o.fetch_deadline.unwrap_or(30.0))?,
+            background_fill: fill_rate > 0.0,
+        };
+        let cache_size = o.cache_size_mib.unwrap_or(0);
+        Ok(Settings {
+            store: o.store.clone(),
+            cache_dir: o.cache_dir.clone().unwrap_or_else(|| DEFAULT_CACHE_DIR.into()),
+            cache_limit: (cache_size > 0).then_some(cache_size << 20),
+            fetch,
+            profile_window: o.profile_window_mib.unwrap_or(64).max(1) << 20,
+            control_socket: o
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            control_group: o.control_group.clone(),
+            metrics_listen: o.metrics_listen,
+            poll: Duration::from_micros(poll_us),
+        })
+    }
+}
+
+/// A parsed config file.
+#[derive(Debug, Default, PartialEq)]
+pub struct ConfigFile {
+    pub options: Options,
+    pub disks: Vec<DiskSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(flatten)]
+    options: Options,
+    #[serde(default)]
+    disk: Vec<BTreeMap<toml::Spanned<String>, toml::Value>>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text`; errors name the file, the line and the key.
+    pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+        let options: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
+        // serde's flatten loses deny_unknown_fields' line: check the
+        // top-level keys here, with the line of each.
+        const KEYS: [&str; 14] = [
+            "store",
+            "cache-dir",
+            "cache-size-mib",
+            "fill-rate",
+            "profile-rate",
+            "fetch-deadline",
+            "fetch-timeout",
+            "fetch-concurrency",
+            "poll-us",
+            "metrics-listen",
+            "control-socket",
+            "control-group",
+            "profile-window-mib",
+            "disk",
+        ];
+        for key in options.keys() {
+            if !KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Parse(
+                    path.to_path_buf(),
+                    format!("line {}: unknown key {key:?}", key_line(text, key)),
+                ));
+            }
+        }
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            // serde's flatten hides which option was wrong: find it.
+            let msg = options
+                .iter()
+                .filter(|(k, _)| k.as_str() != "disk")
+                .find_map(|(k, v)| {
+                    let one: toml::Table = [(k.clone(), v.clone())].into_iter().collect();
+                    one.try_into::<Options>()
+                        .err()
+                        .map(|e| format!("line {}: key {k:?}: {}", key_line(text, k), one_line(&e.to_string())))
+                })
+                .unwrap_or_else(|| one_line(&e.to_string()));
+            ConfigError::Parse(path.to_path_buf(), msg)
+        })?;
+        let mut disks = Vec::new();
+        for table in raw.disk {
+            let line = table.keys().map(|k| line_of(text, k.span().start)).min().unwrap_or(1);
+            for (k, v) in &table {
+                if !matches!(
+                    v,
+                    toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Boolean(_)
+                ) {
+                    return Err(ConfigError::Disk(
+                        path.to_path_buf(),
+                        line_of(text, k.span().start),
+                        format!("key {:?}: a string, number or boolean", k.get_ref()),
+                    ));
+                }
+            }
+            let spec = DiskSpec::from_table(table.iter().map(|(k, v)| {
+                let s = match v {
+                    toml::Value::String(s) => Scalar::Str(s.clone()),
+                    toml::Value::Integer(n) => Scalar::Int(*n),
+                    toml::Value::Boolean(b) => Scalar::Bool(*b),
+                    _ => Scalar::Other,
+                };
+                (k.get_ref().as_str(), s)
+            }))
+            .map_err(|e| {
+                // Point at the offending key's line where the error names one.
+                let at = table
+                    .keys()
+                    .find(|k| e.field() == Some(k.get_ref().as_str()))
+                    .map_or(line, |k| line_of(text, k.span().start));
+                ConfigError::Disk(path.to_path_buf(), at, e.to_string())
+            })?;
+            disks.push(spec);
+        }
+        Ok(ConfigFile {
+            options: raw.options,
+            disks,
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line of a top-level `key = ...` (1 if not found).
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .or_else(|| l.strip_prefix(&format!("\"{key}\"")))
+                .is_some_and(|r| r.trim_start().starts_with('=') || r.starts_with(']'))
+        })
+        .map_or(1, |i| i + 1)
+}
+
+/// toml's errors draw the line with a caret over several lines: keep them
+/// readable in one log line.
+fn one_line(e: &str) -> String {
+    e.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Checks that no two disks share a name, socket or overlay, and that
+/// image= disks have a store.
+pub fn check_disks<'a>(disks: impl IntoIterator<Item = &'a DiskSpec>) -> Result<(), ConfigError> {
+    let (mut names, mut sockets, mut overlays) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for d in disks {
+        if !names.insert(&d.name) {
+            return Err(ConfigError::SameName(d.name.clone()));
+        }
+        if !sockets.insert(&d.socket) {
+            return Err(ConfigError::SameSocket(d.socket.clone()));
+        }
+        if !overlays.insert(&d.overlay) {
+            return Err(ConfigError::SameOverlay(d.overlay.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// True if the disk needs an image store.
+pub fn needs_store(d: &DiskSpec) -> bool {
+    matches!(d.source, DiskSource::Image(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"# streamblk
+store = "/srv/store"
+cache-dir = "/var/cache/sb"
+fill-rate = 20.5
+fetch-concurrency = 4
+
+[[disk]]
+name = "vm1"
+socket = "/run/streamblk/vm1.sock"
+overlay = "/var/lib/streamblk/vm1"
+image = "debian"
+queues = 2
+readonly = true
+
+[[disk]]
+name = "vm2"
+socket = "/run/streamblk/vm2.sock"
+overlay = "/var/lib/streamblk/vm2"
+base = "/images/b.raw"
+"#;
+
+    #[test]
+    fn config_file_gives_options_and_disks() {
+        let c = ConfigFile::parse(Path::new("f.toml"), FILE).unwrap();
+        assert_eq!(c.options.store.as_deref(), Some("/srv/store"));
+        assert_eq!(c.options.fill_rate, Some(20.5));
+        assert_eq!(c.options.fetch_concurrency, Some(4));
+        assert_eq!(c.disks.len(), 2);
+        let want: DiskSpec =
+            "name=vm1,socket=/run/streamblk/vm1.sock,overlay=/var/lib/streamblk/vm1,image=debian,queues=2,readonly"
+                .parse()
+                .unwrap();
+        assert_eq!(c.disks[0], want);
+        assert_eq!(c.disks[1].source, DiskSource::Base("/images/b.raw".into()));
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_line() {
+        let e = ConfigFile::parse(Path::new("f.toml"), "store = \"s\"\ncolour = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("colour"), "{e}");
+        let bad_disk = FILE.replace("queues = 2", "queues = 2\ncolour = \"red\"");
+        let e = ConfigFile::parse(Path::new("f.toml"), &bad_disk)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 13") && e.contains("colour"), "{e}");
+        let bad_queues = FILE.replace("queues = 2", "queues = 0");
+        let e = ConfigFile::parse(Path::new("f.toml"), &bad_queues)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 12") && e.contains("queues"), "{e}");
+        let e = ConfigFile::parse(Path::new("f.toml"), "fill-rate = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("fill-rate"), "{e}");
+        let e = ConfigFile::parse(Path::new("f.toml"), "store = [\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn command_line_overrides_the_file() {
+        let file = ConfigFile::parse(Path::new("f.toml"), FILE).unwrap().options;
+        let cli = Options {
+            fill_rate: Some(1.0),
+            control_socket: Some("/tmp/c.sock".into()),
+            ..Options::default()
+        };
+        let s = Settings::try_from(&file.overridden_by(&cli)).unwrap();
+        assert_eq!(s.fetch.fill_rate, Some(1_000_000));
+        assert_eq!(s.fetch.concurrency, 4);
+        assert_eq!(s.store.as_deref(), Some("/srv/store"));
+        assert_eq!(s.control_socket, PathBuf::from("/tmp/c.sock"));
+        assert_eq!(s.cache_dir, PathBuf::from("/var/cache/sb"));
+    }
+
+    #[test]
+    fn settings_refuse_bad_values() {
+        for (o, why) in [
+            (
+                Options {
+                    fetch_concurrency: Some(0),
+                    ..Default::default()
+                },
+                "fetch-concurrency",
+            ),
+            (
+                Options {
+                    fill_rate: Some(-1.0),
+                    ..Default::default()
+                },
+                "fill-rate",
+            ),
+            (
+                Options {
+                    fetch_timeout: Some(0.0),
+                    ..Default::default()
+                },
+                "fetch-timeout",
+            ),
+        ] {
+            let e = Settings::try_from(&o).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn disks_may_not_share_sockets_or_overlays() {
+        let d = |s: &str| s.parse::<DiskSpec>().unwrap();
+        let e = check_disks(&[
+            d("name=a,socket=s,overlay=o1,base=b"),
+            d("name=b,socket=s,overlay=o2,base=b"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("socket"), "{e}");
+        let e = check_disks(&[
+            d("name=a,socket=s1,overlay=o,base=b"),
+            d("name=b,socket=s2,overlay=o,base=b"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("own"), "{e}");
+        let e = check_disks(&[
+            d("name=a,socket=s1,overlay=o1,base=b"),
+            d("name=a,socket=s2,overlay=o2,base=b"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("named a"), "{e}");
+        check_disks(&[
+            d("name=a,socket=s1,overlay=o1,base=b"),
+            d("name=b,socket=s2,overlay=o2,base=b"),
+        ])
+        .unwrap();
+    }
+}

@@ -1,0 +1,281 @@
+//! The image registry: each image opened on first use (manifest, profile,
+//! Local Cache, fill), shared by the disks that use it, released when the
+//! last one goes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::Error;
+use crate::cache::{self, ImageCache};
+use crate::control::status::{ByClass, FetchStatus, ImageStatus, ProfileStatus};
+use crate::engine::Base;
+use crate::fetch::{FetchConfig, Fetcher, ProfileReplay, StreamedBase};
+use crate::profile::Profile;
+use crate::store::{ImageId, ImageStore};
+use crate::DisplayChain;
+
+/// An image some disk uses. Dropped with its last lease: the fill stops
+/// with the cache, and the cache becomes evictable.
+pub(crate) struct OpenImage {
+    cache: Arc<ImageCache>,
+    replay: Option<Arc<ProfileReplay>>,
+    fetcher: Fetcher,
+    names: Mutex<HashSet<String>>,
+    opened: Instant,
+    filled_at_open: u64,
+}
+
+impl OpenImage {
+    pub(crate) fn base(&self) -> Arc<dyn Base> {
+        Arc::new(StreamedBase::new(
+            self.cache.clone(),
+            self.fetcher.clone(),
+            self.replay.clone(),
+        ))
+    }
+
+    pub(crate) fn id(&self) -> &ImageId {
+        self.cache.id()
+    }
+
+    fn status(&self, users: u64) -> ImageStatus {
+        let c = &self.cache;
+        let (have, all) = c.fill();
+        let chunk_size = c.manifest().chunk_size as u64;
+        let secs = self.opened.elapsed().as_secs_f64().max(1e-3);
+        let fill_rate = have.saturating_sub(self.filled_at_open) as f64 * chunk_size as f64 / secs;
+        let left = all.saturating_sub(have) as f64 * chunk_size as f64;
+        let profile = self.replay.as_ref().map(|p| {
+            let (first, done) = p.times_ms();
+            ProfileStatus {
+                chunks: p.len() as u64,
+                streamed: p.counters.streamed.load(Ordering::Relaxed),
+                hits: p.counters.hits.load(Ordering::Relaxed),
+                stalls: p.counters.stalls.load(Ordering::Relaxed),
+                first_read_ms: first,
+                done_ms: done,
+            }
+        });
+        let mut names: Vec<String> = lock(&self.names).iter().cloned().collect();
+        names.sort();
+        ImageStatus {
+            id: c.id().to_hex(),
+            names,
+            chunk_size,
+            chunks: all,
+            filled: have,
+            percent: crate::fetch::pct(have, all),
+            fill_rate,
+            eta_secs: (left > 0.0 && fill_rate > 0.0).then(|| left / fill_rate),
+            hits: c.counters.hits.load(Ordering::Relaxed),
+            misses: c.counters.misses.load(Ordering::Relaxed),
+            users,
+            profile,
+        }
+    }
+}
+
+impl Drop for OpenImage {
+    fn drop(&mut self) {
+        let (have, all) = self.cache.fill();
+        match self.cache.persist() {
+            Ok(()) => {
+                tracing::info!(image = %self.cache.id(), "released by its last disk; cache has {have}/{all} chunks")
+            }
+            Err(e) => tracing::error!(image = %self.cache.id(), "persisting the cache failed: {}", DisplayChain(&e)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Opened lazily by the first image= disk.
+    store: Option<Fetcher>,
+    by_name: HashMap<String, Weak<OpenImage>>,
+    by_id: HashMap<ImageId, Weak<OpenImage>>,
+}
+
+pub(crate) struct Images {
+    store: Option<String>,
+    cache_dir: PathBuf,
+    fetch: FetchConfig,
+    profile_window: u64,
+    runtime: tokio::runtime::Handle,
+    /// Held while an image opens: opening is rare and short next to a boot.
+    state: Mutex<State>,
+}
+
+impl Images {
+    pub(crate) fn new(settings: &super::Settings, runtime: tokio::runtime::Handle) -> Arc<Images> {
+        let images = Arc::new(Images {
+            store: settings.store.clone(),
+            cache_dir: settings.cache_dir.clone(),
+            fetch: settings.fetch.clone(),
+            profile_window: settings.profile_window,
+            runtime,
+            state: Mutex::default(),
+        });
+        if let Some(limit) = settings.cache_limit {
+            images.start_eviction(limit);
+        }
+        images
+    }
+
+    /// The image `name` (a name or an id in the store), opened if no disk
+    /// has it open. Fails if the store is unreachable or the image missing
+    /// or bad.
+    pub(crate) fn open(&self, name: &str) -> Result<Arc<OpenImage>, Error> {
+        let mut s = lock(&self.state);
+        if let Some(img) = s.by_name.get(name).and_then(Weak::upgrade) {
+            return Ok(img);
+        }
+        let fail = |e: &dyn std::error::Error| Error::OpenImage(name.to_string(), DisplayChain(e).to_string());
+        let fetcher = match &s.store {
+            Some(f) => f.clone(),
+            None => {
+                let location = self.store.as_ref().ok_or(Error::NoStore)?;
+                let store =
+                    ImageStore::open(location, false).map_err(|e| Error::OpenStore(DisplayChain(&e).to_string()))?;
+                let f = Fetcher::new(store, self.fetch.clone(), &self.runtime);
+                s.store = Some(f.clone());
+                f
+            }
+        };
+        let (id, manifest) = self
+            .runtime
+            .block_on(fetcher.store().manifest(name))
+            .map_err(|e| fail(&e))?;
+        if let Some(img) = s.by_id.get(&id).and_then(Weak::upgrade) {
+            lock(&img.names).insert(name.to_string());
+            s.by_name.insert(name.to_string(), Arc::downgrade(&img));
+            return Ok(img);
+        }
+        let replay = match self
+            .runtime
+            .block_on(fetcher.store().profile(&id))
+            .map_err(|e| fail(&e))?
+        {
+            Some(bytes) => {
+                let p = Profile::parse(&bytes, manifest.chunk_size, manifest.chunk_count()).map_err(|e| fail(&e))?;
+                Some(Arc::new(ProfileReplay::new(p, manifest.chunk_count())))
+            }
+            None => None,
+        };
+        std::fs::create_dir_all(&self.cache_dir).map_err(|e| Error::CacheDir(self.cache_dir.clone(), e))?;
+        let cache = Arc::new(ImageCache::open(&self.cache_dir, id, Arc::new(manifest)).map_err(|e| fail(&e))?);
+        let (have, all) = cache.fill();
+        tracing::info!(
+            image = %name,
+            id = %id,
+            profile_chunks = replay.as_ref().map_or(0, |p| p.len()),
+            "opened; cache has {have}/{all} chunks"
+        );
+        let window = (self.profile_window / cache.manifest().chunk_size as u64).max(1) as u32;
+        fetcher.start_fill(&cache, replay.clone(), window, &self.runtime);
+        let img = Arc::new(OpenImage {
+            cache,
+            replay,
+            fetcher,
+            names: Mutex::new([name.to_string()].into()),
+            opened: Instant::now(),
+            filled_at_open: have,
+        });
+        s.by_id.insert(id, Arc::downgrade(&img));
+        s.by_name.insert(name.to_string(), Arc::downgrade(&img));
+        Ok(img)
+    }
+
+    /// The images some disk uses, each with its number of users.
+    fn open_images(&self) -> Vec<(Arc<OpenImage>, u64)> {
+        let mut s = lock(&self.state);
+        s.by_name.retain(|_, w| w.strong_count() > 0);
+        s.by_id.retain(|_, w| w.strong_count() > 0);
+        s.by_id
+            .values()
+            .filter_map(|w| {
+                let n = w.strong_count() as u64;
+                w.upgrade().map(|img| (img, n))
+            })
+            .collect()
+    }
+
+    pub(crate) fn status(&self) -> (Vec<ImageStatus>, Option<FetchStatus>) {
+        let mut images: Vec<ImageStatus> = self.open_images().iter().map(|(img, n)| img.status(*n)).collect();
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        let fetch = lock(&self.state).store.as_ref().map(|f| {
+            let n = f.counters();
+            FetchStatus {
+                store: f.store().url().to_string(),
+                store_chunks: n.store_chunks.load(Ordering::Relaxed),
+                store_bytes: n.store_bytes.load(Ordering::Relaxed),
+                corrupt_chunks: n.corrupt_chunks.load(Ordering::Relaxed),
+                failed_attempts: n.failed_attempts.load(Ordering::Relaxed),
+                guest_waits: n.demand_waits.load(Ordering::Relaxed),
+                guest_wait_ms: n.demand_wait_us.load(Ordering::Relaxed) / 1000,
+                by_class: ByClass {
+                    background: n.by_class[0].load(Ordering::Relaxed),
+                    profile: n.by_class[1].load(Ordering::Relaxed),
+                    demand: n.by_class[2].load(Ordering::Relaxed),
+                },
+            }
+        });
+        (images, fetch)
+    }
+
+    /// One log line per open image and one for the fetcher: the numbers an
+    /// operator watches while images stream.
+    pub(crate) fn log_stats(&self) {
+        let (images, fetch) = self.status();
+        for i in images {
+            tracing::info!(
+                image = %i.id,
+                chunks = i.filled,
+                of = i.chunks,
+                hits = i.hits,
+                misses = i.misses,
+                "cache {:.1}% filled",
+                i.percent
+            );
+        }
+        if let Some(f) = fetch {
+            tracing::info!(
+                store_chunks = f.store_chunks,
+                store_bytes = f.store_bytes,
+                corrupt_chunks = f.corrupt_chunks,
+                failed_attempts = f.failed_attempts,
+                guest_waits = f.guest_waits,
+                guest_wait_ms = f.guest_wait_ms,
+                "fetched from {}",
+                f.store
+            );
+        }
+    }
+
+    /// Every minute, evicts least recently used images no disk uses
+    /// beyond `limit` bytes.
+    fn start_eviction(self: &Arc<Self>, limit: u64) {
+        let weak = Arc::downgrade(self);
+        let root = self.cache_dir.clone();
+        self.runtime.spawn(async move {
+            loop {
+                let Some(images) = weak.upgrade() else { return };
+                let in_use: HashSet<ImageId> = images.open_images().iter().map(|(i, _)| *i.id()).collect();
+                drop(images);
+                let root = root.clone();
+                if let Ok(removed) = tokio::task::spawn_blocking(move || cache::evict(&root, limit, &in_use)).await {
+                    for r in removed {
+                        tracing::info!(image = %r, "evicted from the cache");
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
