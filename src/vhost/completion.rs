@@ -3,12 +3,18 @@
 //! A [`PendingRequest`] is `Send`: it crosses into tokio with its guest
 //! buffers and a reference to the guest memory they live in. When it is done
 //! a [`FinishedRequest`] is queued here and the completion eventfd, which is
-//! on the worker's epoll, wakes the worker to put it on the used ring.
+//! on the worker's epoll, wakes the worker to write its status byte and put
+//! it on the used ring.
+//!
+//! When the frontend takes a ring back (GET_VRING_BASE) or goes away, the
+//! queue's `Completions` is cancelled: requests still in the engine stop at
+//! their next step and their results are dropped, never written into a ring
+//! the frontend owns again; the inflight region has them resubmitted.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::engine::IoBuf;
@@ -31,6 +37,8 @@ pub struct PendingRequest {
 pub struct FinishedRequest {
     pub head: u16,
     pub used_len: u32,
+    /// The status byte to write before the used entry, and where.
+    pub status: Option<(GuestAddress, u8)>,
 }
 
 #[derive(Default)]
@@ -44,6 +52,10 @@ pub struct Completions {
     state: Mutex<State>,
     idle: Condvar,
     notifier: EventNotifier,
+    /// True once cancelled. Readers hold it while they touch guest memory,
+    /// so `cancel` returns only after the last of them is done.
+    gate: RwLock<bool>,
+    cancelled: tokio::sync::Notify,
 }
 
 impl Completions {
@@ -53,6 +65,8 @@ impl Completions {
             state: Mutex::new(State::default()),
             idle: Condvar::new(),
             notifier,
+            gate: RwLock::new(false),
+            cancelled: tokio::sync::Notify::new(),
         };
         Ok((Arc::new(c), consumer))
     }
@@ -78,6 +92,37 @@ impl Completions {
         if let Err(e) = self.notifier.notify() {
             tracing::error!("completion eventfd: {e}");
         }
+    }
+
+    /// Forgets a request that was cancelled: nothing goes on the used ring.
+    pub fn abandon(&self) {
+        let mut s = self.lock();
+        s.inflight -= 1;
+        if s.inflight == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Stops every request of this queue at its next step, and waits for
+    /// those touching guest memory right now (never for a fetch).
+    pub fn cancel(&self) {
+        *self.gate.write().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cancelled.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` unless cancelled; `cancel` waits for it to return.
+    pub fn gated<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        let g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        (!*g).then(f)
+    }
+
+    /// Resolves once cancelled (check `is_cancelled` after enabling it).
+    pub fn cancelled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.cancelled.notified()
     }
 
     /// Takes the finished requests, swapping in `spare` (kept to avoid allocating).

@@ -3,16 +3,21 @@
 //! memory; misses and flushes go to tokio and come back through
 //! [`Completions`].
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::event::EventConsumer;
 
+use super::chain::HeadChain;
 use super::completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
+use super::inflight::InflightQueue;
 use crate::engine::{Disk, IoBuf, IoRange, Status};
 use crate::virtio_blk::{self, RequestType, STATUS_IOERR, STATUS_OK};
 use crate::DisplayChain;
@@ -93,7 +98,8 @@ fn execute(ctx: &DiskContext, req: &virtio_blk::Request, data: &[IoBuf], may_blo
     }
 }
 
-/// Finishes a request off the worker thread: fetch, retry, report.
+/// Finishes a request off the worker thread: fetch, retry, report. A
+/// cancelled queue drops it at the next step (its head stays inflight).
 async fn complete_pending(ctx: Arc<DiskContext>, completions: Arc<Completions>, p: PendingRequest, first: Outcome) {
     let p = Arc::new(p);
     let mut outcome = first;
@@ -110,16 +116,35 @@ async fn complete_pending(ctx: Arc<DiskContext>, completions: Arc<Completions>, 
                 break STATUS_IOERR;
             }
             Outcome::Miss { offset, len } => {
-                if let Err(e) = ctx.disk.fetch(offset, len).await {
-                    tracing::warn!(offset, len, error = %DisplayChain(&e), "fetch for a guest request failed");
-                    break STATUS_IOERR;
+                let cancelled = completions.cancelled();
+                tokio::pin!(cancelled);
+                cancelled.as_mut().enable();
+                if completions.is_cancelled() {
+                    return completions.abandon();
+                }
+                tokio::select! {
+                    r = ctx.disk.fetch(offset, len) => if let Err(e) = r {
+                        tracing::warn!(offset, len, error = %DisplayChain(&e), "fetch for a guest request failed");
+                        break STATUS_IOERR;
+                    },
+                    () = &mut cancelled => return completions.abandon(),
                 }
             }
             Outcome::Flush => {}
         }
-        let (ctx2, p2) = (ctx.clone(), p.clone());
-        outcome = match tokio::task::spawn_blocking(move || execute(&ctx2, &p2.req, &p2.data, true)).await {
-            Ok(o) => o,
+        let (ctx2, p2, c2) = (ctx.clone(), p.clone(), completions.clone());
+        let run = move || {
+            // A flush touches no guest memory and may take long: a stopping
+            // queue need not wait for it.
+            if p2.req.kind == RequestType::Flush {
+                Some(execute(&ctx2, &p2.req, &p2.data, true))
+            } else {
+                c2.gated(|| execute(&ctx2, &p2.req, &p2.data, true))
+            }
+        };
+        outcome = match tokio::task::spawn_blocking(run).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return completions.abandon(),
             Err(e) => {
                 tracing::error!("request task failed: {e}");
                 Outcome::Done(STATUS_IOERR)
@@ -127,13 +152,29 @@ async fn complete_pending(ctx: Arc<DiskContext>, completions: Arc<Completions>, 
         };
     };
     let ok = status == STATUS_OK;
-    if !virtio_blk::write_status(&*p.mem, p.req.status_addr, status) {
-        tracing::warn!("status byte of a finished request is outside guest memory");
-    }
     completions.finish(FinishedRequest {
         head: p.head,
         used_len: if ok { p.req.used_len() } else { 1 },
+        status: Some((p.req.status_addr, status)),
     });
+}
+
+/// Puts `head` on the used ring, tracked in the inflight region so that a
+/// crash at any point neither loses it nor runs it twice.
+fn publish(
+    inflight: Option<&InflightQueue>,
+    state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+    head: u16,
+    used_len: u32,
+) -> std::io::Result<()> {
+    if let Some(i) = inflight {
+        i.before_publish(head);
+    }
+    state.add_used(head, used_len).map_err(queue_error)?;
+    if let Some(i) = inflight {
+        i.after_publish(head, state.get_queue().next_used());
+    }
+    Ok(())
 }
 
 /// Owns the processing of one queue (one worker thread each).
@@ -153,6 +194,12 @@ pub struct VhostUserBlkThread {
     data: Vec<IoBuf>,
     finished: Vec<FinishedRequest>,
     bad_requests: u64,
+    /// This queue's part of the inflight region, if the frontend gave one.
+    inflight: Option<InflightQueue>,
+    /// Heads a previous backend took and did not finish, oldest first.
+    resubmit: VecDeque<u16>,
+    /// Set when the queue is being stopped: leave the ring at once.
+    halt: Arc<AtomicBool>,
 }
 
 impl VhostUserBlkThread {
@@ -170,7 +217,60 @@ impl VhostUserBlkThread {
             data: Vec::with_capacity(256),
             finished: Vec::with_capacity(256),
             bad_requests: 0,
+            inflight: None,
+            resubmit: VecDeque::new(),
+            halt: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Prepares the queue to run from the ring's current state: the used
+    /// index from guest memory and, with an inflight region a previous
+    /// backend used, the avail index and the requests to run again.
+    pub fn start(&mut self, vring: &VringRwLock, inflight: Option<InflightQueue>) -> std::io::Result<()> {
+        let used = vring.queue_used_idx().map_err(queue_error)?;
+        vring.set_queue_next_used(used);
+        self.resubmit.clear();
+        self.inflight = None;
+        self.halt = Arc::new(AtomicBool::new(false));
+        let Some(mut inflight) = inflight else { return Ok(()) };
+        let size = vring.get_ref().get_queue().size();
+        if size > inflight.desc_num() {
+            tracing::warn!(
+                size,
+                entries = inflight.desc_num(),
+                "inflight region smaller than the queue: not tracking"
+            );
+            return Ok(());
+        }
+        if let Some(r) = inflight.start(used) {
+            if !r.resubmit.is_empty() {
+                tracing::info!(
+                    count = r.resubmit.len(),
+                    "resubmitting requests in flight at the last disconnect"
+                );
+            }
+            vring.set_queue_next_avail(r.next_avail);
+            self.resubmit = r.resubmit.into_iter().filter(|&h| h < size).collect();
+        }
+        self.inflight = Some(inflight);
+        Ok(())
+    }
+
+    /// The flag that makes a running `process_queue` return early.
+    pub fn halt_flag(&self) -> Arc<AtomicBool> {
+        self.halt.clone()
+    }
+
+    /// After the queue stopped: forget the ring (requests still in the
+    /// engine are cancelled) and get a fresh completion channel for a later
+    /// start; returns its eventfd.
+    pub fn reset(&mut self) -> std::io::Result<EventConsumer> {
+        self.completions.cancel();
+        let (completions, consumer) = Completions::new()?;
+        self.completions = completions;
+        self.inflight = None;
+        self.resubmit.clear();
+        Ok(consumer)
     }
 
     pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
@@ -181,7 +281,8 @@ impl VhostUserBlkThread {
         self.event_idx = enabled;
     }
 
-    /// Processes every available request of the queue.
+    /// Processes every available request of the queue (first those to run
+    /// again after a reconnect).
     pub fn process_queue(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
         if self.ctx.stopping.load(Ordering::Acquire) {
             return Ok(());
@@ -191,14 +292,26 @@ impl VhostUserBlkThread {
         self.note_kick();
         let mut state = vring.get_mut();
         let mut used = false;
+        while let Some(head) = self.resubmit.pop_front() {
+            let q = state.get_queue();
+            let chain = HeadChain::new(&*mem, GuestAddress(q.desc_table()), q.size(), head);
+            if let Some(used_len) = self.handle_chain(head, chain, &mem) {
+                publish(self.inflight.as_ref(), &mut state, head, used_len)?;
+                used = true;
+            }
+        }
+        let halt = self.halt.clone();
         loop {
             if self.event_idx {
                 state.disable_notification().map_err(queue_error)?;
             }
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
+                if let Some(i) = self.inflight.as_mut() {
+                    i.take(head);
+                }
                 if let Some(used_len) = self.handle_chain(head, chain, &mem) {
-                    state.add_used(head, used_len).map_err(queue_error)?;
+                    publish(self.inflight.as_ref(), &mut state, head, used_len)?;
                     used = true;
                     // With EVENT_IDX, tell a waiting driver at once rather than
                     // after the whole batch: it refills the ring while we work
@@ -209,6 +322,12 @@ impl VhostUserBlkThread {
                         used = false;
                     }
                 }
+                if halt.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            if halt.load(Ordering::Relaxed) {
+                break;
             }
             // A short busy poll before sleeping: a driver that submits again
             // within it saves the kick and our wake-up.
@@ -284,9 +403,17 @@ impl VhostUserBlkThread {
         if self.finished.is_empty() {
             return Ok(());
         }
+        let mem = self.mem.as_ref().map(|m| m.memory());
         let mut state = vring.get_mut();
         for f in &self.finished {
-            state.add_used(f.head, f.used_len).map_err(queue_error)?;
+            let mut used_len = f.used_len;
+            if let (Some((addr, status)), Some(mem)) = (f.status, mem.as_ref()) {
+                if !virtio_blk::write_status(&**mem, addr, status) {
+                    tracing::warn!("status byte of a finished request is outside guest memory");
+                    used_len = 0;
+                }
+            }
+            publish(self.inflight.as_ref(), &mut state, f.head, used_len)?;
         }
         if state.needs_notification().map_err(queue_error)? {
             state.signal_used_queue()?;
@@ -295,15 +422,14 @@ impl VhostUserBlkThread {
     }
 
     /// Runs one chain; returns its used length if it is done.
-    fn handle_chain<D>(
+    fn handle_chain<C>(
         &mut self,
         head: u16,
-        chain: virtio_queue::DescriptorChain<D>,
+        chain: C,
         mem: &vm_memory::GuestMemoryLoadGuard<GuestMemory>,
     ) -> Option<u32>
     where
-        D: std::ops::Deref,
-        D::Target: vm_memory::GuestMemory,
+        C: IntoIterator<Item = Descriptor>,
     {
         let req = match virtio_blk::parse(
             chain,
@@ -331,10 +457,11 @@ impl VhostUserBlkThread {
             }
         }
         match execute(&self.ctx, &req, &self.data, false) {
-            Outcome::Done(status) => {
-                virtio_blk::write_status(&**mem, req.status_addr, status);
-                Some(if status == STATUS_OK { req.used_len() } else { 1 })
-            }
+            Outcome::Done(status) => Some(match virtio_blk::write_status(&**mem, req.status_addr, status) {
+                false => 0,
+                true if status == STATUS_OK => req.used_len(),
+                true => 1,
+            }),
             outcome => {
                 let pending = PendingRequest {
                     head,

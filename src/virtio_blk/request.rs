@@ -8,8 +8,8 @@
 //! directly.
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use super::{STATUS_IOERR, STATUS_UNSUPP};
@@ -125,8 +125,11 @@ fn translate<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: u32, out: 
 /// Parses the chain. On success, `data` holds the request's data buffers
 /// (for Discard and WriteZeroes, its segments), and `descs` is scratch.
 /// On failure the status address, if any, is returned alongside the error.
-pub fn parse<M, D>(
-    chain: DescriptorChain<D>,
+///
+/// `chain` is a `virtio_queue::DescriptorChain`, or any walk of a chain's
+/// descriptors (a resubmitted request's, from its head).
+pub fn parse<M, C>(
+    chain: C,
     mem: &M,
     capacity_sectors: u64,
     descs: &mut Vec<(GuestAddress, u32, bool)>,
@@ -134,8 +137,7 @@ pub fn parse<M, D>(
 ) -> Result<Request, (Error, Option<GuestAddress>)>
 where
     M: GuestMemoryBackend,
-    D: std::ops::Deref,
-    D::Target: GuestMemory,
+    C: IntoIterator<Item = Descriptor>,
 {
     descs.clear();
     data.clear();
