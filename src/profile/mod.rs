@@ -112,8 +112,13 @@ pub struct TraceRecord {
 
 pub fn read_trace(path: &Path) -> Result<Vec<TraceRecord>, Error> {
     let f = File::open(path).map_err(|e| Error::ReadTrace(path.to_path_buf(), e))?;
+    parse_trace(BufReader::new(f), path)
+}
+
+/// Parses a trace's text; `path` names it in errors.
+pub fn parse_trace(text: impl BufRead, path: &Path) -> Result<Vec<TraceRecord>, Error> {
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
+    for (i, line) in text.lines().enumerate() {
         let line = line.map_err(|e| Error::ReadTrace(path.to_path_buf(), e))?;
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
