@@ -159,7 +159,10 @@ impl ServedDisk {
         let name = self.spec.name.clone();
         self.begin_stop();
         let mut clean = true;
-        if let Some(backend) = self.backend() {
+        let attached = self.backend();
+        // The accept loop ends only when a connected frontend goes: do not wait for it.
+        let wait_thread = wait_thread && attached.is_none();
+        if let Some(backend) = attached {
             if !backend.drain(drain) {
                 tracing::error!(disk = %name, "requests still in flight at stop");
                 clean = false;
