@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// the socket is created mode 0660 with this group.
     #[arg(long)]
     pub control_group: Option<String>,
+    /// Group (name or id) given every disk socket, created mode 0660: the
+    /// group QEMU runs as (e.g. libvirt-qemu). Without it a socket keeps the
+    /// mode the daemon's umask gives it.
+    #[arg(long)]
+    pub socket_group: Option<String>,
     /// How far (MiB) boot profile streaming runs ahead of the guest [default: 64].
     #[arg(long)]
     pub profile_window_mib: Option<u64>,
@@ -89,6 +94,7 @@ impl TryFrom<ServeArgs> for ServeRequest {
                 metrics_listen: a.metrics_listen,
                 control_socket: a.control_socket,
                 control_group: a.control_group,
+                socket_group: a.socket_group,
                 profile_window_mib: a.profile_window_mib,
             },
             disks,

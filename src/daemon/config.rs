@@ -50,6 +50,7 @@ pub struct Options {
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: Option<PathBuf>,
     pub control_group: Option<String>,
+    pub socket_group: Option<String>,
     pub profile_window_mib: Option<u64>,
 }
 
@@ -72,6 +73,7 @@ impl Options {
             metrics_listen,
             control_socket,
             control_group,
+            socket_group,
             profile_window_mib
         )
     }
@@ -87,6 +89,8 @@ pub struct Settings {
     pub profile_window: u64,
     pub control_socket: PathBuf,
     pub control_group: Option<String>,
+    /// Group given the disks' sockets (mode 0660); None: as created.
+    pub socket_group: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub poll: Duration,
 }
@@ -150,6 +154,7 @@ impl TryFrom<&Options> for Settings {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
             control_group: o.control_group.clone(),
+            socket_group: o.socket_group.clone(),
             metrics_listen: o.metrics_listen,
             poll: Duration::from_micros(poll_us),
         })
@@ -184,7 +189,7 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
         // serde's flatten loses deny_unknown_fields' line: check the
         // top-level keys here, with the line of each.
-        const KEYS: [&str; 14] = [
+        const KEYS: [&str; 15] = [
             "store",
             "cache-dir",
             "cache-size-mib",
@@ -197,6 +202,7 @@ impl ConfigFile {
             "metrics-listen",
             "control-socket",
             "control-group",
+            "socket-group",
             "profile-window-mib",
             "disk",
         ];
@@ -350,6 +356,15 @@ base = "/images/b.raw"
                 .unwrap();
         assert_eq!(c.disks[0], want);
         assert_eq!(c.disks[1].source, DiskSource::Base("/images/b.raw".into()));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../packaging/streamblk.toml");
+        let c = ConfigFile::parse(Path::new("streamblk.toml"), text).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        check_disks(&c.disks).unwrap();
+        Settings::try_from(&c.options).unwrap();
     }
 
     #[test]

@@ -48,8 +48,10 @@ impl ServedDisk {
         bases: &LocalBases,
         runtime: &tokio::runtime::Handle,
         poll: Duration,
+        socket_group: Option<&str>,
         failed: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<ServedDisk, Error> {
+        let socket_gid = socket_group.map(crate::control::group_id).transpose()?;
         let name = spec.name.clone();
         let in_disk = |e: &dyn std::error::Error| Error::OpenDisk(name.clone(), DisplayChain(e).to_string());
         let (base, image): (Arc<dyn Base>, _) = match &spec.source {
@@ -79,6 +81,15 @@ impl ServedDisk {
             poll,
         });
         let listener = vhost::listen(&spec.socket).map_err(|e| in_disk(&e))?;
+        if let Some(gid) = socket_gid {
+            use std::os::unix::fs::PermissionsExt;
+            let set = std::fs::set_permissions(&spec.socket, std::fs::Permissions::from_mode(0o660))
+                .and_then(|()| std::os::unix::fs::chown(&spec.socket, None, Some(gid)));
+            if let Err(e) = set {
+                let _ = std::fs::remove_file(&spec.socket);
+                return Err(Error::SocketPermissions(spec.socket.clone(), e));
+            }
+        }
         let active: Active = Default::default();
         let thread = {
             let (name, ctx, active, queues) = (name.clone(), ctx.clone(), active.clone(), spec.queues as usize);

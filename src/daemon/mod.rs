@@ -42,6 +42,8 @@ pub enum Error {
     OpenDisk(String, String),
     #[error("disk {0}: base size {1} is not a positive multiple of 512")]
     BaseSize(String, u64),
+    #[error("set the group and mode of socket {0}")]
+    SocketPermissions(PathBuf, #[source] std::io::Error),
     #[error("start a disk thread")]
     Thread(#[source] std::io::Error),
     #[error("start the I/O runtime")]
@@ -140,6 +142,7 @@ impl Daemon {
             &self.bases,
             &self.runtime,
             self.settings.poll,
+            self.settings.socket_group.as_deref(),
             self.failed.clone(),
         );
         let mut disks = self.lock();
