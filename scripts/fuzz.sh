@@ -16,13 +16,17 @@ fi
 export RUSTC_BOOTSTRAP=1
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
-cargo fuzz build -O --sanitizer address
+san=${FUZZ_SANITIZER:-address}
+cargo fuzz build -O --sanitizer "$san"
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
     echo "fuzz: $t for ${secs}s"
-    cargo fuzz run -O --sanitizer address "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
-        -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 |
-        grep -E '^(#[0-9]+: cov|stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|Done)|panicked|ERROR' || true
-    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz: $t failed; see fuzz/artifacts/$t" >&2; exit 1; }
+    log=$(mktemp)
+    status=0
+    cargo fuzz run -O --sanitizer "$san" "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+        -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
+    grep -E '^(stat::number_of_executed_units|stat::peak_rss|SUMMARY|Done)|panicked|ERROR|cov: ' "$log" | tail -n 8 || true
+    rm -f "$log"
+    [ "$status" -eq 0 ] || { echo "fuzz: $t failed; the input is in fuzz/artifacts/$t" >&2; exit 1; }
 done
 echo "fuzz: ${#targets[@]} targets ran ${secs}s each, no crash"

@@ -10,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 9 {
         return;
     }
-    let capacity = u64::from_le_bytes(data[..8].try_into().unwrap());
+    // Any disk a u64 of bytes can address.
+    let capacity = u64::from_le_bytes(data[..8].try_into().unwrap()) >> 9;
     let kind = if data[8] & 1 == 0 { RequestType::Discard } else { RequestType::WriteZeroes };
     let mut body = data[9..].to_vec();
     // Split the body into buffers of fuzzed sizes, as guest descriptors would.
