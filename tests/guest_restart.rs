@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::guest::{build_guest, Qemu};
+use common::httpstore::HttpStore;
 use common::*;
 use rand::{Rng, SeedableRng};
 
@@ -57,6 +58,14 @@ while [ ! -e /run/stop ]; do
     echo "$sum  d$i.bin" > d$i.sum
     got=$(dd if=d$i.bin bs=65536 iflag=direct status=none | sha256sum | cut -d' ' -f1)
     [ "$got" = "$sum" ] || fail "O_DIRECT read back d$i.bin"
+    # A piece of the base the guest never wrote: on a streamed disk, a
+    # miss that waits on the store.
+    if [ -f /bulk/sums ]; then
+        k=$((RANDOM % $(wc -l < /bulk/sums)))
+        want=$(sed -n "$((k + 1))p" /bulk/sums)
+        got=$(dd if=/bulk/bulk.bin bs=1048576 skip=$k count=1 iflag=direct status=none | sha256sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || fail "read of base piece $k"
+    fi
     sync || fail "sync"
     echo 3 > /proc/sys/vm/drop_caches
     check
@@ -77,9 +86,24 @@ echo GUEST-DONE
 poweroff -f
 "#;
 
-/// A root file system of busybox and the workload, `mb` MiB.
-fn build_rootfs(dir: &Path, mb: u64) -> PathBuf {
+/// A root file system of busybox and the workload, `mb` MiB, with
+/// `bulk_mb` MiB of random data and each MiB's checksum.
+fn build_rootfs(dir: &Path, mb: u64, bulk_mb: usize) -> PathBuf {
     let root = dir.join("root");
+    if bulk_mb > 0 {
+        std::fs::create_dir_all(root.join("bulk")).unwrap();
+        let bulk = random_bytes(bulk_mb << 20, 99);
+        std::fs::write(root.join("bulk/bulk.bin"), &bulk).unwrap();
+        let mut sums = String::new();
+        let piece = dir.join("piece");
+        for p in bulk.chunks(1 << 20) {
+            std::fs::write(&piece, p).unwrap();
+            let out = Command::new("sha256sum").arg(&piece).output().unwrap();
+            sums += String::from_utf8(out.stdout).unwrap().split(' ').next().unwrap();
+            sums.push('\n');
+        }
+        std::fs::write(root.join("bulk/sums"), sums).unwrap();
+    }
     for d in [
         "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "work",
     ] {
@@ -110,20 +134,17 @@ fn build_rootfs(dir: &Path, mb: u64) -> PathBuf {
     img
 }
 
-#[test]
-fn guest_io_survives_ten_sigkills_and_ten_sigterms_of_the_daemon() {
+/// Boots the guest on `socket`, restarts the daemon (`start` makes a new
+/// one) KILLS times with SIGKILL and TERMS times with SIGTERM at random
+/// moments of the guest's workload, then has the guest verify everything.
+fn restart_under_io(socket: &Path, start: impl Fn() -> Daemon, seed: u64) {
     let guest = build_guest();
-    let dir = tmpdir();
-    let base = build_rootfs(dir.path(), 128);
-    let spec = disk_spec("vm", dir.path(), &base, ",queues=2");
-    let socket = dir.path().join("vm.sock");
-
-    let mut daemon = Daemon::with_disks(&[&spec]);
-    wait_for_socket(&socket);
-    let mut qemu = Qemu::boot(&guest, &socket, 2, "");
+    let mut daemon = start();
+    wait_for_socket(socket);
+    let mut qemu = Qemu::boot(&guest, socket, 2, "");
     qemu.expect("GUEST-BOOTED", BOOT);
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for n in 0..KILLS + TERMS {
         // The guest made progress since the last restart; then a random
         // moment within its next round.
@@ -137,8 +158,8 @@ fn guest_io_survives_ten_sigkills_and_ten_sigterms_of_the_daemon() {
             let status = daemon.terminate();
             assert!(status.success(), "daemon exited {status} on SIGTERM");
         }
-        daemon = Daemon::with_disks(&[&spec]);
-        wait_for_socket(&socket);
+        daemon = start();
+        wait_for_socket(socket);
     }
     qemu.expect("GUEST-ROUND", BOOT);
     qemu.expect("GUEST-ROUND", BOOT);
@@ -149,4 +170,45 @@ fn guest_io_survives_ten_sigkills_and_ten_sigterms_of_the_daemon() {
     let rounds = qemu.console.iter().filter(|l| l.contains("GUEST-ROUND")).count();
     eprintln!("{} restarts, {rounds} verified rounds", KILLS + TERMS);
     assert!(daemon.terminate().success());
+}
+
+#[test]
+fn guest_io_survives_ten_sigkills_and_ten_sigterms_of_the_daemon() {
+    let dir = tmpdir();
+    let base = build_rootfs(dir.path(), 128, 0);
+    let spec = disk_spec("vm", dir.path(), &base, ",queues=2");
+    restart_under_io(&dir.path().join("vm.sock"), || Daemon::with_disks(&[&spec]), 12);
+}
+
+#[test]
+fn guest_io_survives_restarts_while_its_reads_wait_on_a_slow_store() {
+    let dir = tmpdir();
+    let img = build_rootfs(dir.path(), 160, 48);
+    let store = dir.path().join("store");
+    import(&img, &store, "restart", 256 << 10);
+    let http = HttpStore::start(store);
+    // Slow enough that kills land while requests wait on fetches.
+    http.set_delay(Duration::from_millis(300));
+    let socket = dir.path().join("vm.sock");
+    let spec = format!(
+        "name=vm,socket={},overlay={},image=restart,queues=2",
+        socket.display(),
+        dir.path().join("vm.overlay").display()
+    );
+    let cache = dir.path().join("cache");
+    let args: Vec<String> = [
+        "--store",
+        &http.url,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        // No background fill: the guest's reads stay misses.
+        "--fill-rate",
+        "0",
+        "--disk",
+        &spec,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    restart_under_io(&socket, || Daemon::start(&args), 13);
 }
