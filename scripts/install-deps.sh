@@ -30,6 +30,11 @@ printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod +x /usr/sbin/policy-rc.d
 trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 apt-get install -y -q linux-image-amd64 busybox-static cpio e2fsprogs kmod gzip iproute2 nginx-light
+# libvirt's daemon and clients for the libvirt test (which starts libvirtd
+# itself), xmllint for virt-xml-validate, promtool (prometheus) to check the
+# metrics endpoint, systemd-analyze to verify the unit.
+apt-get install -y -q --no-install-recommends libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+    libxml2-utils prometheus systemd
 
 # An S3-compatible server for the S3 store test (moto, from PyPI), on loopback only.
 if [ ! -x /opt/streamblk-moto/bin/moto_server ]; then

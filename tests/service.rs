@@ -47,7 +47,7 @@ fn daemon_notifies_ready_reloading_and_stopping() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).to_string()

@@ -27,6 +27,18 @@ pub(crate) enum Origin {
     Api,
 }
 
+/// What a disk is started with: the daemon's shared parts and settings.
+pub(crate) struct DiskEnv<'a> {
+    pub(crate) images: &'a Images,
+    pub(crate) bases: &'a LocalBases,
+    pub(crate) runtime: &'a tokio::runtime::Handle,
+    pub(crate) poll: Duration,
+    /// Group given the disk's socket, mode 0660.
+    pub(crate) socket_group: Option<&'a str>,
+    /// Hears of an accept loop that ends with an error.
+    pub(crate) failed: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
 pub(crate) struct ServedDisk {
     pub(crate) spec: DiskSpec,
     pub(crate) origin: Origin,
@@ -39,25 +51,15 @@ pub(crate) struct ServedDisk {
 
 impl ServedDisk {
     /// Opens the disk's base and overlay and starts serving it on its socket.
-    /// Nothing is left behind on failure. `failed` hears of an accept loop
-    /// that ends with an error.
-    pub(crate) fn start(
-        spec: DiskSpec,
-        origin: Origin,
-        images: &Images,
-        bases: &LocalBases,
-        runtime: &tokio::runtime::Handle,
-        poll: Duration,
-        socket_group: Option<&str>,
-        failed: tokio::sync::mpsc::UnboundedSender<String>,
-    ) -> Result<ServedDisk, Error> {
-        let socket_gid = socket_group.map(crate::control::group_id).transpose()?;
+    /// Nothing is left behind on failure.
+    pub(crate) fn start(spec: DiskSpec, origin: Origin, env: &DiskEnv<'_>) -> Result<ServedDisk, Error> {
+        let socket_gid = env.socket_group.map(crate::control::group_id).transpose()?;
         let name = spec.name.clone();
         let in_disk = |e: &dyn std::error::Error| Error::OpenDisk(name.clone(), DisplayChain(e).to_string());
         let (base, image): (Arc<dyn Base>, _) = match &spec.source {
-            DiskSource::Base(path) => (bases.get(path).map_err(|e| in_disk(&e))?, None),
+            DiskSource::Base(path) => (env.bases.get(path).map_err(|e| in_disk(&e))?, None),
             DiskSource::Image(i) => {
-                let img = images.open(i)?;
+                let img = env.images.open(i)?;
                 (img.base(), Some(img))
             }
         };
@@ -76,9 +78,9 @@ impl ServedDisk {
             capacity_sectors: disk.size() / SECTOR_SIZE,
             disk: Arc::new(disk),
             serial,
-            runtime: runtime.clone(),
+            runtime: env.runtime.clone(),
             stopping: Default::default(),
-            poll,
+            poll: env.poll,
         });
         let listener = vhost::listen(&spec.socket).map_err(|e| in_disk(&e))?;
         if let Some(gid) = socket_gid {
@@ -93,6 +95,7 @@ impl ServedDisk {
         let active: Active = Default::default();
         let thread = {
             let (name, ctx, active, queues) = (name.clone(), ctx.clone(), active.clone(), spec.queues as usize);
+            let failed = env.failed.clone();
             std::thread::Builder::new()
                 .name(format!("accept-{name}"))
                 .spawn(move || {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use config::{ConfigError, ConfigFile, Options, Settings, DEFAULT_CACHE_DIR, DEFAULT_CONTROL_SOCKET};
-use disk::{Origin, ServedDisk};
+use disk::{DiskEnv, Origin, ServedDisk};
 use images::Images;
 pub use spec::{DiskSource, DiskSpec, SpecError, MAX_QUEUES};
 
@@ -135,16 +135,15 @@ impl Daemon {
             disks.insert(spec.name.clone(), Slot::Starting(spec.clone()));
         }
         let name = spec.name.clone();
-        let started = ServedDisk::start(
-            spec,
-            origin,
-            &self.images,
-            &self.bases,
-            &self.runtime,
-            self.settings.poll,
-            self.settings.socket_group.as_deref(),
-            self.failed.clone(),
-        );
+        let env = DiskEnv {
+            images: &self.images,
+            bases: &self.bases,
+            runtime: &self.runtime,
+            poll: self.settings.poll,
+            socket_group: self.settings.socket_group.as_deref(),
+            failed: self.failed.clone(),
+        };
+        let started = ServedDisk::start(spec, origin, &env);
         let mut disks = self.lock();
         match started {
             Ok(d) => {
