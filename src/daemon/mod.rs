@@ -25,6 +25,8 @@ use crate::DisplayChain;
 
 /// How long a stopping disk waits for its requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the open images' fill and the fetch counters are logged.
+const STATS_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -356,12 +358,15 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
         Stop,
         Reload,
         Failed(String),
+        Tick,
     }
     let _guard = runtime.enter();
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     notify::notify("READY=1");
     tracing::info!(control = %settings.control_socket.display(), "ready");
     let failure = loop {
@@ -371,11 +376,13 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
                 _ = int.recv() => Event::Stop,
                 _ = hup.recv() => Event::Reload,
                 msg = failures.recv() => msg.map_or(Event::Stop, Event::Failed),
+                _ = tick.tick() => Event::Tick,
             }
         });
         match event {
             Event::Stop => break None,
             Event::Failed(msg) => break Some(msg),
+            Event::Tick => daemon.images.log_stats(),
             Event::Reload => {
                 notify::notify("RELOADING=1");
                 match &request.config {
