@@ -119,6 +119,16 @@ fn disks_are_added_and_removed_live_without_disturbing_the_others() {
     // --force removes an attached disk.
     let out = streamblk(&["disk", "remove", "a", "--force", "--control-socket", &c]);
     assert!(out.contains("removed"), "{out}");
+    // The frontend was disconnected: its requests are no longer served.
+    let r = client_a.run_timeout(
+        &[Op::Read {
+            offset: 0,
+            len: 4096,
+            buf: 0,
+        }],
+        Duration::from_secs(2),
+    );
+    assert_ne!(r[0], Some(0), "a removed disk served a read");
     let json: serde_json::Value =
         serde_json::from_str(&streamblk(&["disk", "list", "--json", "--control-socket", &c])).unwrap();
     assert_eq!(json, serde_json::json!([]));

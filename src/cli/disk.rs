@@ -32,8 +32,8 @@ pub enum DiskCommand {
     /// image. Refused while a guest is attached unless --force.
     Remove {
         name: String,
-        /// Remove it even though a guest is attached: the guest's requests
-        /// are no longer served.
+        /// Remove it even though a guest is attached: the frontend is
+        /// disconnected once its requests in flight finish.
         #[arg(long)]
         force: bool,
         #[command(flatten)]

@@ -166,16 +166,14 @@ impl ServedDisk {
     }
 
     /// Stops serving: waits for requests in flight, makes the overlay
-    /// durable, removes the socket and releases the image. A frontend still
-    /// connected keeps its connection (its requests are no longer taken)
-    /// until it goes; the accept loop then ends.
+    /// durable, disconnects a frontend still connected, removes the socket
+    /// and releases the image.
     pub(crate) fn stop(mut self, drain: Duration, wait_thread: bool) -> bool {
         let name = self.spec.name.clone();
         self.begin_stop();
         let mut clean = true;
         let attached = self.backend();
-        // The accept loop ends only when a connected frontend goes: do not wait for it.
-        let wait_thread = wait_thread && attached.is_none();
+        let attached_before = attached.is_some();
         if let Some(backend) = attached {
             if !backend.drain(drain) {
                 tracing::error!(disk = %name, "requests still in flight at stop");
@@ -184,6 +182,11 @@ impl ServedDisk {
         } else {
             // Wake the accept loop: it sees the connection end, then `stopping`.
             wake_accept(&self.spec.socket);
+        }
+        if attached_before {
+            // Forced: hang up on the frontend so its accept loop ends now.
+            let n = disconnect_frontends(&self.spec.socket);
+            tracing::warn!(disk = %name, connections = n, "removed while attached: frontend disconnected");
         }
         if let Some(t) = self.ctx.disk.trace() {
             t.finish();
@@ -214,4 +217,62 @@ fn wake_accept(socket: &Path) {
     if let Ok(c) = std::os::unix::net::UnixStream::connect(socket) {
         drop(c);
     }
+}
+
+/// Shuts down the daemon's connections accepted on `socket` (each has the
+/// listener's local address), so the vhost-user request handler sees the
+/// frontend hang up. The descriptors stay open for their owner to close.
+// TODO(vhost): replace with a disconnect call on the backend once vhost has one.
+fn disconnect_frontends(socket: &Path) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let want = socket.as_os_str().as_bytes();
+    let mut n = 0;
+    for entry in fds.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !std::fs::read_link(entry.path()).is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"socket:")) {
+            continue;
+        }
+        // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: addr and len are valid for writes of the sizes given.
+        let rc = unsafe { libc::getsockname(fd, &mut addr as *mut libc::sockaddr_un as *mut libc::sockaddr, &mut len) };
+        if rc != 0 || addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
+            continue;
+        }
+        let path_len = (len as usize).saturating_sub(std::mem::offset_of!(libc::sockaddr_un, sun_path));
+        let path: Vec<u8> = addr.sun_path[..path_len.min(addr.sun_path.len())]
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&c| c != 0)
+            .collect();
+        if path != want {
+            continue;
+        }
+        let mut listening: libc::c_int = 0;
+        let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: listening and optlen are valid for writes of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                &mut listening as *mut libc::c_int as *mut libc::c_void,
+                &mut optlen,
+            )
+        };
+        if rc != 0 || listening != 0 {
+            continue;
+        }
+        // SAFETY: shutdown(2) of a connected socket; the descriptor stays valid.
+        if unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0 {
+            n += 1;
+        }
+    }
+    n
 }
