@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod fetch;
+pub mod metrics;
 pub mod overlay;
 pub mod profile;
 pub mod storage;

@@ -47,6 +47,8 @@ fn metrics_pass_promtool_check() {
         store.display().to_string(),
         "--cache-dir".into(),
         dir.path().join("cache").display().to_string(),
+        "--fill-rate".into(),
+        "0".into(),
         "--metrics-listen".into(),
         addr.clone(),
         "--disk".into(),
@@ -63,9 +65,18 @@ fn metrics_pass_promtool_check() {
         "streamblk_disk_attached{disk=\"img\"} 1",
         "streamblk_image_fill_rate_bytes_per_second",
         "streamblk_guest_wait_seconds_total",
+        "# TYPE streamblk_fetch_duration_seconds histogram",
+        "streamblk_fetch_duration_seconds_bucket{class=\"demand\",source=\"store\",le=\"+Inf\"}",
+        "streamblk_guest_stall_duration_seconds_count",
     ] {
         assert!(body.contains(name), "no {name} in:\n{body}");
     }
+    // The guest's first read missed: one stall, one demand fetch at least.
+    let stalls = body
+        .lines()
+        .find_map(|l| l.strip_prefix("streamblk_guest_stall_duration_seconds_count "))
+        .unwrap();
+    assert!(stalls.parse::<u64>().unwrap() >= 1, "{body}");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -52,6 +52,17 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
             f.guest_waits,
             f.guest_wait_ms
         );
+        let q = |h: &crate::metrics::HistogramSnapshot| match (h.quantile(0.5), h.quantile(0.99)) {
+            (Some(a), Some(b)) => format!("p50 <= {} p99 <= {}", secs(a), secs(b)),
+            _ => "-".into(),
+        };
+        println!(
+            "  fetch time: demand {}; profile {}; background {}; guest stalls {}",
+            q(&f.latency.demand),
+            q(&f.latency.profile),
+            q(&f.latency.background),
+            q(&f.guest_wait)
+        );
     }
     Ok(())
 }
@@ -84,6 +95,19 @@ fn bytes(n: f64) -> String {
         u += 1;
     }
     format!("{n:.1} {}", UNITS[u])
+}
+
+/// A histogram bound: `250us`, `25ms`, `2.5s`.
+fn secs(s: f64) -> String {
+    if s.is_infinite() {
+        "inf".into()
+    } else if s < 1e-3 {
+        format!("{}us", (s * 1e6).round())
+    } else if s < 1.0 {
+        format!("{}ms", s * 1e3)
+    } else {
+        format!("{s}s")
+    }
 }
 
 fn duration(secs: f64) -> String {

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::HistogramSnapshot;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
     pub disks: Vec<DiskStatus>,
@@ -94,6 +96,19 @@ pub struct FetchStatus {
     pub guest_waits: u64,
     pub guest_wait_ms: u64,
     pub by_class: ByClass,
+    /// Fetch durations (retries included) by class; the source is the store.
+    #[serde(default)]
+    pub latency: LatencyByClass,
+    /// How long each guest read that missed waited.
+    #[serde(default)]
+    pub guest_wait: HistogramSnapshot,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LatencyByClass {
+    pub background: HistogramSnapshot,
+    pub profile: HistogramSnapshot,
+    pub demand: HistogramSnapshot,
 }
 
 /// Escapes a label value for the Prometheus text format.
@@ -220,7 +235,45 @@ impl Status {
             "gauge",
             &per_disk(&|d| d.inflight as f64),
         );
+        if let Some(f) = &self.fetch {
+            let l = &f.latency;
+            histogram(
+                &mut out,
+                "fetch_duration_seconds",
+                "Chunk fetch time, retries included, by priority class at its start and source.",
+                &[
+                    ("class=\"demand\",source=\"store\"", &l.demand),
+                    ("class=\"profile\",source=\"store\"", &l.profile),
+                    ("class=\"background\",source=\"store\"", &l.background),
+                ],
+            );
+            histogram(
+                &mut out,
+                "guest_stall_duration_seconds",
+                "Time a guest read that missed the cache waited for its chunks.",
+                &[("", &f.guest_wait)],
+            );
+        }
         out
+    }
+}
+
+/// Appends a histogram family, one series per `(labels, snapshot)`.
+fn histogram(out: &mut String, name: &str, help: &str, series: &[(&str, &HistogramSnapshot)]) {
+    let _ = writeln!(out, "# HELP streamblk_{name} {help}\n# TYPE streamblk_{name} histogram");
+    for (labels, h) in series {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (le, c) in h.le.iter().zip(&h.cumulative) {
+            let _ = writeln!(out, "streamblk_{name}_bucket{{{labels}{sep}le=\"{le}\"}} {c}");
+        }
+        let _ = writeln!(out, "streamblk_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "streamblk_{name}_sum{braces} {}", h.sum_secs);
+        let _ = writeln!(out, "streamblk_{name}_count{braces} {}", h.count);
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::Error;
 use crate::cache::{self, ImageCache};
-use crate::control::status::{ByClass, FetchStatus, ImageStatus, ProfileStatus};
+use crate::control::status::{ByClass, FetchStatus, ImageStatus, LatencyByClass, ProfileStatus};
 use crate::engine::Base;
 use crate::fetch::{FetchConfig, Fetcher, ProfileReplay, StreamedBase};
 use crate::profile::Profile;
@@ -220,6 +220,12 @@ impl Images {
                     profile: n.by_class[1].load(Ordering::Relaxed),
                     demand: n.by_class[2].load(Ordering::Relaxed),
                 },
+                latency: LatencyByClass {
+                    background: n.latency[0].snapshot(),
+                    profile: n.latency[1].snapshot(),
+                    demand: n.latency[2].snapshot(),
+                },
+                guest_wait: n.demand_wait.snapshot(),
             }
         });
         (images, fetch)

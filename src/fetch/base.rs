@@ -56,10 +56,12 @@ impl Base for StreamedBase {
             let start = Instant::now();
             let result = futures::future::try_join_all(wants).await;
             let counters = fetcher.counters();
+            let waited = start.elapsed();
             counters.demand_waits.fetch_add(1, Ordering::Relaxed);
             counters
                 .demand_wait_us
-                .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+            counters.demand_wait.observe(waited);
             result.map(|_| ()).map_err(|e| Error::FetchBase(Box::new(ArcError(e))))
         })
     }

@@ -110,6 +110,11 @@ pub struct FetchCounters {
     pub demand_wait_us: AtomicU64,
     /// Chunks fetched per class (background, profile, demand) at the time they started.
     pub by_class: [AtomicU64; 3],
+    /// Time from a fetch's start to its end (success or failure, retries
+    /// included), per class at its start. The only source is the store.
+    pub latency: [crate::metrics::Histogram; 3],
+    /// Time each guest read that missed waited for its chunks.
+    pub demand_wait: crate::metrics::Histogram,
 }
 
 type Key = (ImageId, u32);
@@ -408,7 +413,9 @@ async fn worker(strong: Arc<Inner>) {
             let len = flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
             strong.throttle(&flight, class, len).await;
         }
+        let started = Instant::now();
         let result = strong.fetch(&flight).await.map_err(Arc::new);
+        strong.counters.latency[class as usize].observe(started.elapsed());
         {
             let mut s = strong.lock();
             s.flights.remove(&(*flight.cache.id(), flight.chunk.0));
