@@ -379,3 +379,37 @@ fn config_errors_name_the_key_and_line() {
     let err = serve_fails(&["--config".into(), "/nonexistent.toml".into()]);
     assert!(err.contains("/nonexistent.toml"), "{err}");
 }
+
+#[test]
+fn sighup_changes_fill_and_profile_rates_live() {
+    let dir = tmpdir();
+    let raw = dir.path().join("image.raw");
+    random_file(&raw, 2 * MIB, 5);
+    let store = dir.path().join("store");
+    import(&raw, &store, "img", 64 << 10);
+    let config = dir.path().join("c.toml");
+    let write = |fill: u32, profile: u32| {
+        let text = format!(
+            "store = \"{}\"\ncache-dir = \"{}\"\nfill-rate = {fill}\nprofile-rate = {profile}\n\n[[disk]]\nname = \"img\"\nsocket = \"{}\"\noverlay = \"{}\"\nimage = \"img\"\n",
+            store.display(),
+            dir.path().join("cache").display(),
+            dir.path().join("img.sock").display(),
+            dir.path().join("img.ov").display()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write(1, 2);
+    let daemon = Daemon::start(&["--config".into(), config.display().to_string()]);
+    let s = daemon.status();
+    assert_eq!(s["fetch"]["fill_rate_cap"], 1_000_000, "{s}");
+    assert_eq!(s["fetch"]["profile_rate_cap"], 2_000_000, "{s}");
+    write(3, 0);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+    let s = wait_status(&daemon, "new rates", |s| s["fetch"]["fill_rate_cap"] == 3_000_000);
+    assert!(
+        s["fetch"]["profile_rate_cap"].is_null(),
+        "profile-rate 0 is no cap: {s}"
+    );
+    assert!(disk_state(&s, "img").is_some(), "{s}");
+}

@@ -102,6 +102,11 @@ pub struct FetchStatus {
     /// How long each guest read that missed waited.
     #[serde(default)]
     pub guest_wait: HistogramSnapshot,
+    /// Current caps of background fill and profile streaming, bytes per second.
+    #[serde(default)]
+    pub fill_rate_cap: Option<u64>,
+    #[serde(default)]
+    pub profile_rate_cap: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -79,6 +79,33 @@ impl Options {
     }
 }
 
+impl Options {
+    /// The keys whose values differ between `self` and `other`.
+    pub fn changed_keys(&self, other: &Options) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        macro_rules! cmp {
+            ($($f:ident => $k:literal),*) => { $(if self.$f != other.$f { keys.push($k); })* };
+        }
+        cmp!(
+            store => "store",
+            cache_dir => "cache-dir",
+            cache_size_mib => "cache-size-mib",
+            fill_rate => "fill-rate",
+            profile_rate => "profile-rate",
+            fetch_deadline => "fetch-deadline",
+            fetch_timeout => "fetch-timeout",
+            fetch_concurrency => "fetch-concurrency",
+            poll_us => "poll-us",
+            metrics_listen => "metrics-listen",
+            control_socket => "control-socket",
+            control_group => "control-group",
+            socket_group => "socket-group",
+            profile_window_mib => "profile-window-mib"
+        );
+        keys
+    }
+}
+
 /// The resolved settings the daemon runs with.
 #[derive(Clone, Debug)]
 pub struct Settings {

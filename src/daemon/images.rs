@@ -101,7 +101,8 @@ struct State {
 pub(crate) struct Images {
     store: Option<String>,
     cache_dir: PathBuf,
-    fetch: FetchConfig,
+    /// For the fetcher, made when the first image opens; its rates change on reload.
+    fetch: Mutex<FetchConfig>,
     profile_window: u64,
     runtime: tokio::runtime::Handle,
     /// Held while an image opens: opening is rare and short next to a boot.
@@ -113,7 +114,7 @@ impl Images {
         let images = Arc::new(Images {
             store: settings.store.clone(),
             cache_dir: settings.cache_dir.clone(),
-            fetch: settings.fetch.clone(),
+            fetch: Mutex::new(settings.fetch.clone()),
             profile_window: settings.profile_window,
             runtime,
             state: Mutex::default(),
@@ -139,7 +140,8 @@ impl Images {
                 let location = self.store.as_ref().ok_or(Error::NoStore)?;
                 let store =
                     ImageStore::open(location, false).map_err(|e| Error::OpenStore(DisplayChain(&e).to_string()))?;
-                let f = Fetcher::new(store, self.fetch.clone(), &self.runtime);
+                let config = lock(&self.fetch).clone();
+                let f = Fetcher::new(store, config, &self.runtime);
                 s.store = Some(f.clone());
                 f
             }
@@ -188,6 +190,18 @@ impl Images {
         Ok(img)
     }
 
+    /// Changes the background fill and profile streaming caps, now and for
+    /// a fetcher made later.
+    pub(crate) fn set_rates(&self, fill: Option<u64>, profile: Option<u64>) {
+        let s = lock(&self.state);
+        let mut config = lock(&self.fetch);
+        config.fill_rate = fill;
+        config.profile_rate = profile;
+        if let Some(f) = &s.store {
+            f.set_rates(fill, profile);
+        }
+    }
+
     /// The images some disk uses, each with its number of users.
     fn open_images(&self) -> Vec<(Arc<OpenImage>, u64)> {
         let mut s = lock(&self.state);
@@ -226,6 +240,8 @@ impl Images {
                     demand: n.latency[2].snapshot(),
                 },
                 guest_wait: n.demand_wait.snapshot(),
+                fill_rate_cap: f.rates().0,
+                profile_rate_cap: f.rates().1,
             }
         });
         (images, fetch)

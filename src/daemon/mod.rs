@@ -203,15 +203,31 @@ impl Daemon {
     /// Applies a re-read config: disks it no longer names are removed
     /// (unless attached), new ones added, changed ones replaced.
     fn reload(&self, request: &ServeRequest, current: &mut Options) {
-        let (_, options, wanted) = match request.resolve() {
+        let (settings, options, wanted) = match request.resolve() {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("config reload failed, nothing changed: {}", DisplayChain(&e));
                 return;
             }
         };
-        if options != *current {
-            tracing::warn!("config reload: changed options take effect at the next restart; disks are applied now");
+        let mut later = Vec::new();
+        for key in options.changed_keys(current) {
+            match key {
+                "fill-rate" | "profile-rate" => tracing::info!("config reload: {key} changed"),
+                _ => later.push(key),
+            }
+        }
+        if settings.fetch.background_fill && !self.settings.fetch.background_fill {
+            // A fill-rate of 0 at start means no fill task exists to speed up.
+            later.push("fill-rate (from 0: background fill starts)");
+        }
+        self.images
+            .set_rates(settings.fetch.fill_rate, settings.fetch.profile_rate);
+        if !later.is_empty() {
+            tracing::warn!(
+                "config reload: {} changed; takes effect at the next restart",
+                later.join(", ")
+            );
         }
         *current = options;
         let wanted: BTreeMap<String, DiskSpec> = wanted.into_iter().map(|d| (d.name.clone(), d)).collect();

@@ -117,6 +117,9 @@ pub struct FetchCounters {
     pub demand_wait: crate::metrics::Histogram,
 }
 
+/// A rate that is no cap.
+const NO_CAP: u64 = u64::MAX;
+
 type Key = (ImageId, u32);
 type Outcome = Option<Result<(), Arc<FetchError>>>;
 
@@ -150,6 +153,9 @@ struct Inner {
     wake: Notify,
     /// Token buckets for background and profile: (tokens in bytes, last refill).
     buckets: [Mutex<(f64, Instant)>; 2],
+    /// Caps of background and profile in bytes per second (NO_CAP: none);
+    /// start as the config's, changed by `set_rates`.
+    rates: [AtomicU64; 2],
     counters: FetchCounters,
     /// Chunks in the order workers took them, for the ordering tests.
     #[cfg(test)]
@@ -169,6 +175,10 @@ impl Fetcher {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             buckets: [Mutex::new((0.0, Instant::now())), Mutex::new((0.0, Instant::now()))],
+            rates: [
+                AtomicU64::new(config.fill_rate.unwrap_or(NO_CAP)),
+                AtomicU64::new(config.profile_rate.unwrap_or(NO_CAP)),
+            ],
             counters: FetchCounters::default(),
             #[cfg(test)]
             taken: Mutex::default(),
@@ -182,6 +192,19 @@ impl Fetcher {
 
     pub fn counters(&self) -> &FetchCounters {
         &self.inner.counters
+    }
+
+    /// Changes the background fill and profile streaming caps (bytes per
+    /// second; None: no cap) of fetches from now on. Whether background
+    /// fill runs at all is fixed when the fetcher starts.
+    pub fn set_rates(&self, fill: Option<u64>, profile: Option<u64>) {
+        self.inner.rates[0].store(fill.unwrap_or(NO_CAP), Ordering::Relaxed);
+        self.inner.rates[1].store(profile.unwrap_or(NO_CAP), Ordering::Relaxed);
+    }
+
+    /// The current background fill and profile streaming caps.
+    pub fn rates(&self) -> (Option<u64>, Option<u64>) {
+        (self.inner.rate(0), self.inner.rate(1))
     }
 
     pub fn config(&self) -> &FetchConfig {
@@ -315,11 +338,16 @@ impl Inner {
         }
     }
 
+    /// The cap of background (0) or profile (1) fetching, if any.
+    fn rate(&self, i: usize) -> Option<u64> {
+        Some(self.rates[i].load(Ordering::Relaxed)).filter(|&r| r != NO_CAP)
+    }
+
     /// Waits for `bytes` of its class's budget, unless the flight becomes demand.
     async fn throttle(&self, flight: &Flight, class: Class, bytes: u64) {
         let rate = match class {
-            Class::Background => self.config.fill_rate,
-            Class::Profile => self.config.profile_rate,
+            Class::Background => self.rate(0),
+            Class::Profile => self.rate(1),
             Class::Demand => None,
         };
         let Some(rate) = rate else { return };
