@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs dependencies, then runs the whole test suite: lints, unit and
-# property tests, libblkio protocol tests, the crash test, the streaming and
-# fault tests, and the QEMU guest tests. Ends with one "N passed, M failed" line.
+# property tests, the fuzz targets (20 s each), libblkio protocol tests, the
+# crash and durability tests, the streaming and fault tests, and the QEMU
+# guest tests. Ends with one "N passed, M failed" line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -10,6 +11,8 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 # The benchmarks are run on demand; here they must still build.
 cargo build --benches --locked
+# Every fuzz target, briefly (scripts/fuzz.sh SECONDS runs them longer).
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

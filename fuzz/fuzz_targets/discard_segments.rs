@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // Any disk a u64 of bytes can address.
     let capacity = u64::from_le_bytes(data[..8].try_into().unwrap()) >> 9;
-    let kind = if data[8] & 1 == 0 { RequestType::Discard } else { RequestType::WriteZeroes };
+    let kind = if data[8] & 1 == 0 {
+        RequestType::Discard
+    } else {
+        RequestType::WriteZeroes
+    };
     let mut body = data[9..].to_vec();
     // Split the body into buffers of fuzzed sizes, as guest descriptors would.
     let cut = (data[8] as usize >> 1).min(body.len());

@@ -41,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
                 let start = b.as_ptr() as usize;
                 let _ = (start, b.len());
             }
-            if matches!(req.kind, virtio_blk::RequestType::Discard | virtio_blk::RequestType::WriteZeroes) {
+            if matches!(
+                req.kind,
+                virtio_blk::RequestType::Discard | virtio_blk::RequestType::WriteZeroes
+            ) {
                 let _ = virtio_blk::discard_segments(req.kind, &bufs, capacity);
             }
         }
