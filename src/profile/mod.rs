@@ -131,6 +131,10 @@ pub fn parse_trace(text: impl BufRead, path: &Path) -> Result<Vec<TraceRecord>, 
         let [usec, offset, len] = v[..] else {
             return Err(Error::BadTrace(path.to_path_buf(), i + 1, "expected 3 numbers".into()));
         };
+        // One guest request moves at most 4 GiB (virtio's u32 length).
+        if len > u64::from(u32::MAX) || offset.checked_add(len).is_none() {
+            return Err(Error::BadTrace(path.to_path_buf(), i + 1, "not a guest read".into()));
+        }
         out.push(TraceRecord { usec, offset, len });
     }
     Ok(out)
@@ -159,10 +163,13 @@ impl Profile {
         for trace in traces {
             let mut first: HashMap<u32, u64> = HashMap::new();
             for r in trace {
-                if r.len == 0 {
+                let Some(end) = r.offset.checked_add(r.len) else {
+                    continue;
+                };
+                if r.len == 0 || r.len > u64::from(u32::MAX) || (end - 1) / cs > u64::from(u32::MAX) {
                     continue;
                 }
-                for c in r.offset / cs..=(r.offset + r.len - 1) / cs {
+                for c in r.offset / cs..=(end - 1) / cs {
                     first.entry(c as u32).or_insert(r.usec);
                 }
             }
