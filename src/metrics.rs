@@ -1,7 +1,7 @@
-//! Metric types shared by the modules that count (fetch, and later the
-//! device): a lock-free latency histogram and its snapshot, which the
-//! status document carries and the Prometheus encoder prints. It imports
-//! nothing from the rest of the crate.
+//! Metric types shared by the modules that count (fetch and the device): a
+//! lock-free latency histogram and its snapshot, and one disk's request
+//! counters, which the status document carries and the Prometheus encoder
+//! prints. It imports nothing from the rest of the crate.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -75,6 +75,111 @@ impl HistogramSnapshot {
     }
 }
 
+/// The kinds of request a disk's counters keep apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    /// Discard, write-zeroes and get-id.
+    Other,
+}
+
+impl Op {
+    pub const ALL: [Op; 4] = [Op::Read, Op::Write, Op::Flush, Op::Other];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Other => "other",
+        }
+    }
+}
+
+/// One kind of request: how many, their bytes, their failures and how long
+/// they took from the worker taking them to their completion.
+#[derive(Debug, Default)]
+struct OpStats {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    latency: Histogram,
+}
+
+/// One disk's requests, counted by the queue workers; lock-free.
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    ops: [OpStats; 4],
+    /// Requests refused before they reached the disk (malformed chains).
+    bad_requests: AtomicU64,
+}
+
+impl DiskStats {
+    pub fn record(&self, op: Op, bytes: u64, ok: bool, latency: Duration) {
+        let s = &self.ops[op as usize];
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if !ok {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        s.latency.observe(latency);
+    }
+
+    pub fn bad_request(&self) {
+        self.bad_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> DiskStatsSnapshot {
+        let op = |op: Op| {
+            let s = &self.ops[op as usize];
+            OpSnapshot {
+                requests: s.requests.load(Ordering::Relaxed),
+                bytes: s.bytes.load(Ordering::Relaxed),
+                errors: s.errors.load(Ordering::Relaxed),
+                latency: s.latency.snapshot(),
+            }
+        };
+        DiskStatsSnapshot {
+            read: op(Op::Read),
+            write: op(Op::Write),
+            flush: op(Op::Flush),
+            other: op(Op::Other),
+            bad_requests: self.bad_requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpSnapshot {
+    pub requests: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    /// From the worker taking the request to its completion, fetches included.
+    pub latency: HistogramSnapshot,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatsSnapshot {
+    pub read: OpSnapshot,
+    pub write: OpSnapshot,
+    pub flush: OpSnapshot,
+    pub other: OpSnapshot,
+    pub bad_requests: u64,
+}
+
+impl DiskStatsSnapshot {
+    pub fn op(&self, op: Op) -> &OpSnapshot {
+        match op {
+            Op::Read => &self.read,
+            Op::Write => &self.write,
+            Op::Flush => &self.flush,
+            Op::Other => &self.other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +200,21 @@ mod tests {
         assert_eq!(s.quantile(0.5), Some(0.005));
         assert_eq!(s.quantile(1.0), Some(f64::INFINITY));
         assert_eq!(Histogram::default().snapshot().quantile(0.5), None);
+    }
+
+    #[test]
+    fn disk_stats_count_each_kind_apart() {
+        let d = DiskStats::default();
+        d.record(Op::Read, 4096, true, Duration::from_micros(80));
+        d.record(Op::Read, 512, false, Duration::from_millis(40));
+        d.record(Op::Flush, 0, true, Duration::from_millis(2));
+        d.bad_request();
+        let s = d.snapshot();
+        assert_eq!((s.read.requests, s.read.bytes, s.read.errors), (2, 4608, 1));
+        assert_eq!(s.read.latency.count, 2);
+        assert_eq!(s.read.latency.quantile(0.5), Some(0.0001));
+        assert_eq!((s.flush.requests, s.write.requests, s.other.requests), (1, 0, 0));
+        assert_eq!(s.bad_requests, 1);
+        assert_eq!(s.op(Op::Flush), &s.flush);
     }
 }

@@ -64,6 +64,7 @@ impl Rig {
             runtime: rt.handle().clone(),
             stopping: Default::default(),
             poll: std::time::Duration::ZERO,
+            stats: Default::default(),
         });
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let (completions, _consumer) = Completions::new().unwrap();

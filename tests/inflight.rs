@@ -102,6 +102,7 @@ fn requests_a_dead_daemon_took_run_again_first_in_the_order_it_took_them() {
         runtime: rt.handle().clone(),
         stopping: Default::default(),
         poll: Duration::ZERO,
+        stats: Default::default(),
     });
 
     // Guest memory, shared with the "frontend" (this test).

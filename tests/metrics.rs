@@ -77,6 +77,20 @@ fn metrics_pass_promtool_check() {
         .find_map(|l| l.strip_prefix("streamblk_guest_stall_duration_seconds_count "))
         .unwrap();
     assert!(stalls.parse::<u64>().unwrap() >= 1, "{body}");
+    // The disk counted that read: one request of 64 KiB, timed.
+    let sample = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    };
+    assert_eq!(sample("streamblk_disk_requests_total{disk=\"img\",op=\"read\"}"), 1);
+    assert_eq!(sample("streamblk_disk_bytes_total{disk=\"img\",op=\"read\"}"), 65536);
+    assert_eq!(sample("streamblk_disk_requests_total{disk=\"raw\",op=\"read\"}"), 0);
+    assert_eq!(
+        sample("streamblk_disk_request_duration_seconds_count{disk=\"img\",op=\"read\"}"),
+        1
+    );
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -26,6 +26,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let s: Status = serde_json::from_value(v).context("the daemon's status document")?;
     for d in &s.disks {
         println!("{}", disk_line(d));
+        println!("  {}", io_line(d));
     }
     for i in &s.images {
         println!("{}", image_line(i));
@@ -83,6 +84,34 @@ pub fn disk_line(d: &DiskStatus) -> String {
         if d.queues == 1 { "" } else { "s" },
         if d.readonly { ", read-only" } else { "" },
         d.inflight
+    )
+}
+
+/// `reads 1200 (4.7 MiB, p50 <= 100us p99 <= 25ms), writes ..., flushes ..., 0 errors`
+pub fn io_line(d: &DiskStatus) -> String {
+    let io = &d.io;
+    let op = |name: &str, o: &crate::metrics::OpSnapshot, with_bytes: bool| {
+        let mut s = format!("{name} {}", o.requests);
+        let mut detail = Vec::new();
+        if with_bytes {
+            detail.push(bytes(o.bytes as f64));
+        }
+        if let (Some(a), Some(b)) = (o.latency.quantile(0.5), o.latency.quantile(0.99)) {
+            detail.push(format!("p50 <= {} p99 <= {}", secs(a), secs(b)));
+        }
+        if !detail.is_empty() {
+            s += &format!(" ({})", detail.join(", "));
+        }
+        s
+    };
+    let errors = io.read.errors + io.write.errors + io.flush.errors + io.other.errors;
+    format!(
+        "{}; {}; {}; {} other; {errors} errors, {} bad requests",
+        op("reads", &io.read, true),
+        op("writes", &io.write, true),
+        op("flushes", &io.flush, false),
+        io.other.requests,
+        io.bad_requests
     )
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::HistogramSnapshot;
+use crate::metrics::{DiskStatsSnapshot, HistogramSnapshot, Op, OpSnapshot};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -46,6 +46,9 @@ pub struct DiskStatus {
     pub origin: String,
     /// The disk's spec, in `--disk` form.
     pub spec: String,
+    /// Requests served since the disk was added, by kind.
+    #[serde(default)]
+    pub io: DiskStatsSnapshot,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -240,6 +243,58 @@ impl Status {
             "gauge",
             &per_disk(&|d| d.inflight as f64),
         );
+        let per_disk_op = |f: &dyn Fn(&OpSnapshot) -> u64| -> Vec<(String, f64)> {
+            self.disks
+                .iter()
+                .flat_map(|d| {
+                    Op::ALL.map(|op| {
+                        let labels = format!("{{disk=\"{}\",op=\"{}\"}}", label(&d.name), op.name());
+                        (labels, f(d.io.op(op)) as f64)
+                    })
+                })
+                .collect()
+        };
+        metric(
+            "disk_requests_total",
+            "Requests the disk's frontends made, by kind.",
+            "counter",
+            &per_disk_op(&|o| o.requests),
+        );
+        metric(
+            "disk_bytes_total",
+            "Bytes the disk's frontends read and wrote.",
+            "counter",
+            &per_disk_op(&|o| o.bytes),
+        );
+        metric(
+            "disk_errors_total",
+            "Requests of the disk that completed with an error status.",
+            "counter",
+            &per_disk_op(&|o| o.errors),
+        );
+        metric(
+            "disk_bad_requests_total",
+            "Malformed requests the disk's frontends made.",
+            "counter",
+            &per_disk(&|d| d.io.bad_requests as f64),
+        );
+        let labels: Vec<(String, &HistogramSnapshot)> = self
+            .disks
+            .iter()
+            .flat_map(|d| {
+                Op::ALL.map(|op| {
+                    let l = format!("disk=\"{}\",op=\"{}\"", label(&d.name), op.name());
+                    (l, &d.io.op(op).latency)
+                })
+            })
+            .collect();
+        let series: Vec<(&str, &HistogramSnapshot)> = labels.iter().map(|(l, h)| (l.as_str(), *h)).collect();
+        histogram(
+            &mut out,
+            "disk_request_duration_seconds",
+            "Time from the device taking a request to completing it, fetches included.",
+            &series,
+        );
         if let Some(f) = &self.fetch {
             let l = &f.latency;
             histogram(
@@ -301,6 +356,7 @@ mod tests {
                 inflight: 0,
                 origin: "api".into(),
                 spec: String::new(),
+                io: DiskStatsSnapshot::default(),
             }],
             images: vec![],
             fetch: Some(FetchStatus::default()),
@@ -308,5 +364,13 @@ mod tests {
         let text = s.prometheus();
         assert!(text.contains("streamblk_disk_attached{disk=\"a\\\"b\"} 1"), "{text}");
         assert!(text.contains("# TYPE streamblk_store_bytes_total counter"), "{text}");
+        assert!(
+            text.contains("streamblk_disk_requests_total{disk=\"a\\\"b\",op=\"flush\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamblk_disk_request_duration_seconds_bucket{disk=\"a\\\"b\",op=\"read\",le=\"+Inf\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -81,6 +81,7 @@ impl ServedDisk {
             runtime: env.runtime.clone(),
             stopping: Default::default(),
             poll: env.poll,
+            stats: Default::default(),
         });
         let listener = vhost::listen(&spec.socket).map_err(|e| in_disk(&e))?;
         if let Some(gid) = socket_gid {
@@ -157,6 +158,7 @@ impl ServedDisk {
             }
             .into(),
             spec: self.spec.to_spec_string(),
+            io: self.ctx.stats.snapshot(),
         }
     }
 

@@ -30,6 +30,8 @@ pub struct PendingRequest {
     /// Keeps the buffers in `data` mapped, even if the guest's memory table
     /// changes or the frontend goes away meanwhile.
     pub mem: Arc<GuestMemory>,
+    /// When the worker took it, for the disk's latency histogram.
+    pub started: std::time::Instant,
 }
 
 /// What the worker adds to the used ring.

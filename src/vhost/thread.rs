@@ -19,6 +19,7 @@ use super::chain::HeadChain;
 use super::completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
 use super::inflight::InflightQueue;
 use crate::engine::{Disk, IoBuf, IoRange, Status};
+use crate::metrics::{DiskStats, Op};
 use crate::virtio_blk::{self, RequestType, STATUS_IOERR, STATUS_OK};
 use crate::DisplayChain;
 
@@ -43,6 +44,19 @@ pub struct DiskContext {
     pub stopping: AtomicBool,
     /// How long a worker polls its queue before sleeping (zero: never).
     pub poll: Duration,
+    /// The disk's request counters, kept across frontend connections.
+    pub stats: DiskStats,
+}
+
+/// Counts a finished request in the disk's stats.
+fn record(stats: &DiskStats, req: &virtio_blk::Request, status: u8, started: Instant) {
+    let (op, bytes) = match req.kind {
+        RequestType::In => (Op::Read, u64::from(req.data_len)),
+        RequestType::Out => (Op::Write, u64::from(req.data_len)),
+        RequestType::Flush => (Op::Flush, 0),
+        RequestType::GetId | RequestType::Discard | RequestType::WriteZeroes => (Op::Other, 0),
+    };
+    stats.record(op, bytes, status == STATUS_OK, started.elapsed());
 }
 
 /// How running a request against the disk ended.
@@ -151,6 +165,7 @@ async fn complete_pending(ctx: Arc<DiskContext>, completions: Arc<Completions>, 
             }
         };
     };
+    record(&ctx.stats, &p.req, status, p.started);
     let ok = status == STATUS_OK;
     completions.finish(FinishedRequest {
         head: p.head,
@@ -431,6 +446,7 @@ impl VhostUserBlkThread {
     where
         C: IntoIterator<Item = Descriptor>,
     {
+        let started = Instant::now();
         let req = match virtio_blk::parse(
             chain,
             &**mem,
@@ -440,6 +456,7 @@ impl VhostUserBlkThread {
         ) {
             Ok(req) => req,
             Err((e, status_addr)) => {
+                self.ctx.stats.bad_request();
                 self.bad_requests += 1;
                 // Hostile or broken guests must not flood the log.
                 if self.bad_requests <= 10 || self.bad_requests.is_power_of_two() {
@@ -457,17 +474,21 @@ impl VhostUserBlkThread {
             }
         }
         match execute(&self.ctx, &req, &self.data, false) {
-            Outcome::Done(status) => Some(match virtio_blk::write_status(&**mem, req.status_addr, status) {
-                false => 0,
-                true if status == STATUS_OK => req.used_len(),
-                true => 1,
-            }),
+            Outcome::Done(status) => {
+                record(&self.ctx.stats, &req, status, started);
+                Some(match virtio_blk::write_status(&**mem, req.status_addr, status) {
+                    false => 0,
+                    true if status == STATUS_OK => req.used_len(),
+                    true => 1,
+                })
+            }
             outcome => {
                 let pending = PendingRequest {
                     head,
                     req,
                     data: self.data.clone(),
                     mem: mem.clone().into_inner(),
+                    started,
                 };
                 self.completions.start();
                 let (ctx, completions) = (self.ctx.clone(), self.completions.clone());
