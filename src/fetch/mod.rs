@@ -384,7 +384,7 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry.digest)).await {
+            let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry)).await {
                 Ok(Ok(bytes)) => match verify_chunk(&entry, len, &bytes) {
                     Ok(data) => {
                         let cache = cache.clone();

@@ -13,10 +13,22 @@ use bytes::Bytes;
 pub use import::{import, ImportReport};
 pub use manifest::{verify_chunk, ChunkEntry, ChunkIdx, Digest, Manifest};
 use object_store::path::Path as ObjPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{ClientOptions, GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 /// Longest a single store request may take before it is abandoned.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest manifest read from a store. A manifest's JSON takes about 90
+/// bytes per stored chunk: 256 MiB holds about 2.9 million stored chunks,
+/// 700 GiB of non-zero data at the default 256 KiB chunk size (all-zero
+/// chunks cost 5 bytes each). A body read from a store is held in memory
+/// whole, so every read has a cap and stops as soon as a body passes it.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Largest boot profile read from a store: a profile lists each chunk index
+/// at most once, at most 11 bytes each, so 64 MiB is room for 6 million.
+pub const MAX_PROFILE_BYTES: u64 = 64 << 20;
+/// Largest name object (an image id and a newline).
+pub const MAX_NAME_BYTES: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +40,8 @@ pub enum Error {
     NotFound(String),
     #[error("read {0} from the store")]
     Get(String, #[source] object_store::Error),
+    #[error("read {key} from the store: larger than its cap of {cap} bytes")]
+    TooLarge { key: String, cap: u64 },
     #[error("write {0} to the store")]
     Put(String, #[source] object_store::Error),
     #[error("image {0:?}: no such name or id in the store")]
@@ -134,17 +148,35 @@ impl ImageStore {
         &self.url
     }
 
-    async fn get(&self, key: &str) -> Result<Bytes, Error> {
-        let path = ObjPath::from(key);
-        let res = self.inner.get(&path).await;
-        let res = match res {
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
-        };
-        res.map_err(|e| match e {
+    /// Reads the object at `key`, at most `cap` bytes of it: a larger body
+    /// is an error, and its reading stops as soon as it passes the cap.
+    async fn get(&self, key: &str, cap: u64) -> Result<Bytes, Error> {
+        let get_err = |e| match e {
             object_store::Error::NotFound { .. } => Error::NotFound(key.to_string()),
             e => Error::Get(key.to_string(), e),
-        })
+        };
+        let too_large = || Error::TooLarge {
+            key: key.to_string(),
+            cap,
+        };
+        let r = self.inner.get(&ObjPath::from(key)).await.map_err(get_err)?;
+        // The size the store announces (a file's length, an HTTP
+        // Content-Length) refuses most oversized bodies before any is read.
+        if r.meta.size > cap {
+            return Err(too_large());
+        }
+        if matches!(r.payload, GetResultPayload::File(..)) {
+            // A local file is read for the announced length and no further.
+            return r.bytes().await.map_err(get_err);
+        }
+        // A server can send more than it announced: count as it comes.
+        let announced = r.meta.size;
+        collect_capped(r.into_stream(), announced, cap)
+            .await
+            .map_err(|e| match e {
+                Capped::Over => too_large(),
+                Capped::Read(e) => get_err(e),
+            })
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), Error> {
@@ -169,18 +201,24 @@ impl ImageStore {
             Some(id) => id,
             None => {
                 check_name(image)?;
-                let bytes = self.get(&format!("names/{image}")).await.map_err(|e| match e {
-                    Error::NotFound(_) => Error::NoImage(image.to_string()),
-                    e => e,
-                })?;
+                let bytes = self
+                    .get(&format!("names/{image}"), MAX_NAME_BYTES)
+                    .await
+                    .map_err(|e| match e {
+                        Error::NotFound(_) => Error::NoImage(image.to_string()),
+                        e => e,
+                    })?;
                 let text = String::from_utf8_lossy(&bytes);
                 Digest::from_hex(text.trim()).ok_or_else(|| Error::NoImage(image.to_string()))?
             }
         };
-        let bytes = self.get(&format!("manifests/{id}")).await.map_err(|e| match e {
-            Error::NotFound(_) => Error::NoImage(image.to_string()),
-            e => e,
-        })?;
+        let bytes = self
+            .get(&format!("manifests/{id}"), MAX_MANIFEST_BYTES)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound(_) => Error::NoImage(image.to_string()),
+                e => e,
+            })?;
         if Digest::of(&bytes) != id {
             return Err(Error::ManifestDigest(image.to_string()));
         }
@@ -191,9 +229,11 @@ impl ImageStore {
         Ok((id, m))
     }
 
-    /// A chunk's stored bytes, unverified (see [`verify_chunk`]).
-    pub async fn chunk(&self, digest: &Digest) -> Result<Bytes, Error> {
-        self.get(&format!("chunks/{digest}")).await
+    /// A chunk's stored bytes, unverified (see [`verify_chunk`]); a body
+    /// longer than the entry's stored length is refused unread.
+    pub async fn chunk(&self, entry: &ChunkEntry) -> Result<Bytes, Error> {
+        self.get(&format!("chunks/{}", entry.digest), u64::from(entry.stored_len))
+            .await
     }
 
     pub async fn has_chunk(&self, digest: &Digest) -> Result<bool, Error> {
@@ -223,7 +263,7 @@ impl ImageStore {
 
     /// The boot profile stored with an image, if any.
     pub async fn profile(&self, id: &ImageId) -> Result<Option<Bytes>, Error> {
-        match self.get(&format!("profiles/{id}")).await {
+        match self.get(&format!("profiles/{id}"), MAX_PROFILE_BYTES).await {
             Ok(b) => Ok(Some(b)),
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -235,9 +275,163 @@ impl ImageStore {
     }
 }
 
+enum Capped {
+    Over,
+    Read(object_store::Error),
+}
+
+/// Collects a body of `announced` bytes, failing as soon as it passes `cap`
+/// (the rest is never pulled from the stream).
+async fn collect_capped(
+    mut stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    announced: u64,
+    cap: u64,
+) -> Result<Bytes, Capped> {
+    use futures::StreamExt;
+    let mut buf = bytes::BytesMut::with_capacity(announced.min(cap) as usize);
+    while let Some(part) = stream.next().await {
+        let part = part.map_err(Capped::Read)?;
+        if (buf.len() + part.len()) as u64 > cap {
+            return Err(Capped::Over);
+        }
+        buf.extend_from_slice(&part);
+    }
+    Ok(buf.freeze())
+}
+
 fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
         return Err(Error::BadName(name.to_string()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn entry(digest: Digest, stored_len: u32) -> ChunkEntry {
+        ChunkEntry {
+            digest,
+            stored_len,
+            zstd: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_file_longer_than_its_stored_length_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path().to_str().unwrap(), false).unwrap();
+        let d = Digest::of(b"x");
+        store.put_chunk(&d, Bytes::from(vec![7u8; 1000])).await.unwrap();
+        assert_eq!(store.chunk(&entry(d, 1000)).await.unwrap().len(), 1000);
+        let e = store.chunk(&entry(d, 999)).await.unwrap_err();
+        assert!(matches!(e, Error::TooLarge { cap: 999, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("chunks/{d}")) && msg.contains("999 bytes"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_manifest_or_profile_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path().to_str().unwrap(), false).unwrap();
+        let id = Digest::of(b"huge");
+        // Sparse files: nothing is written, and nothing must be read.
+        for (sub, len) in [
+            ("manifests", MAX_MANIFEST_BYTES + 1),
+            ("profiles", MAX_PROFILE_BYTES + 1),
+        ] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            std::fs::File::create(dir.path().join(sub).join(id.to_hex()))
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+        }
+        let e = store.manifest(&id.to_hex()).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooLarge {
+                    cap: MAX_MANIFEST_BYTES,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&format!("manifests/{id}")), "{e}");
+        let e = store.profile(&id).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooLarge {
+                    cap: MAX_PROFILE_BYTES,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        std::fs::create_dir_all(dir.path().join("names")).unwrap();
+        std::fs::write(dir.path().join("names/big"), vec![b'a'; MAX_NAME_BYTES as usize + 1]).unwrap();
+        let e = store.manifest("big").await.unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_announced_stops_at_the_cap() {
+        // A server that announced 10 bytes and then never stops sending.
+        let pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let p = pulled.clone();
+        let endless = futures::stream::repeat_with(move || {
+            p.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Bytes::from(vec![0u8; 4096]))
+        });
+        let r = collect_capped(Box::pin(endless), 10, 100_000).await;
+        assert!(matches!(r, Err(Capped::Over)));
+        // 24 parts fit under the cap; the 25th passes it; no more are pulled.
+        assert_eq!(pulled.load(std::sync::atomic::Ordering::Relaxed), 25);
+        let exact = futures::stream::iter([Ok(Bytes::from_static(b"abc")), Ok(Bytes::from_static(b"de"))]);
+        assert_eq!(&collect_capped(Box::pin(exact), 5, 5).await.ok().unwrap()[..], b"abcde");
+    }
+
+    #[tokio::test]
+    async fn an_http_store_sending_an_endless_chunk_is_cut_off_at_the_cap() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (sent_tx, sent_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 0 && !line.ends_with("\r\n\r\n") {}
+            let mut out = conn;
+            let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\
+                        Last-Modified: Mon, 02 Nov 2026 10:00:00 GMT\r\nETag: \"1\"\r\n\r\n";
+            let mut sent = 0u64;
+            if out.write_all(head.as_bytes()).is_ok() {
+                let block = vec![0u8; 65536];
+                // Until the client hangs up (or far past any sane cap).
+                while sent < (4 << 30) && out.write_all(&block).is_ok() {
+                    sent += block.len() as u64;
+                }
+            }
+            sent_tx.send(sent).unwrap();
+        });
+        let store = ImageStore::open(&url, false).unwrap();
+        let e = store.chunk(&entry(Digest::of(b"c"), 65536)).await.unwrap_err();
+        assert!(matches!(e, Error::TooLarge { cap: 65536, .. }), "{e}");
+        // Wait off the runtime: the client's connection task must run to hang up.
+        let sent = tokio::task::spawn_blocking(move || sent_rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("the client never hung up");
+        // What the sockets' buffers took before the client hung up.
+        assert!(sent < 32 << 20, "the server sent {sent} bytes");
+    }
 }
