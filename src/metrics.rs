@@ -127,8 +127,9 @@ impl DiskStats {
         s.latency.observe(latency);
     }
 
-    pub fn bad_request(&self) {
-        self.bad_requests.fetch_add(1, Ordering::Relaxed);
+    /// Counts a refused request; returns how many there have been.
+    pub fn bad_request(&self) -> u64 {
+        self.bad_requests.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub fn snapshot(&self) -> DiskStatsSnapshot {

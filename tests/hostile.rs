@@ -65,6 +65,8 @@ impl Rig {
             stopping: Default::default(),
             poll: std::time::Duration::ZERO,
             stats: Default::default(),
+            waiting: Default::default(),
+            bad_request_log: Default::default(),
         });
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let (completions, _consumer) = Completions::new().unwrap();

@@ -103,6 +103,8 @@ fn requests_a_dead_daemon_took_run_again_first_in_the_order_it_took_them() {
         stopping: Default::default(),
         poll: Duration::ZERO,
         stats: Default::default(),
+        waiting: Default::default(),
+        bad_request_log: Default::default(),
     });
 
     // Guest memory, shared with the "frontend" (this test).

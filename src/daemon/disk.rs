@@ -82,6 +82,8 @@ impl ServedDisk {
             stopping: Default::default(),
             poll: env.poll,
             stats: Default::default(),
+            waiting: Default::default(),
+            bad_request_log: Default::default(),
         });
         let listener = vhost::listen(&spec.socket).map_err(|e| in_disk(&e))?;
         if let Some(gid) = socket_gid {
@@ -175,8 +177,7 @@ impl ServedDisk {
         self.begin_stop();
         let mut clean = true;
         let attached = self.backend();
-        let attached_before = attached.is_some();
-        if let Some(backend) = attached {
+        if let Some(backend) = &attached {
             if !backend.drain(drain) {
                 tracing::error!(disk = %name, "requests still in flight at stop");
                 clean = false;
@@ -185,10 +186,10 @@ impl ServedDisk {
             // Wake the accept loop: it sees the connection end, then `stopping`.
             wake_accept(&self.spec.socket);
         }
-        if attached_before {
+        if let Some(backend) = &attached {
             // Forced: hang up on the frontend so its accept loop ends now.
-            let n = disconnect_frontends(&self.spec.socket);
-            tracing::warn!(disk = %name, connections = n, "removed while attached: frontend disconnected");
+            backend.hang_up();
+            tracing::warn!(disk = %name, "removed while attached: frontend disconnected");
         }
         if let Some(t) = self.ctx.disk.trace() {
             t.finish();
@@ -219,62 +220,4 @@ fn wake_accept(socket: &Path) {
     if let Ok(c) = std::os::unix::net::UnixStream::connect(socket) {
         drop(c);
     }
-}
-
-/// Shuts down the daemon's connections accepted on `socket` (each has the
-/// listener's local address), so the vhost-user request handler sees the
-/// frontend hang up. The descriptors stay open for their owner to close.
-// TODO(vhost): replace with a disconnect call on the backend once vhost has one.
-fn disconnect_frontends(socket: &Path) -> usize {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
-    };
-    let want = socket.as_os_str().as_bytes();
-    let mut n = 0;
-    for entry in fds.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if !std::fs::read_link(entry.path()).is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"socket:")) {
-            continue;
-        }
-        // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        // SAFETY: addr and len are valid for writes of the sizes given.
-        let rc = unsafe { libc::getsockname(fd, &mut addr as *mut libc::sockaddr_un as *mut libc::sockaddr, &mut len) };
-        if rc != 0 || addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
-            continue;
-        }
-        let path_len = (len as usize).saturating_sub(std::mem::offset_of!(libc::sockaddr_un, sun_path));
-        let path: Vec<u8> = addr.sun_path[..path_len.min(addr.sun_path.len())]
-            .iter()
-            .map(|&c| c as u8)
-            .take_while(|&c| c != 0)
-            .collect();
-        if path != want {
-            continue;
-        }
-        let mut listening: libc::c_int = 0;
-        let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: listening and optlen are valid for writes of the sizes given.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                &mut listening as *mut libc::c_int as *mut libc::c_void,
-                &mut optlen,
-            )
-        };
-        if rc != 0 || listening != 0 {
-            continue;
-        }
-        // SAFETY: shutdown(2) of a connected socket; the descriptor stays valid.
-        if unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0 {
-            n += 1;
-        }
-    }
-    n
 }

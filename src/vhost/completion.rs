@@ -96,6 +96,14 @@ impl Completions {
         }
     }
 
+    /// Wakes the queue's worker with no request finished (its disk went
+    /// back under the cap on waiting requests).
+    pub fn wake(&self) {
+        if let Err(e) = self.notifier.notify() {
+            tracing::error!("completion eventfd: {e}");
+        }
+    }
+
     /// Forgets a request that was cancelled: nothing goes on the used ring.
     pub fn abandon(&self) {
         let mut s = self.lock();

@@ -262,10 +262,19 @@ fn run_worker(
             EV_KICK => t.process_queue(vring),
             _ => t.process_completions(vring),
         };
+        let r = match r {
+            // Stopped at the disk's cap on waiting requests: a completion
+            // (this one may have brought the disk back under) runs it again.
+            Ok(()) if ev == EV_COMPLETION && t.stalled() => t.process_queue(vring),
+            r => r,
+        };
         if let Err(e) = r {
-            // A broken ring stays broken until the frontend sets it up again.
-            tracing::error!(queue = q, "queue stopped: {e}");
+            // Logged once: the queue is never processed again, and the
+            // frontend is told and disconnected.
+            tracing::error!(queue = q, "queue broken, dropping the frontend connection: {e}");
             *broken = true;
+            drop(t);
+            backend.fail_queue(q);
         }
     };
     // Whatever was made available or finished before we started (and the
@@ -449,7 +458,14 @@ impl VhostUserBackendReqHandlerMut for VhostUserBlkHandler {
     }
 
     fn set_vring_err(&mut self, index: u8, file: Option<File>) -> ProtoResult<()> {
-        self.vring(u32::from(index))?.set_err(file);
+        let vring = self.vring(u32::from(index))?;
+        let ours = file
+            .as_ref()
+            .map(File::try_clone)
+            .transpose()
+            .map_err(ProtoError::ReqHandlerError)?;
+        vring.set_err(file);
+        *lock(&self.backend.err_fds[usize::from(index)]) = ours;
         Ok(())
     }
 

@@ -12,8 +12,12 @@ mod handler;
 pub mod inflight;
 mod thread;
 
+use std::fs::File;
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,7 +28,10 @@ use vmm_sys_util::event::EventConsumer;
 pub use crate::DisplayChain;
 pub use completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
 pub use handler::VhostUserBlkHandler;
-pub use thread::{DiskContext, VhostUserBlkThread, DEFAULT_POLL_US, MAX_POLL_US};
+pub use thread::{
+    DiskContext, LogLimit, VhostUserBlkThread, Waiting, DEFAULT_POLL_US, MAX_POLL_US, MAX_WAITING_BYTES,
+    MAX_WAITING_REQUESTS,
+};
 
 use crate::virtio_blk::{self, BlkConfig};
 
@@ -49,12 +56,19 @@ pub struct VhostUserBlkBackend {
     threads: Vec<Mutex<VhostUserBlkThread>>,
     /// Each queue's completion eventfd, while no worker holds it.
     completion_fds: Vec<Mutex<Option<EventConsumer>>>,
+    /// Each queue's error eventfd (VHOST_USER_SET_VRING_ERR), if given.
+    err_fds: Vec<Mutex<Option<File>>>,
+    /// A handle on the frontend connection's socket, to hang up on it.
+    connection: Mutex<Option<UnixStream>>,
+    /// Set once a queue broke: the connection is being dropped.
+    broken: AtomicBool,
 }
 
 impl VhostUserBlkBackend {
     pub fn new(ctx: Arc<DiskContext>, queues: usize) -> Result<Self, Error> {
         let mut threads = Vec::with_capacity(queues);
         let mut completion_fds = Vec::with_capacity(queues);
+        let err_fds = (0..queues).map(|_| Mutex::new(None)).collect();
         for _ in 0..queues {
             let (completions, consumer) = Completions::new().map_err(Error::Eventfd)?;
             threads.push(Mutex::new(VhostUserBlkThread::new(ctx.clone(), completions)));
@@ -67,7 +81,43 @@ impl VhostUserBlkBackend {
             features: virtio_blk::features(readonly) | 1 << VIRTIO_F_VERSION_1,
             threads,
             completion_fds,
+            err_fds,
+            connection: Mutex::new(None),
+            broken: AtomicBool::new(false),
         })
+    }
+
+    /// Gives the backend a handle on its connection's socket (a dup).
+    pub fn set_connection(&self, stream: UnixStream) {
+        *lock(&self.connection) = Some(stream);
+    }
+
+    /// Hangs up on the frontend: the connection's request loop sees it go
+    /// and tears the connection down. Harmless once it is gone.
+    pub fn hang_up(&self) {
+        if let Some(s) = lock(&self.connection).take() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// True once a queue broke and the connection was dropped for it.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// A queue is broken beyond use (the driver corrupted its ring): tell
+    /// the frontend as vhost-user allows, as QEMU's `virtio_error` and the
+    /// kernel's `vq_err` do for their devices. The queue's error eventfd is
+    /// signalled (QEMU logs "vhost vring error" and raises a
+    /// VIRTQUEUE_ERROR event), then the connection is dropped, as
+    /// libvhost-user does after `vu_panic`: the frontend sees the device
+    /// gone, and a reconnect starts from a clean device.
+    fn fail_queue(&self, q: usize) {
+        self.broken.store(true, Ordering::Release);
+        if let Some(f) = lock(&self.err_fds[q]).as_mut() {
+            let _ = f.write_all(&1u64.to_ne_bytes());
+        }
+        self.hang_up();
     }
 
     fn thread(&self, q: usize) -> MutexGuard<'_, VhostUserBlkThread> {
@@ -120,6 +170,12 @@ pub fn serve(
             continue;
         };
         let backend = Arc::new(VhostUserBlkBackend::new(ctx.clone(), queues)?);
+        // A second handle on the socket lets the backend hang up (a broken
+        // queue, a forced removal) while this thread waits in a read.
+        match stream.try_clone() {
+            Ok(dup) => backend.set_connection(dup),
+            Err(e) => tracing::warn!(disk = name, "cannot keep a handle on the connection: {e}"),
+        }
         let handler = Arc::new(Mutex::new(VhostUserBlkHandler::new(backend.clone(), name)));
         let mut requests = BackendReqHandler::from_stream(stream, handler.clone());
         *lock(&active) = Some(backend.clone());
@@ -139,6 +195,7 @@ pub fn serve(
             e => tracing::warn!(disk = name, "frontend connection ended: {e}"),
         }
         *lock(&active) = None;
+        backend.hang_up();
         lock(&handler).disconnect();
         drop(requests);
         drop(handler);

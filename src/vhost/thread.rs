@@ -4,15 +4,16 @@
 //! [`Completions`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::num::Wrapping;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::event::EventConsumer;
 
 use super::chain::HeadChain;
@@ -34,6 +35,161 @@ const MIN_POLL: Duration = Duration::from_micros(1);
 /// A longer poll only burns CPU and holds off the ring's other users.
 pub const MAX_POLL_US: u64 = 1000;
 
+/// Requests a disk may have waiting off its workers (misses waiting on
+/// fetches, flushes) before its queues stop taking more.
+pub const MAX_WAITING_REQUESTS: usize = 256;
+/// Data bytes of those requests: at 256 KiB chunks, 256 chunks wanted.
+pub const MAX_WAITING_BYTES: u64 = 64 << 20;
+
+/// A disk's requests waiting off its workers, and the cap on them. Over the
+/// cap its queues stop popping (requests wait in the ring, in guest memory)
+/// until completions bring it back under; nothing is dropped or failed.
+pub struct Waiting {
+    requests: AtomicUsize,
+    bytes: AtomicU64,
+    max_requests: usize,
+    max_bytes: u64,
+    /// Set while a queue waits in `stalled`.
+    has_stalled: AtomicBool,
+    /// Queues that stopped at the cap: their completion eventfds wake them.
+    stalled: Mutex<Vec<Arc<Completions>>>,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting::new(MAX_WAITING_REQUESTS, MAX_WAITING_BYTES)
+    }
+}
+
+impl Waiting {
+    pub fn new(max_requests: usize, max_bytes: u64) -> Self {
+        Waiting {
+            requests: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            max_requests: max_requests.max(1),
+            max_bytes: max_bytes.max(1),
+            has_stalled: AtomicBool::new(false),
+            stalled: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Requests and data bytes waiting now.
+    pub fn current(&self) -> (usize, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn over(&self, order: Ordering) -> bool {
+        self.requests.load(order) >= self.max_requests || self.bytes.load(order) >= self.max_bytes
+    }
+
+    fn add(&self, bytes: u64) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.bytes.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn release(&self, bytes: u64) {
+        self.requests.fetch_sub(1, Ordering::SeqCst);
+        self.bytes.fetch_sub(bytes, Ordering::SeqCst);
+        if self.has_stalled.load(Ordering::SeqCst) && !self.over(Ordering::SeqCst) {
+            let stalled = std::mem::take(&mut *self.stalled.lock().unwrap_or_else(|e| e.into_inner()));
+            self.has_stalled.store(false, Ordering::SeqCst);
+            for c in stalled {
+                c.wake();
+            }
+        }
+    }
+
+    /// True if the queue whose completions are `c` must stop popping; it is
+    /// then woken through `c` once the disk is back under the cap.
+    fn must_stall(&self, c: &Arc<Completions>) -> bool {
+        if !self.over(Ordering::Relaxed) {
+            return false;
+        }
+        {
+            let mut s = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+            if !s.iter().any(|x| Arc::ptr_eq(x, c)) {
+                s.push(c.clone());
+            }
+            self.has_stalled.store(true, Ordering::SeqCst);
+        }
+        // A release between the first look and the registration saw no one
+        // to wake: look again (a spurious wake-up later is harmless).
+        self.over(Ordering::SeqCst)
+    }
+}
+
+/// A request counted in its disk's `Waiting` until dropped.
+struct WaitingGuard {
+    ctx: Arc<DiskContext>,
+    bytes: u64,
+}
+
+impl WaitingGuard {
+    fn new(ctx: Arc<DiskContext>, bytes: u64) -> Self {
+        ctx.waiting.add(bytes);
+        WaitingGuard { ctx, bytes }
+    }
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.ctx.waiting.release(self.bytes);
+    }
+}
+
+/// Lets a few log lines through per window, lock-free, and counts the rest.
+pub struct LogLimit {
+    epoch: Instant,
+    window_secs: u64,
+    burst: u64,
+    window: AtomicU64,
+    logged: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Default for LogLimit {
+    /// Ten lines per minute.
+    fn default() -> Self {
+        LogLimit::new(10, Duration::from_secs(60))
+    }
+}
+
+impl LogLimit {
+    pub fn new(burst: u64, window: Duration) -> Self {
+        LogLimit {
+            epoch: Instant::now(),
+            window_secs: window.as_secs().max(1),
+            burst,
+            window: AtomicU64::new(0),
+            logged: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one let through)` if this one may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let now = self.epoch.elapsed().as_secs() / self.window_secs;
+        let w = self.window.load(Ordering::Relaxed);
+        if now != w
+            && self
+                .window
+                .compare_exchange(w, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.logged.store(0, Ordering::Relaxed);
+        }
+        if self.logged.fetch_add(1, Ordering::Relaxed) < self.burst {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 /// What a disk shares with its queues' workers and their pending requests.
 pub struct DiskContext {
     pub disk: Arc<Disk>,
@@ -46,6 +202,10 @@ pub struct DiskContext {
     pub poll: Duration,
     /// The disk's request counters, kept across frontend connections.
     pub stats: DiskStats,
+    /// Requests waiting off the workers, capped.
+    pub waiting: Waiting,
+    /// Rate limit of the disk's bad-request log lines, whichever queue.
+    pub bad_request_log: LogLimit,
 }
 
 /// Counts a finished request in the disk's stats.
@@ -114,7 +274,8 @@ fn execute(ctx: &DiskContext, req: &virtio_blk::Request, data: &[IoBuf], may_blo
 
 /// Finishes a request off the worker thread: fetch, retry, report. A
 /// cancelled queue drops it at the next step (its head stays inflight).
-async fn complete_pending(ctx: Arc<DiskContext>, completions: Arc<Completions>, p: PendingRequest, first: Outcome) {
+async fn complete_pending(waiting: WaitingGuard, completions: Arc<Completions>, p: PendingRequest, first: Outcome) {
+    let ctx = waiting.ctx.clone();
     let p = Arc::new(p);
     let mut outcome = first;
     let mut attempts = 0;
@@ -208,7 +369,9 @@ pub struct VhostUserBlkThread {
     descs: Vec<(vm_memory::GuestAddress, u32, bool)>,
     data: Vec<IoBuf>,
     finished: Vec<FinishedRequest>,
-    bad_requests: u64,
+    /// Set when the queue stopped popping at the disk's cap on waiting
+    /// requests: the next completion (of any queue of the disk) re-runs it.
+    stalled: bool,
     /// This queue's part of the inflight region, if the frontend gave one.
     inflight: Option<InflightQueue>,
     /// Heads a previous backend took and did not finish, oldest first.
@@ -231,7 +394,7 @@ impl VhostUserBlkThread {
             descs: Vec::with_capacity(256),
             data: Vec::with_capacity(256),
             finished: Vec::with_capacity(256),
-            bad_requests: 0,
+            stalled: false,
             inflight: None,
             resubmit: VecDeque::new(),
             halt: Arc::new(AtomicBool::new(false)),
@@ -305,6 +468,7 @@ impl VhostUserBlkThread {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         self.note_kick();
+        self.stalled = false;
         let mut state = vring.get_mut();
         let mut used = false;
         while let Some(head) = self.resubmit.pop_front() {
@@ -320,8 +484,20 @@ impl VhostUserBlkThread {
             if self.event_idx {
                 state.disable_notification().map_err(queue_error)?;
             }
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+            loop {
+                if self.ctx.waiting.must_stall(&self.completions) {
+                    self.stalled = true;
+                    break;
+                }
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                    check_avail(state.get_queue(), &*mem)?;
+                    break;
+                };
                 let head = chain.head_index();
+                if head >= state.get_queue().size() {
+                    // QEMU: "Guest says index is available"; no used entry can name it.
+                    return Err(std::io::Error::other(format!("the driver made head {head} available")));
+                }
                 if let Some(i) = self.inflight.as_mut() {
                     i.take(head);
                 }
@@ -341,7 +517,9 @@ impl VhostUserBlkThread {
                     break;
                 }
             }
-            if halt.load(Ordering::Relaxed) {
+            // Stalled, the queue stays as it is (with EVENT_IDX the driver may
+            // not kick again): a completion brings the worker back.
+            if halt.load(Ordering::Relaxed) || self.stalled {
                 break;
             }
             // A short busy poll before sleeping: a driver that submits again
@@ -412,6 +590,12 @@ impl VhostUserBlkThread {
         }
     }
 
+    /// True if the queue stopped popping at the disk's cap: run it again
+    /// when a completion comes.
+    pub fn stalled(&self) -> bool {
+        self.stalled
+    }
+
     /// Puts finished asynchronous requests on the used ring.
     pub fn process_completions(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
         self.completions.take(&mut self.finished);
@@ -456,11 +640,11 @@ impl VhostUserBlkThread {
         ) {
             Ok(req) => req,
             Err((e, status_addr)) => {
-                self.ctx.stats.bad_request();
-                self.bad_requests += 1;
-                // Hostile or broken guests must not flood the log.
-                if self.bad_requests <= 10 || self.bad_requests.is_power_of_two() {
-                    tracing::warn!(head, count = self.bad_requests, "bad request: {e}");
+                let count = self.ctx.stats.bad_request();
+                // Hostile or broken guests must not flood the log: a few
+                // lines per disk and minute, whichever queue they come from.
+                if let Some(suppressed) = self.ctx.bad_request_log.allow() {
+                    tracing::warn!(head, count, suppressed, "bad request: {e}");
                 }
                 return Some(match (status_addr, e.status()) {
                     (Some(addr), Some(status)) if virtio_blk::write_status(&**mem, addr, status) => 1,
@@ -491,13 +675,42 @@ impl VhostUserBlkThread {
                     started,
                 };
                 self.completions.start();
-                let (ctx, completions) = (self.ctx.clone(), self.completions.clone());
+                let waiting = WaitingGuard::new(self.ctx.clone(), u64::from(req.data_len));
                 self.ctx
                     .runtime
-                    .spawn(complete_pending(ctx, completions, pending, outcome));
+                    .spawn(complete_pending(waiting, self.completions.clone(), pending, outcome));
                 None
             }
         }
+    }
+}
+
+/// Called when no chain could be popped: a driver that moved the avail
+/// index by more than the queue size (or backwards), or put the avail ring
+/// outside its memory, broke the queue (QEMU's "Guest moved used index").
+/// Never popping again, rather than retrying, is what keeps the worker from
+/// spinning on it.
+fn check_avail<M: vm_memory::GuestMemory>(q: &virtio_queue::Queue, mem: &M) -> std::io::Result<()> {
+    let next = q.next_avail();
+    let idx = q.avail_idx(mem, Ordering::Acquire).map_err(queue_error)?;
+    let pending = (idx - Wrapping(next)).0;
+    if pending == 0 {
+        return Ok(());
+    }
+    if pending > q.size() {
+        return Err(std::io::Error::other(format!(
+            "the driver moved the avail index from {next} to {} (queue size {})",
+            idx.0,
+            q.size()
+        )));
+    }
+    // Made available between the pop's look and ours, or unreadable.
+    let entry = next
+        .checked_rem(q.size())
+        .and_then(|i| GuestAddress(q.avail_ring()).checked_add(4 + 2 * u64::from(i)));
+    match entry.map(|a| mem.read_obj::<u16>(a)) {
+        Some(Ok(_)) => Ok(()),
+        _ => Err(std::io::Error::other("the avail ring is outside guest memory")),
     }
 }
 

@@ -9,6 +9,17 @@ use crate::engine::{BLOCK_SIZE, SECTOR_SIZE};
 /// Most data segments in one request: the queue size we size for, less the
 /// header and status descriptors.
 pub const SEG_MAX: u32 = 126;
+/// Largest data segment (one descriptor's data), advertised as `size_max`.
+/// 128 KiB: twice Linux's default segment limit, so guests never split for
+/// it, and the largest single buffer the hot-path benchmark uses.
+pub const SIZE_MAX: u32 = 128 << 10;
+/// Largest request, in data bytes. A driver that honours SEG_MAX and
+/// SIZE_MAX cannot exceed their product (libblkio reports it as
+/// `max-transfer`, Linux splits requests to fit it), so this refuses only
+/// requests no honest driver makes. The host memory a request costs does not
+/// grow with its size (its data stays in guest memory); the chunks it may
+/// want fetched are bounded by the disk's cap on bytes waiting.
+pub const MAX_REQUEST_BYTES: u32 = SEG_MAX * SIZE_MAX;
 /// Largest discard or write-zeroes range, in sectors (32 MiB).
 pub const MAX_DISCARD_SECTORS: u32 = 32 << 11;
 /// Most ranges in one discard or write-zeroes request.
@@ -22,6 +33,7 @@ pub fn features(readonly: bool) -> u64 {
         | 1 << VIRTIO_RING_F_EVENT_IDX
         | 1 << VIRTIO_RING_F_INDIRECT_DESC
         | 1 << VIRTIO_BLK_F_SEG_MAX
+        | 1 << VIRTIO_BLK_F_SIZE_MAX
         | 1 << VIRTIO_BLK_F_BLK_SIZE
         | 1 << VIRTIO_BLK_F_TOPOLOGY
         | 1 << VIRTIO_BLK_F_FLUSH
@@ -45,6 +57,7 @@ impl BlkConfig {
         let mut b = [0u8; CONFIG_LEN];
         let capacity = size / SECTOR_SIZE;
         b[0..8].copy_from_slice(&capacity.to_le_bytes());
+        b[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         b[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         b[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         // 4 KiB physical blocks: guests align to the overlay's unit and avoid
@@ -81,6 +94,9 @@ mod tests {
         assert_eq!(c.read(0, 8), (2u64 << 20).to_le_bytes().to_vec());
         assert_eq!(c.read(34, 2), 4u16.to_le_bytes().to_vec());
         assert_eq!(c.read(20, 4), 512u32.to_le_bytes().to_vec());
+        assert_eq!(c.read(8, 4), SIZE_MAX.to_le_bytes().to_vec());
+        assert_eq!(c.read(12, 4), SEG_MAX.to_le_bytes().to_vec());
+        assert_ne!(features(false) & 1 << VIRTIO_BLK_F_SIZE_MAX, 0);
         // Reads past the end are zero-filled, never a panic.
         assert_eq!(c.read(58, 8), vec![0; 8]);
         assert_eq!(c.read(u32::MAX, 4), vec![0; 4]);

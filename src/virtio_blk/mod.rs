@@ -5,7 +5,7 @@
 mod config;
 mod request;
 
-pub use config::{features, BlkConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
+pub use config::{features, BlkConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_REQUEST_BYTES, SEG_MAX, SIZE_MAX};
 pub use request::{discard_segments, parse, write_status, DiscardSegment, Error, Request, RequestType, HEADER_LEN};
 
 /// Status byte values (virtio 1.2, 5.2.6).

@@ -11,15 +11,23 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_REQUEST_BYTES, SEG_MAX, SIZE_MAX};
 use super::{STATUS_IOERR, STATUS_UNSUPP};
 use crate::engine::{IoBuf, IoRange, SECTOR_SIZE};
 
 pub const HEADER_LEN: usize = 16;
 const DISCARD_SEGMENT_LEN: usize = 16;
+/// Most descriptors a request may have: SEG_MAX data segments, a header
+/// split into single bytes (VIRTIO_F_ANY_LAYOUT allows it) and the status.
+/// Also the most the parser keeps, so a long chain grows no scratch.
+const MAX_DESCS: usize = SEG_MAX as usize + HEADER_LEN + 1;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
+    /// The walk stopped at a descriptor that still points to a next one: a
+    /// loop, a next index outside the table, or more than 4 GiB in all.
+    #[error("descriptor chain is broken: its last descriptor has NEXT set")]
+    BrokenChain,
     #[error("descriptor chain has no device-writable status byte")]
     NoStatus,
     #[error("device-readable descriptor after a device-writable one")]
@@ -42,6 +50,12 @@ pub enum Error {
     SegmentFlags(u32),
     #[error("unsupported request type {0}")]
     UnsupportedType(u32),
+    #[error("{0} descriptors in a request, at most {SEG_MAX} data segments allowed")]
+    TooManySegments(usize),
+    #[error("a data segment of {0} bytes, at most {SIZE_MAX} allowed")]
+    SegmentTooLong(u64),
+    #[error("request of {0} data bytes, at most {MAX_REQUEST_BYTES} allowed")]
+    TooLarge(u64),
 }
 
 impl Error {
@@ -49,7 +63,8 @@ impl Error {
     /// when there is nowhere to put one.
     pub fn status(&self) -> Option<u8> {
         match self {
-            Error::NoStatus | Error::DescriptorOrder => None,
+            // A broken chain's end is not to be trusted: nothing is written.
+            Error::BrokenChain | Error::NoStatus | Error::DescriptorOrder => None,
             Error::UnsupportedType(_) | Error::SegmentFlags(_) => Some(STATUS_UNSUPP),
             _ => Some(STATUS_IOERR),
         }
@@ -98,9 +113,9 @@ pub struct DiscardSegment {
 
 /// Where the status byte of a chain goes, if it has one. Used to answer a
 /// chain that `parse` refused.
-fn status_of(descs: &[(GuestAddress, u32, bool)]) -> Result<GuestAddress, Error> {
-    match descs.last() {
-        Some(&(addr, len, true)) if len >= 1 => addr
+fn status_of(last: Option<(GuestAddress, u32, bool)>) -> Result<GuestAddress, Error> {
+    match last {
+        Some((addr, len, true)) if len >= 1 => addr
             .checked_add(u64::from(len) - 1)
             .ok_or(Error::GuestMemory { addr: addr.0, len }),
         _ => Err(Error::NoStatus),
@@ -142,16 +157,38 @@ where
     descs.clear();
     data.clear();
     let mut seen_writable = false;
+    let mut misordered = false;
+    let mut count = 0usize;
+    let mut last = None;
+    let mut last_has_next = false;
+    // Walk the whole chain (the iterator bounds it) even past MAX_DESCS: its
+    // end decides whether it is whole and where its status byte goes.
     for d in chain {
         if d.is_write_only() {
             seen_writable = true;
         } else if seen_writable {
-            return Err((Error::DescriptorOrder, None));
+            misordered = true;
         }
-        descs.push((d.addr(), d.len(), d.is_write_only()));
+        let entry = (d.addr(), d.len(), d.is_write_only());
+        if descs.len() < MAX_DESCS {
+            descs.push(entry);
+        }
+        count += 1;
+        last = Some(entry);
+        last_has_next = d.has_next();
     }
-    let status_addr = status_of(descs).map_err(|e| (e, None))?;
+    if last_has_next {
+        return Err((Error::BrokenChain, None));
+    }
+    if misordered {
+        return Err((Error::DescriptorOrder, None));
+    }
+    let status_addr = status_of(last).map_err(|e| (e, None))?;
     let fail = |e: Error| (e, Some(status_addr));
+    if count > descs.len() {
+        return Err(fail(Error::TooManySegments(count)));
+    }
+    check_segments(descs).map_err(fail)?;
 
     // Split the streams: readable (header + out data), writable (in data, less the status byte).
     let readable = descs.iter().take_while(|d| !d.2).count();
@@ -214,7 +251,10 @@ where
             0
         }
     };
-    let data_len = u32::try_from(data_len).map_err(|_| fail(Error::Layout(type_)))?;
+    if data_len > MAX_REQUEST_BYTES as usize {
+        return Err(fail(Error::TooLarge(data_len as u64)));
+    }
+    let data_len = data_len as u32;
 
     if matches!(kind, RequestType::In | RequestType::Out) {
         if !(data_len as u64).is_multiple_of(SECTOR_SIZE) {
@@ -244,6 +284,37 @@ where
         data_len,
         status_addr,
     })
+}
+
+/// Checks the data segments against SEG_MAX and SIZE_MAX. A segment is a
+/// descriptor's data: readable bytes past the header, writable bytes before
+/// the status byte.
+fn check_segments(descs: &[(GuestAddress, u32, bool)]) -> Result<(), Error> {
+    let mut segments = 0usize;
+    let mut readable = 0u64;
+    let n = descs.len();
+    for (i, &(_, len, writable)) in descs.iter().enumerate() {
+        let len = u64::from(len);
+        let bytes = if !writable {
+            let header_left = (HEADER_LEN as u64).saturating_sub(readable);
+            readable += len;
+            len.saturating_sub(header_left)
+        } else if i + 1 == n {
+            len - 1
+        } else {
+            len
+        };
+        if bytes > 0 {
+            segments += 1;
+        }
+        if bytes > u64::from(SIZE_MAX) {
+            return Err(Error::SegmentTooLong(bytes));
+        }
+    }
+    if segments > SEG_MAX as usize {
+        return Err(Error::TooManySegments(n));
+    }
+    Ok(())
 }
 
 /// Removes the first `n` bytes of the buffer list.
