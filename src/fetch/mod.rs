@@ -1,22 +1,25 @@
 //! The fetch scheduler, one per daemon: brings chunks from the store into
 //! Local Caches. Three classes in strict priority (demand > profile >
 //! background), single flight per chunk, a concurrency limit, per-attempt
-//! timeouts, retries with backoff up to a deadline, a rate cap for the low
-//! classes, and digest verification before a chunk enters a cache.
+//! timeouts, retries with backoff up to a deadline, rates for the low
+//! classes (adaptive or fixed, see `rate`) that a flight passes before it
+//! takes a slot, and digest verification before a chunk enters a cache.
 
 mod base;
+pub mod rate;
 mod replay;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use base::StreamedBase;
 use futures::stream::{FuturesUnordered, StreamExt};
 pub use replay::{ProfileCounters, ProfileReplay};
 use tokio::sync::{watch, Notify};
+// tokio's clock, so that tests can run the scheduler on paused time.
+use tokio::time::Instant;
 
 use crate::cache::ImageCache;
 use crate::store::{self, verify_chunk, ChunkIdx, ImageId, ImageStore};
@@ -33,23 +36,14 @@ pub enum Class {
     Demand = 2,
 }
 
-impl Class {
-    fn from_u8(v: u8) -> Class {
-        match v {
-            2 => Class::Demand,
-            1 => Class::Profile,
-            _ => Class::Background,
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
     /// Fetches in flight at once.
     pub concurrency: usize,
     /// Of those, at most this many for profile and background.
     pub low_concurrency: usize,
-    /// Cap on background fetching, bytes per second (None: no cap).
+    /// Cap on background fetching, bytes per second; None: adaptive (it
+    /// yields to guests' fetches and uses the link while they are idle).
     pub fill_rate: Option<u64>,
     /// Cap on profile streaming, bytes per second (None: no cap).
     pub profile_rate: Option<u64>,
@@ -66,7 +60,7 @@ impl Default for FetchConfig {
         FetchConfig {
             concurrency: 8,
             low_concurrency: 4,
-            fill_rate: Some(50_000_000),
+            fill_rate: None,
             profile_rate: Some(200_000_000),
             attempt_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(30),
@@ -119,6 +113,8 @@ pub struct FetchCounters {
 
 /// A rate that is no cap.
 const NO_CAP: u64 = u64::MAX;
+/// The background rate that says "adaptive".
+const AUTO: u64 = u64::MAX - 1;
 
 type Key = (ImageId, u32);
 type Outcome = Option<Result<(), Arc<FetchError>>>;
@@ -131,31 +127,42 @@ struct Flight {
     tx: watch::Sender<Outcome>,
 }
 
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Queued {
-    class: Class,
-    seq: Reverse<u64>,
-    key: Key,
-}
-
 #[derive(Default)]
 struct State {
-    queue: BinaryHeap<Queued>,
+    /// Per class, flights in the order wanted. A flight wanted again at a
+    /// higher class is queued there too; its older entry is skipped.
+    queues: [VecDeque<Key>; 3],
     flights: HashMap<Key, Arc<Flight>>,
-    seq: u64,
     running_low: usize,
+    /// Flights wanted at demand class and not finished: guests waiting.
+    demand_pending: usize,
 }
+
+/// What the workers saw since the controller's last tick.
+#[derive(Default)]
+struct TickLog {
+    demand_seen: bool,
+    samples: Vec<rate::Sample>,
+}
+
+/// Samples kept per tick; beyond it they are dropped (plenty to judge by).
+const MAX_SAMPLES: usize = 1024;
 
 struct Inner {
     store: ImageStore,
     config: FetchConfig,
     state: Mutex<State>,
     wake: Notify,
-    /// Token buckets for background and profile: (tokens in bytes, last refill).
-    buckets: [Mutex<(f64, Instant)>; 2],
-    /// Caps of background and profile in bytes per second (NO_CAP: none);
-    /// start as the config's, changed by `set_rates`.
+    /// Token buckets for background and profile.
+    buckets: [Mutex<rate::Bucket>; 2],
+    /// Caps of background and profile in bytes per second (NO_CAP: none,
+    /// AUTO: background adapts); start as the config's, changed by `set_rates`.
     rates: [AtomicU64; 2],
+    /// The rates in force for background and profile, bytes per second:
+    /// the caps, or the controller's rates under them.
+    effective: [AtomicU64; 2],
+    controller: Mutex<rate::RateController>,
+    tick_log: Mutex<TickLog>,
     counters: FetchCounters,
     /// Chunks in the order workers took them, for the ordering tests.
     #[cfg(test)]
@@ -174,19 +181,27 @@ impl Fetcher {
             store,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
-            buckets: [Mutex::new((0.0, Instant::now())), Mutex::new((0.0, Instant::now()))],
+            buckets: [
+                Mutex::new(rate::Bucket::new(Instant::now())),
+                Mutex::new(rate::Bucket::new(Instant::now())),
+            ],
             rates: [
-                AtomicU64::new(config.fill_rate.unwrap_or(NO_CAP)),
+                AtomicU64::new(config.fill_rate.unwrap_or(AUTO)),
                 AtomicU64::new(config.profile_rate.unwrap_or(NO_CAP)),
             ],
+            effective: [AtomicU64::new(0), AtomicU64::new(0)],
+            controller: Mutex::new(rate::RateController::new()),
+            tick_log: Mutex::default(),
             counters: FetchCounters::default(),
             #[cfg(test)]
             taken: Mutex::default(),
             config,
         });
+        inner.publish_rates();
         for _ in 0..inner.config.concurrency.max(1) {
             runtime.spawn(worker(inner.clone()));
         }
+        runtime.spawn(control_loop(Arc::downgrade(&inner)));
         Fetcher { inner }
     }
 
@@ -194,17 +209,39 @@ impl Fetcher {
         &self.inner.counters
     }
 
-    /// Changes the background fill and profile streaming caps (bytes per
-    /// second; None: no cap) of fetches from now on. Whether background
-    /// fill runs at all is fixed when the fetcher starts.
+    /// Changes the background fill cap (bytes per second; None: adaptive)
+    /// and the profile streaming cap (None: no cap) of fetches from now on.
+    /// Whether background fill runs at all is fixed when the fetcher starts.
     pub fn set_rates(&self, fill: Option<u64>, profile: Option<u64>) {
-        self.inner.rates[0].store(fill.unwrap_or(NO_CAP), Ordering::Relaxed);
+        self.inner.rates[0].store(fill.unwrap_or(AUTO), Ordering::Relaxed);
         self.inner.rates[1].store(profile.unwrap_or(NO_CAP), Ordering::Relaxed);
+        self.inner.publish_rates();
     }
 
-    /// The current background fill and profile streaming caps.
+    /// The current background fill cap (None: adaptive) and profile streaming cap.
     pub fn rates(&self) -> (Option<u64>, Option<u64>) {
         (self.inner.rate(0), self.inner.rate(1))
+    }
+
+    /// Background fill is adaptive (`--fill-rate auto`).
+    pub fn fill_is_auto(&self) -> bool {
+        self.inner.rates[0].load(Ordering::Relaxed) == AUTO
+    }
+
+    /// The background fill rate in force now, bytes per second: the
+    /// adaptive controller's rate, or the fixed cap (u64::MAX: no cap); 0
+    /// when background fill is off.
+    pub fn fill_rate_now(&self) -> u64 {
+        if self.inner.config.background_fill {
+            self.inner.effective[0].load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// The profile streaming rate in force now, bytes per second (u64::MAX: no limit).
+    pub fn profile_rate_now(&self) -> u64 {
+        self.inner.effective[1].load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &FetchConfig {
@@ -232,6 +269,9 @@ impl Fetcher {
                 Some(f) => {
                     // A higher class overtakes the queue if not started yet.
                     let prev = f.class.fetch_max(class as u8, Ordering::AcqRel);
+                    if class == Class::Demand && prev < Class::Demand as u8 {
+                        s.demand_pending += 1;
+                    }
                     if (class as u8) > prev && !f.started.load(Ordering::Acquire) {
                         push(&mut s, class, key);
                         self.inner.wake.notify_one();
@@ -252,6 +292,9 @@ impl Fetcher {
                             tx,
                         }),
                     );
+                    if class == Class::Demand {
+                        s.demand_pending += 1;
+                    }
                     push(&mut s, class, key);
                     self.inner.wake.notify_one();
                     Some(rx)
@@ -295,9 +338,7 @@ impl Fetcher {
 }
 
 fn push(s: &mut State, class: Class, key: Key) {
-    s.seq += 1;
-    let seq = Reverse(s.seq);
-    s.queue.push(Queued { class, seq, key });
+    s.queues[class as usize].push_back(key);
 }
 
 impl Inner {
@@ -305,78 +346,107 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the next flight this worker may start, if any.
-    fn take(&self) -> Option<(Arc<Flight>, Class)> {
+    /// Takes the next flight this worker may start: the oldest of the
+    /// highest class that has one, if a slot is free and (for the low
+    /// classes) its rate allows it now. Otherwise says when a rate-limited
+    /// flight could go (None: wait for a want).
+    fn take(&self) -> Result<(Arc<Flight>, Class), Option<Instant>> {
         let mut s = self.lock();
-        loop {
-            let top = s.queue.peek()?;
-            let flight = match s.flights.get(&top.key) {
-                Some(f) if !f.started.load(Ordering::Acquire) => f.clone(),
-                // Done, or started under an earlier entry.
-                _ => {
-                    s.queue.pop();
-                    continue;
-                }
-            };
-            let class = Class::from_u8(flight.class.load(Ordering::Acquire));
+        let mut retry: Option<Instant> = None;
+        for class in [Class::Demand, Class::Profile, Class::Background] {
             if class < Class::Demand && s.running_low >= self.config.low_concurrency {
-                return None;
+                break;
             }
-            s.queue.pop();
-            flight.started.store(true, Ordering::Release);
-            if class < Class::Demand {
-                s.running_low += 1;
+            while let Some(&key) = s.queues[class as usize].front() {
+                let flight = match s.flights.get(&key) {
+                    Some(f) if !f.started.load(Ordering::Acquire) && f.class.load(Ordering::Acquire) == class as u8 => {
+                        f.clone()
+                    }
+                    // Done, started, or queued again at a higher class.
+                    _ => {
+                        s.queues[class as usize].pop_front();
+                        continue;
+                    }
+                };
+                if class < Class::Demand {
+                    // The rate is passed before the slot is taken: a flight
+                    // waiting for its rate holds no slot.
+                    let bytes =
+                        flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
+                    if let Err(at) = self.pass_rate(class, bytes) {
+                        retry = Some(retry.map_or(at, |r| r.min(at)));
+                        break;
+                    }
+                    s.running_low += 1;
+                }
+                s.queues[class as usize].pop_front();
+                flight.started.store(true, Ordering::Release);
+                self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+                #[cfg(test)]
+                self.taken.lock().unwrap().push(flight.chunk.0);
+                if s.queues.iter().any(|q| !q.is_empty()) {
+                    // Let another worker look at the rest.
+                    self.wake.notify_one();
+                }
+                return Ok((flight, class));
             }
-            self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
-            #[cfg(test)]
-            self.taken.lock().unwrap().push(flight.chunk.0);
-            if !s.queue.is_empty() {
-                // Let another worker look at the rest.
-                self.wake.notify_one();
-            }
-            return Some((flight, class));
         }
+        Err(retry)
     }
 
     /// The cap of background (0) or profile (1) fetching, if any.
     fn rate(&self, i: usize) -> Option<u64> {
-        Some(self.rates[i].load(Ordering::Relaxed)).filter(|&r| r != NO_CAP)
+        Some(self.rates[i].load(Ordering::Relaxed)).filter(|&r| r != NO_CAP && r != AUTO)
     }
 
-    /// Waits for `bytes` of its class's budget, unless the flight becomes demand.
-    async fn throttle(&self, flight: &Flight, class: Class, bytes: u64) {
-        let rate = match class {
-            Class::Background => self.rate(0),
-            Class::Profile => self.rate(1),
-            Class::Demand => None,
+    /// Takes `bytes` from the low class's bucket, or says when to try again.
+    fn pass_rate(&self, class: Class, bytes: u64) -> Result<(), Instant> {
+        let rate = self.effective[class as usize].load(Ordering::Relaxed);
+        if rate == NO_CAP {
+            return Ok(());
+        }
+        let mut b = self.buckets[class as usize].lock().unwrap_or_else(|e| e.into_inner());
+        b.try_take(bytes, rate as f64, Instant::now())
+    }
+
+    /// Sets the rates in force from the caps and the controller.
+    fn publish_rates(&self) {
+        let (fill, profile) = {
+            let c = self.controller.lock().unwrap_or_else(|e| e.into_inner());
+            (c.fill() as u64, c.profile() as u64)
         };
-        let Some(rate) = rate else { return };
-        let rate = rate.max(1) as f64;
-        loop {
-            let wait = {
-                let mut b = self.buckets[class as usize].lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                // Up to a quarter second of burst.
-                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate / 4.0 + bytes as f64);
-                b.1 = now;
-                if b.0 >= bytes as f64 {
-                    b.0 -= bytes as f64;
-                    return;
-                }
-                Duration::from_secs_f64((bytes as f64 - b.0) / rate)
-            };
-            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
-                return;
-            }
-            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+        let fill = match self.rates[0].load(Ordering::Relaxed) {
+            AUTO => fill,
+            cap => cap,
+        };
+        // The profile yields to guests under its cap (if any) too.
+        let profile = self.rates[1].load(Ordering::Relaxed).min(profile);
+        let profile = if profile as f64 >= rate::MAX_RATE {
+            NO_CAP
+        } else {
+            profile
+        };
+        self.effective[0].store(fill, Ordering::Relaxed);
+        self.effective[1].store(profile, Ordering::Relaxed);
+    }
+
+    /// Records a finished fetch for the controller.
+    fn log_fetch(&self, class: Class, latency: Duration, bytes: u64) {
+        let mut log = self.tick_log.lock().unwrap_or_else(|e| e.into_inner());
+        if class == Class::Demand {
+            log.demand_seen = true;
+        }
+        if log.samples.len() < MAX_SAMPLES {
+            log.samples.push(rate::Sample { class, latency, bytes });
         }
     }
 
-    async fn fetch(&self, flight: &Flight) -> Result<(), FetchError> {
+    /// Fetches, verifies and caches the flight's chunk; returns the stored bytes fetched.
+    async fn fetch(&self, flight: &Flight) -> Result<u64, FetchError> {
         let cache = &flight.cache;
         let m = cache.manifest();
         let Some(entry) = m.chunks[flight.chunk.0 as usize] else {
-            return Ok(());
+            return Ok(0);
         };
         let len = m.chunk_len(flight.chunk);
         let deadline = Instant::now() + self.config.deadline;
@@ -397,7 +467,7 @@ impl Inner {
                         self.counters
                             .store_bytes
                             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        return Ok(());
+                        return Ok(bytes.len() as u64);
                     }
                     Err(why) => {
                         self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
@@ -433,26 +503,69 @@ impl Inner {
 async fn worker(strong: Arc<Inner>) {
     loop {
         let notified = strong.wake.notified();
-        let Some((flight, class)) = strong.take() else {
-            notified.await;
-            continue;
+        let (flight, class) = match strong.take() {
+            Ok(taken) => taken,
+            Err(None) => {
+                notified.await;
+                continue;
+            }
+            Err(Some(at)) => {
+                // Rates change with every tick: look again at least that often.
+                let at = at.min(Instant::now() + rate::TICK);
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+                continue;
+            }
         };
-        if class < Class::Demand {
-            let len = flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
-            strong.throttle(&flight, class, len).await;
-        }
         let started = Instant::now();
         let result = strong.fetch(&flight).await.map_err(Arc::new);
-        strong.counters.latency[class as usize].observe(started.elapsed());
+        let took = started.elapsed();
+        strong.counters.latency[class as usize].observe(took);
+        strong.log_fetch(class, took, *result.as_ref().unwrap_or(&0));
         {
             let mut s = strong.lock();
             s.flights.remove(&(*flight.cache.id(), flight.chunk.0));
             if class < Class::Demand {
                 s.running_low -= 1;
             }
+            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
+                s.demand_pending -= 1;
+            }
         }
-        flight.tx.send_replace(Some(result));
+        flight.tx.send_replace(Some(result.map(|_| ())));
         strong.wake.notify_one();
+    }
+}
+
+/// Every tick, feeds what the fetches saw to the rate controller and
+/// publishes the rates it decides.
+async fn control_loop(inner: Weak<Inner>) {
+    let mut ticks = tokio::time::interval(rate::TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let log = std::mem::take(&mut *inner.tick_log.lock().unwrap_or_else(|e| e.into_inner()));
+        let tick = rate::Tick {
+            dt: now.duration_since(last),
+            demand_waiting: log.demand_seen || inner.lock().demand_pending > 0,
+            samples: log.samples,
+        };
+        last = now;
+        inner
+            .controller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(&tick, now);
+        inner.publish_rates();
+        if !tick.samples.is_empty() || tick.demand_waiting {
+            // Workers waiting on a rate may go sooner now.
+            inner.wake.notify_waiters();
+        }
     }
 }
 

@@ -1,13 +1,18 @@
 //! Boot profile replay: stream an image's profile in order at profile
-//! priority, a bounded window ahead of the guests' progress through it, and
-//! count how well it kept ahead.
+//! priority, a bounded window ahead of the boot, and count how well it kept
+//! ahead. The boot's position is the further of the guests' progress
+//! through the profile and the boot clock, which starts at the first guest
+//! attach: with the recorded boot's length, the profile is spread evenly
+//! over it; without, the clock moves at the profile's rate. Replay ends at
+//! the profile's end whatever the guests read.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Weak;
-use std::time::Instant;
+use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::{Class, Fetcher};
 use crate::cache::ImageCache;
@@ -36,8 +41,12 @@ pub struct ProfileReplay {
     seen: Vec<AtomicBool>,
     /// One past the furthest profile position a guest has read.
     progress: AtomicU32,
+    /// Guests moved on, or the first attached.
     moved: Notify,
+    /// When the image opened; times below are microseconds since.
     start: Instant,
+    /// The first guest attach (or, if none was reported, the first read).
+    attach_us: AtomicU64,
     first_read_us: AtomicU64,
     done_us: AtomicU64,
     pub counters: ProfileCounters,
@@ -56,6 +65,7 @@ impl ProfileReplay {
             progress: AtomicU32::new(0),
             moved: Notify::new(),
             start: Instant::now(),
+            attach_us: AtomicU64::new(UNSET),
             first_read_us: AtomicU64::new(UNSET),
             done_us: AtomicU64::new(UNSET),
             counters: ProfileCounters::default(),
@@ -70,15 +80,26 @@ impl ProfileReplay {
         self.profile.chunks.is_empty()
     }
 
+    /// Notes that a guest attached to a disk of the image: the first
+    /// attach starts the boot clock (later ones change nothing).
+    pub fn note_attach(&self) {
+        if set_once(&self.attach_us, self.start) {
+            self.moved.notify_one();
+        }
+    }
+
+    /// When the boot clock started, if it did.
+    fn attached_at(&self) -> Option<Instant> {
+        let us = self.attach_us.load(Ordering::Relaxed);
+        (us != UNSET).then(|| self.start + Duration::from_micros(us))
+    }
+
     /// Notes a guest read of `chunks`; `ready` says whether a chunk is local.
     pub fn note_read(&self, chunks: std::ops::Range<u32>, ready: impl Fn(ChunkIdx) -> bool) {
         if self.first_read_us.load(Ordering::Relaxed) == UNSET {
-            let _ = self.first_read_us.compare_exchange(
-                UNSET,
-                self.start.elapsed().as_micros() as u64,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            set_once(&self.first_read_us, self.start);
+            // A read is an attach, whether or not one was reported.
+            self.note_attach();
         }
         for c in chunks {
             let p = self.position[c as usize];
@@ -96,16 +117,30 @@ impl ProfileReplay {
         }
     }
 
-    /// Waits until the boot the profile recorded would be over.
+    /// Waits for the first attach, then until the boot the profile
+    /// recorded would be over.
     pub async fn boot_over(&self) {
+        let attached = loop {
+            let moved = self.moved.notified();
+            if let Some(t) = self.attached_at() {
+                break t;
+            }
+            moved.await;
+        };
         if let Some(ms) = self.profile.boot_ms {
-            tokio::time::sleep_until((self.start + std::time::Duration::from_millis(ms)).into()).await;
+            tokio::time::sleep_until(attached + Duration::from_millis(ms)).await;
         }
     }
 
-    /// Milliseconds from attach to the guest's first read, and to the end of the profile stream.
+    /// Milliseconds from the first attach to the guest's first read, and to
+    /// the end of the profile stream (from the image's opening while no
+    /// attach was reported).
     pub fn times_ms(&self) -> (Option<u64>, Option<u64>) {
-        let f = |v: u64| (v != UNSET).then_some(v / 1000);
+        let attach = match self.attach_us.load(Ordering::Relaxed) {
+            UNSET => 0,
+            us => us,
+        };
+        let f = |v: u64| (v != UNSET).then_some(v.saturating_sub(attach) / 1000);
         (
             f(self.first_read_us.load(Ordering::Relaxed)),
             f(self.done_us.load(Ordering::Relaxed)),
@@ -113,14 +148,89 @@ impl ProfileReplay {
     }
 }
 
-/// Streams the profile, `window` chunks ahead of the guests' progress.
+/// Sets `slot` to the microseconds since `start` unless it is set; true if it was not.
+fn set_once(slot: &AtomicU64, start: Instant) -> bool {
+    let now = start.elapsed().as_micros() as u64;
+    slot.compare_exchange(UNSET, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// The boot clock: how far through the profile the boot should be by now.
+struct BootClock {
+    /// Recorded boot length: the profile's chunks spread evenly over it.
+    boot: Option<Duration>,
+    /// Otherwise: stored bytes of the profile up to each position (the clock
+    /// moves at the profile's rate).
+    bytes_before: Vec<u64>,
+    /// Bytes the clock has moved through at the profile's rate.
+    bytes: f64,
+    last: Option<Instant>,
+}
+
+impl BootClock {
+    fn new(replay: &ProfileReplay, cache: &ImageCache) -> Self {
+        let m = cache.manifest();
+        let mut total = 0;
+        let bytes_before = replay
+            .profile
+            .chunks
+            .iter()
+            .map(|&c| {
+                let before = total;
+                total += m.chunks[c as usize].map_or(0, |e| u64::from(e.stored_len));
+                before
+            })
+            .collect();
+        BootClock {
+            boot: replay.profile.boot_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
+            bytes_before,
+            bytes: 0.0,
+            last: None,
+        }
+    }
+
+    /// The profile position the clock is at, moving at `rate` bytes per
+    /// second since the last call (u64::MAX: no limit).
+    fn position(&mut self, attached: Option<Instant>, rate: u64, now: Instant) -> u32 {
+        let Some(attached) = attached else { return 0 };
+        let n = self.bytes_before.len();
+        if let Some(boot) = self.boot {
+            let f = now.duration_since(attached).as_secs_f64() / boot.as_secs_f64();
+            return (n as f64 * f).min(n as f64) as u32;
+        }
+        if rate == u64::MAX {
+            return n as u32;
+        }
+        let since = self.last.map_or(attached, |t| t.max(attached));
+        self.bytes += now.duration_since(since).as_secs_f64() * rate as f64;
+        self.last = Some(now);
+        self.bytes_before.partition_point(|&b| (b as f64) < self.bytes) as u32
+    }
+}
+
+/// How often the boot clock moves the window while nothing else happens.
+const CLOCK_STEP: Duration = Duration::from_millis(100);
+
+/// Streams the profile, `window` chunks ahead of the boot (see the module's
+/// documentation), until its end.
 pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: &ProfileReplay, window: u32) {
     let per_pass = fetcher.config().low_concurrency.max(1);
     let n = replay.len() as u32;
+    let mut clock = match cache.upgrade() {
+        Some(c) => BootClock::new(replay, &c),
+        None => return,
+    };
     let mut next = 0u32;
     let mut running = FuturesUnordered::new();
     loop {
-        while running.len() < per_pass && next < n && next < replay.progress.load(Ordering::Relaxed) + window {
+        let moved = replay.moved.notified();
+        let attached = replay.attached_at();
+        let boot = replay.progress.load(Ordering::Relaxed).max(clock.position(
+            attached,
+            fetcher.profile_rate_now(),
+            Instant::now(),
+        ));
+        while running.len() < per_pass && next < n && next < boot.saturating_add(window) {
             let Some(c) = cache.upgrade() else { return };
             let chunk = ChunkIdx(replay.profile.chunks[next as usize]);
             if !c.is_ready(chunk) {
@@ -138,7 +248,8 @@ pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: 
                     replay.counters.streamed.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ = replay.moved.notified() => {}
+            _ = moved => {}
+            _ = tokio::time::sleep(CLOCK_STEP), if attached.is_some() && next < n => {}
         }
     }
     replay

@@ -1,0 +1,403 @@
+//! How fast the low classes may fetch: token buckets that a flight must pass
+//! before it takes a slot, and the adaptive controller behind
+//! `--fill-rate auto` that lets background fill (and, above a floor, profile
+//! streaming) use the link only while guests are not waiting on it.
+//!
+//! The controller's rule, applied every [`TICK`] (LEDBAT and TCP-LP in
+//! spirit: a scavenger that yields at the first sign of the foreground):
+//!
+//! 1. Guests waiting (a demand fetch queued, running or finished during the
+//!    tick), or a demand fetch slower than its idle baseline: both rates
+//!    halve (fill down to [`MIN_FILL`], profile down to its floor, a share of
+//!    the link's measured capacity), and neither grows again until [`HOLD`]
+//!    has passed without a waiting guest (a boot's misses come in bursts).
+//! 2. Otherwise, if most low-class fetches of the tick took well over their
+//!    baseline, the link is full and more rate only builds a queue that the
+//!    next guest miss would wait behind: both shrink gently (x 7/8).
+//! 3. Otherwise both grow by a quarter plus [`STEP`] per tick (from 4 MB/s
+//!    to 1 GB/s in about 2.5 s); fill never to more than twice the bytes per
+//!    second the link has been delivering, so a halving bites at once.
+//!
+//! The baseline of a fetch of `n` bytes is `rtt + n * per_byte`: the
+//! smallest latency, and the smallest latency per byte of fetches of at
+//! least [`PER_BYTE_MIN_BYTES`], seen over the last one to two
+//! [`BASE_WINDOW`]s (chunks differ in stored size, so a plain minimum
+//! latency would call every large chunk late; the per-byte figure includes a
+//! share of the round trip, which errs on the generous side).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Class;
+
+/// How often the controller looks at what the fetches saw.
+pub const TICK: Duration = Duration::from_millis(100);
+/// The least background fill keeps while guests wait: about one 256 KiB chunk a second.
+pub const MIN_FILL: f64 = 256.0 * 1024.0;
+/// Where adaptive fill starts.
+pub const START_FILL: f64 = 4e6;
+/// The profile stream never yields below this share of the link's capacity.
+pub const PROFILE_FLOOR_SHARE: f64 = 0.5;
+/// ... nor below this, whatever was measured.
+pub const MIN_PROFILE: f64 = 1e6;
+/// A rate beyond any link: no limit in practice.
+pub const MAX_RATE: f64 = 100e9;
+/// Added on each increase, so growth does not stall near the minimum.
+pub const STEP: f64 = 256.0 * 1024.0;
+/// How long after the last waiting guest the rates stay down.
+pub const HOLD: Duration = Duration::from_secs(1);
+/// A fetch is late when it takes over this many times its baseline ...
+pub const LATE_FACTOR: f64 = 2.0;
+/// ... plus this much (timer and scheduling noise).
+pub const LATE_SLACK: Duration = Duration::from_millis(5);
+/// Minima older than one to two of these are forgotten (routes and servers change).
+pub const BASE_WINDOW: Duration = Duration::from_secs(60);
+/// Fetches smaller than this teach the baseline's round trip, not its per-byte cost.
+pub const PER_BYTE_MIN_BYTES: u64 = 64 << 10;
+/// Capacity estimate: the peak of throughput, halving every this many seconds.
+const CAPACITY_HALF_LIFE_SECS: f64 = 300.0;
+/// Throughput is averaged over about this long.
+const THROUGHPUT_SECS: f64 = 1.0;
+
+/// One finished fetch, as the controller sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub class: Class,
+    pub latency: Duration,
+    /// Stored bytes fetched (0 for a failed fetch).
+    pub bytes: u64,
+}
+
+/// What happened during one tick.
+#[derive(Debug, Default)]
+pub struct Tick {
+    pub dt: Duration,
+    /// A guest waited on a fetch at some point of the tick.
+    pub demand_waiting: bool,
+    pub samples: Vec<Sample>,
+}
+
+/// A minimum over a sliding window, kept as two half windows.
+#[derive(Clone, Copy, Debug)]
+struct WindowedMin {
+    current: Option<f64>,
+    previous: Option<f64>,
+    since: Option<Instant>,
+}
+
+impl WindowedMin {
+    const fn new() -> Self {
+        WindowedMin {
+            current: None,
+            previous: None,
+            since: None,
+        }
+    }
+
+    fn observe(&mut self, v: f64, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= BASE_WINDOW {
+            self.previous = self.current;
+            self.current = None;
+            self.since = Some(now);
+        }
+        self.current = Some(self.current.map_or(v, |c| c.min(v)));
+    }
+
+    fn get(&self) -> Option<f64> {
+        match (self.current, self.previous) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What an unloaded fetch of `n` bytes takes: `rtt + n * per_byte`.
+#[derive(Clone, Copy, Debug)]
+pub struct Baseline {
+    rtt: WindowedMin,
+    per_byte: WindowedMin,
+}
+
+impl Baseline {
+    pub const fn new() -> Self {
+        Baseline {
+            rtt: WindowedMin::new(),
+            per_byte: WindowedMin::new(),
+        }
+    }
+
+    pub fn observe(&mut self, s: &Sample, now: Instant) {
+        if s.bytes == 0 {
+            return;
+        }
+        let secs = s.latency.as_secs_f64();
+        self.rtt.observe(secs, now);
+        if s.bytes >= PER_BYTE_MIN_BYTES {
+            self.per_byte.observe(secs / s.bytes as f64, now);
+        }
+    }
+
+    /// The baseline for `bytes`, once anything was seen.
+    pub fn expected(&self, bytes: u64) -> Option<Duration> {
+        let rtt = self.rtt.get()?;
+        let per_byte = self.per_byte.get().unwrap_or(0.0);
+        Some(Duration::from_secs_f64(rtt + per_byte * bytes as f64))
+    }
+
+    /// The sample took well over its baseline.
+    pub fn is_late(&self, s: &Sample) -> bool {
+        self.expected(s.bytes)
+            .is_some_and(|e| s.latency > e.mul_f64(LATE_FACTOR) + LATE_SLACK)
+    }
+}
+
+/// The adaptive rates of background fill and profile streaming.
+#[derive(Debug)]
+pub struct RateController {
+    fill: f64,
+    profile: f64,
+    baseline: Baseline,
+    hold_until: Option<Instant>,
+    /// Bytes per second fetched (all classes), averaged over about a second.
+    throughput: f64,
+    /// The peak of `throughput`, slowly forgotten: the link's capacity as far as seen.
+    capacity: f64,
+}
+
+impl Default for RateController {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RateController {
+    /// Fill starts low and grows; the profile starts unlimited (it measures
+    /// the link for its own floor) and yields once guests wait.
+    pub fn new() -> Self {
+        RateController {
+            fill: START_FILL,
+            profile: MAX_RATE,
+            baseline: Baseline::new(),
+            hold_until: None,
+            throughput: 0.0,
+            capacity: 0.0,
+        }
+    }
+
+    /// Background fill's rate now, bytes per second.
+    pub fn fill(&self) -> f64 {
+        self.fill
+    }
+
+    /// Profile streaming's rate now, bytes per second.
+    pub fn profile(&self) -> f64 {
+        self.profile
+    }
+
+    /// The link's capacity as far as seen, bytes per second.
+    pub fn capacity(&self) -> f64 {
+        self.capacity
+    }
+
+    fn profile_floor(&self) -> f64 {
+        (self.capacity * PROFILE_FLOOR_SHARE).max(MIN_PROFILE)
+    }
+
+    /// Applies the rule of the module's documentation to one tick.
+    pub fn update(&mut self, tick: &Tick, now: Instant) {
+        let secs = tick.dt.as_secs_f64().max(1e-3);
+        let bytes: u64 = tick.samples.iter().map(|s| s.bytes).sum();
+        self.throughput += (secs / THROUGHPUT_SECS).min(1.0) * (bytes as f64 / secs - self.throughput);
+        self.capacity = (self.capacity * 0.5f64.powf(secs / CAPACITY_HALF_LIFE_SECS)).max(self.throughput);
+
+        // Judge the tick against the baseline from before it, then learn from it.
+        let late = |s: &Sample| self.baseline.is_late(s);
+        let demand_late = tick.samples.iter().any(|s| s.class == Class::Demand && late(s));
+        let low: Vec<&Sample> = tick
+            .samples
+            .iter()
+            .filter(|s| s.class < Class::Demand && s.bytes > 0)
+            .collect();
+        let low_late = !low.is_empty() && low.iter().filter(|s| late(s)).count() * 2 > low.len();
+        for s in &tick.samples {
+            self.baseline.observe(s, now);
+        }
+
+        if tick.demand_waiting || demand_late {
+            self.fill = (self.fill * 0.5).max(MIN_FILL);
+            self.profile = (self.profile * 0.5).max(self.profile_floor());
+            self.hold_until = Some(now + HOLD);
+        } else if self.hold_until.is_some_and(|t| now < t) {
+            // Guests were just waiting: more may come.
+        } else if low_late {
+            self.fill = (self.fill * 0.875).max(MIN_FILL);
+            self.profile = (self.profile * 0.875).max(self.profile_floor());
+        } else {
+            let ceiling = (2.0 * self.throughput).max(START_FILL);
+            self.fill = self.fill.max((self.fill * 1.25 + STEP).min(ceiling)).min(MAX_RATE);
+            self.profile = (self.profile * 1.25 + STEP).min(MAX_RATE);
+        }
+    }
+}
+
+/// A token bucket that may run into debt: a flight passes while the bucket
+/// is not in debt and takes its bytes, so a chunk larger than the burst
+/// still passes and the rate holds on average.
+#[derive(Debug)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(now: Instant) -> Self {
+        Bucket { tokens: 0.0, last: now }
+    }
+
+    /// Takes `bytes` at `rate` bytes per second, or says when to try again.
+    pub fn try_take(&mut self, bytes: u64, rate: f64, now: Instant) -> Result<(), Instant> {
+        let rate = rate.max(1.0);
+        // Up to a quarter second of burst.
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate / 4.0);
+        self.last = now;
+        if self.tokens >= 0.0 {
+            self.tokens -= bytes as f64;
+            Ok(())
+        } else {
+            Err(now + Duration::from_secs_f64((-self.tokens / rate).min(3600.0)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: f64 = 1e6;
+
+    fn sample(class: Class, ms: u64, bytes: u64) -> Sample {
+        Sample {
+            class,
+            latency: Duration::from_millis(ms),
+            bytes,
+        }
+    }
+
+    /// Ticks of `TICK` from `*now`, each with `samples` and `waiting`.
+    fn run(c: &mut RateController, now: &mut Instant, ticks: u32, waiting: bool, samples: &[Sample]) {
+        for _ in 0..ticks {
+            *now += TICK;
+            let tick = Tick {
+                dt: TICK,
+                demand_waiting: waiting,
+                samples: samples.to_vec(),
+            };
+            c.update(&tick, *now);
+        }
+    }
+
+    /// Background chunks of 256 KiB that take their unloaded 12 ms: a link
+    /// that has room (30 of them per tick is 78 MB/s).
+    fn idle_fill() -> Vec<Sample> {
+        vec![sample(Class::Background, 12, 256 << 10); 30]
+    }
+
+    #[test]
+    fn fill_ramps_up_while_guests_are_idle() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        assert_eq!(c.fill(), START_FILL);
+        run(&mut c, &mut now, 10, false, &idle_fill());
+        assert!(c.fill() > 4.0 * START_FILL, "{}", c.fill());
+        // And to whatever the link delivers, not beyond twice that.
+        run(&mut c, &mut now, 100, false, &idle_fill());
+        let delivered = 30.0 * (256 << 10) as f64 / TICK.as_secs_f64();
+        assert!(
+            c.fill() > delivered && c.fill() <= 2.0 * delivered + 1.0,
+            "{}",
+            c.fill()
+        );
+    }
+
+    #[test]
+    fn fill_halves_each_tick_guests_wait_and_holds_after() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        run(&mut c, &mut now, 30, false, &idle_fill());
+        let before = c.fill();
+        run(&mut c, &mut now, 1, true, &[]);
+        assert_eq!(c.fill(), before / 2.0);
+        run(&mut c, &mut now, 20, true, &[]);
+        assert_eq!(c.fill(), MIN_FILL, "down to the minimum, never below");
+        // No growth for HOLD after the last waiting guest, then growth again.
+        run(&mut c, &mut now, 9, false, &idle_fill());
+        assert_eq!(c.fill(), MIN_FILL);
+        run(&mut c, &mut now, 3, false, &idle_fill());
+        assert!(c.fill() > MIN_FILL);
+    }
+
+    #[test]
+    fn a_demand_fetch_slower_than_its_baseline_halves_fill_without_a_waiting_guest() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        run(&mut c, &mut now, 30, false, &idle_fill());
+        let before = c.fill();
+        // A guest's 256 KiB miss took 60 ms where 12 ms is the baseline.
+        run(&mut c, &mut now, 1, false, &[sample(Class::Demand, 60, 256 << 10)]);
+        assert_eq!(c.fill(), before / 2.0);
+    }
+
+    #[test]
+    fn fill_shrinks_gently_when_its_own_fetches_queue_on_a_full_link() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        run(&mut c, &mut now, 30, false, &idle_fill());
+        let before = c.fill();
+        run(
+            &mut c,
+            &mut now,
+            1,
+            false,
+            &[sample(Class::Background, 80, 256 << 10); 30],
+        );
+        assert_eq!(c.fill(), before * 0.875);
+    }
+
+    #[test]
+    fn small_chunks_set_no_baseline_that_large_ones_miss() {
+        let mut b = Baseline::new();
+        let now = Instant::now();
+        // 2 ms of round trip, 10 ns per byte (100 MB/s).
+        b.observe(&sample(Class::Background, 2, 1), now);
+        b.observe(&sample(Class::Background, 12, 1_000_000), now);
+        assert!(!b.is_late(&sample(Class::Background, 14, 1_000_000)));
+        assert!(!b.is_late(&sample(Class::Background, 3, 4096)));
+        assert!(b.is_late(&sample(Class::Background, 40, 1_000_000)));
+    }
+
+    #[test]
+    fn profile_yields_to_waiting_guests_down_to_its_floor_never_below() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        assert_eq!(c.profile(), MAX_RATE, "unlimited until guests wait");
+        // The profile alone measures the link: 100 MB/s.
+        let profile = vec![sample(Class::Profile, 12, 1_000_000); 10];
+        run(&mut c, &mut now, 60, false, &profile);
+        assert!((c.capacity() - 100.0 * MB).abs() < MB, "{}", c.capacity());
+        run(&mut c, &mut now, 50, true, &[]);
+        assert!(
+            (c.profile() - PROFILE_FLOOR_SHARE * c.capacity()).abs() < 1.0,
+            "{}",
+            c.profile()
+        );
+        assert_eq!(c.fill(), MIN_FILL);
+    }
+
+    #[test]
+    fn a_bucket_in_debt_says_when_to_come_back() {
+        let t = Instant::now();
+        let mut b = Bucket::new(t);
+        // 1 MB/s: the first 256 KiB chunk passes, the next waits for its debt.
+        b.try_take(262_144, MB, t).unwrap();
+        let again = b.try_take(262_144, MB, t).unwrap_err();
+        assert_eq!(again - t, Duration::from_secs_f64(0.262144));
+        b.try_take(262_144, MB, again).unwrap();
+    }
+}
