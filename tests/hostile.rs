@@ -1,12 +1,14 @@
 //! Hostile guest input, at the queue worker: malformed chains, wrong
 //! directions, missing status bytes, bad lengths and sectors, unknown types.
 //! Each gets the right status (or is dropped with no status), and the queue
-//! keeps serving.
+//! keeps serving. Chains the descriptor walk ends early get no status; an
+//! avail index that jumps is an error, never a spin; a disk over its cap on
+//! waiting requests stops popping and resumes.
 
 use std::sync::Arc;
 
-use streamblk::engine::{Disk, LocalBase};
-use streamblk::vhost::{Completions, DiskContext, GuestMemory, VhostUserBlkThread};
+use streamblk::engine::{Base, Disk, FetchFuture, IoRange, LocalBase};
+use streamblk::vhost::{Completions, DiskContext, GuestMemory, VhostUserBlkThread, Waiting};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -22,6 +24,7 @@ const MEM: usize = 4 << 20;
 const DISK: usize = 1 << 20;
 
 struct Rig {
+    ctx: Arc<DiskContext>,
     mem: GuestMemory,
     vring: VringRwLock,
     thread: VhostUserBlkThread,
@@ -39,17 +42,53 @@ fn desc(addr: u64, len: u32, write: bool) -> (u64, u32, bool) {
     (addr, len, write)
 }
 
+/// A base whose data is not local until the test opens the gate: reads
+/// miss, and fetches wait for it.
+struct GatedBase {
+    inner: LocalBase,
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl Base for GatedBase {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    fn read_local(&self, offset: u64, dst: IoRange) -> Result<bool, streamblk::engine::Error> {
+        if !*self.gate.borrow() {
+            return Ok(false);
+        }
+        self.inner.read_local(offset, dst)
+    }
+
+    fn fetch(&self, _offset: u64, _len: u64) -> FetchFuture {
+        let mut rx = self.gate.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|&open| open).await;
+            Ok(())
+        })
+    }
+}
+
 impl Rig {
     fn new(readonly: bool) -> Rig {
+        Rig::with(readonly, None, Waiting::default())
+    }
+
+    fn with(readonly: bool, gate: Option<tokio::sync::watch::Sender<bool>>, waiting: Waiting) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let base: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(dir.path().join("base"), &base).unwrap();
-        let disk = Disk::open(
-            Arc::new(LocalBase::open(&dir.path().join("base")).unwrap()),
-            &dir.path().join("overlay"),
-            readonly,
-        )
-        .unwrap();
+        let local = LocalBase::open(&dir.path().join("base")).unwrap();
+        let base_of_disk: Arc<dyn Base> = match gate {
+            Some(gate) => Arc::new(GatedBase { inner: local, gate }),
+            None => Arc::new(local),
+        };
+        let disk = Disk::open(base_of_disk, &dir.path().join("overlay"), readonly).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -65,12 +104,12 @@ impl Rig {
             stopping: Default::default(),
             poll: std::time::Duration::ZERO,
             stats: Default::default(),
-            waiting: Default::default(),
+            waiting,
             bad_request_log: Default::default(),
         });
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let (completions, _consumer) = Completions::new().unwrap();
-        let mut thread = VhostUserBlkThread::new(ctx, completions);
+        let mut thread = VhostUserBlkThread::new(ctx.clone(), completions);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         thread.set_memory(atomic.clone());
         let mock = MockSplitQueue::new(&mem, QSIZE);
@@ -82,6 +121,7 @@ impl Rig {
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         Rig {
+            ctx,
             desc_table: mock.desc_table_addr(),
             avail: mock.avail_addr(),
             used: mock.used_addr(),
@@ -107,6 +147,13 @@ impl Rig {
     /// Puts one chain on the avail ring, runs the worker, and returns the
     /// used length and the status byte (0xff if the device did not write it).
     fn submit(&mut self, descs: &[(u64, u32, bool)]) -> (u32, u8) {
+        self.push(descs);
+        self.thread.process_queue(&self.vring).unwrap();
+        self.wait_completed()
+    }
+
+    /// Writes a chain into the table and makes it available; returns its head.
+    fn push(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
         let mut start = self.next_desc;
         if start as usize + descs.len() > QSIZE as usize {
             start = 0;
@@ -116,20 +163,50 @@ impl Rig {
             if i + 1 < descs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
-            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, start + i as u16 + 1));
-            self.mem
-                .write_obj(d, self.desc_table.unchecked_add(16 * (start as u64 + i as u64)))
-                .unwrap();
+            self.raw_desc(
+                self.desc_table.0,
+                start + i as u16,
+                addr,
+                len,
+                flags,
+                start + i as u16 + 1,
+            );
         }
+        self.make_available(start);
+        self.next_desc = start + descs.len() as u16;
+        start
+    }
+
+    fn raw_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+        self.mem
+            .write_obj(d, GuestAddress(table).unchecked_add(16 * u64::from(i)))
+            .unwrap();
+    }
+
+    fn make_available(&self, head: u16) {
         let avail_idx: u16 = self.mem.read_obj(self.avail.unchecked_add(2)).unwrap();
         self.mem
-            .write_obj(start, self.avail.unchecked_add(4 + 2 * (avail_idx % QSIZE) as u64))
+            .write_obj(head, self.avail.unchecked_add(4 + 2 * (avail_idx % QSIZE) as u64))
             .unwrap();
         self.mem
             .write_obj(avail_idx.wrapping_add(1), self.avail.unchecked_add(2))
             .unwrap();
-        self.next_desc = start + descs.len() as u16;
+    }
+
+    /// Raw descriptors (table, index, addr, len, flags, next), head 0 made
+    /// available; runs the worker like `submit`.
+    fn submit_raw(&mut self, descs: &[(u64, u16, u64, u32, u16, u16)]) -> (u32, u8) {
+        for &(table, i, addr, len, flags, next) in descs {
+            self.raw_desc(table, i, addr, len, flags, next);
+        }
+        self.make_available(0);
+        self.next_desc = QSIZE;
         self.thread.process_queue(&self.vring).unwrap();
+        self.wait_completed()
+    }
+
+    fn wait_completed(&mut self) -> (u32, u8) {
         // Completions that went asynchronous (flush) come back by eventfd.
         for _ in 0..500 {
             self.thread.process_completions(&self.vring).unwrap();
@@ -389,3 +466,160 @@ proptest::proptest! {
 }
 
 use proptest::prelude::Just;
+
+const N: u16 = VRING_DESC_F_NEXT as u16;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const I: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+const TABLE: u64 = 0x38_0000;
+
+#[test]
+fn chains_the_walk_ends_early_get_no_status_and_the_queue_keeps_serving() {
+    let mut rig = Rig::new(false);
+    let t = rig.desc_table.0;
+    let cases: [(&str, Vec<(u64, u16, u64, u32, u16, u16)>); 4] = [
+        (
+            "a loop",
+            vec![
+                (t, 0, HDR, 16, N, 1),
+                (t, 1, DATA, 512, W | N, 2),
+                (t, 2, STATUS, 1, W | N, 1),
+            ],
+        ),
+        (
+            "a next index outside the table",
+            vec![
+                (t, 0, HDR, 16, N, 1),
+                (t, 1, DATA, 512, W | N, 2),
+                (t, 2, STATUS, 1, W | N, QSIZE + 3),
+            ],
+        ),
+        (
+            "more than 4 GiB in all",
+            vec![
+                (t, 0, HDR, 16, N, 1),
+                (t, 1, DATA, 512, W | N, 2),
+                (t, 2, DATA + 4096, u32::MAX - 256, W | N, 3),
+                (t, 3, STATUS, 1, W, 0),
+            ],
+        ),
+        (
+            "an indirect table whose last entry points past it",
+            vec![
+                (t, 0, TABLE, 48, I, 0),
+                (TABLE, 0, HDR, 16, N, 1),
+                (TABLE, 1, DATA, 512, W | N, 2),
+                (TABLE, 2, STATUS, 1, W | N, 3),
+            ],
+        ),
+    ];
+    for (what, descs) in cases {
+        rig.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(rig.submit_raw(&descs), (0, UNTOUCHED), "{what}");
+    }
+    rig.good_read();
+}
+
+#[test]
+fn requests_beyond_seg_max_or_size_max_get_ioerr() {
+    let mut rig = Rig::new(false);
+    let seg_max = streamblk::virtio_blk::SEG_MAX as u16;
+    for (segments, want) in [(seg_max, (seg_max as u32 * 512 + 1, OK)), (seg_max + 1, (1, IOERR))] {
+        rig.header(VIRTIO_BLK_T_IN, 0);
+        let mut descs = vec![(rig.desc_table.0, 0, TABLE, 16 * (u32::from(segments) + 2), I, 0)];
+        descs.push((TABLE, 0, HDR, 16, N, 1));
+        for i in 0..segments {
+            descs.push((TABLE, i + 1, DATA + 512 * u64::from(i), 512, W | N, i + 2));
+        }
+        descs.push((TABLE, segments + 1, STATUS, 1, W, 0));
+        assert_eq!(rig.submit_raw(&descs), want, "{segments} segments");
+    }
+    let size_max = streamblk::virtio_blk::SIZE_MAX;
+    for (len, want) in [(size_max, (size_max + 1, OK)), (size_max + 512, (1, IOERR))] {
+        rig.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            rig.submit(&[desc(HDR, 16, false), desc(DATA, len, true), desc(STATUS, 1, true)]),
+            want,
+            "a segment of {len} bytes"
+        );
+    }
+    rig.good_read();
+}
+
+#[test]
+fn an_avail_index_that_jumps_or_a_head_outside_the_table_is_an_error_not_a_spin() {
+    for (what, jump, head) in [
+        ("forwards", QSIZE + 1, 0),
+        ("backwards", u16::MAX, 0),
+        ("head outside the table", 1, QSIZE + 3),
+    ] {
+        let mut rig = Rig::new(false);
+        rig.good_read();
+        let idx: u16 = rig.mem.read_obj(rig.avail.unchecked_add(2)).unwrap();
+        rig.mem
+            .write_obj(head, rig.avail.unchecked_add(4 + 2 * (idx % QSIZE) as u64))
+            .unwrap();
+        rig.mem
+            .write_obj(idx.wrapping_add(jump), rig.avail.unchecked_add(2))
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(rig.thread.process_queue(&rig.vring).is_err(), "{what}: not an error");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{what}: took long"
+        );
+    }
+}
+
+#[test]
+fn a_disk_over_its_cap_on_waiting_requests_stops_popping_and_resumes_as_they_complete() {
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let mut rig = Rig::with(false, Some(gate.clone()), Waiting::new(2, u64::MAX));
+    // Three reads that miss, each with buffers of its own.
+    let reads: Vec<(u64, u64, u64)> = (0..3u64)
+        .map(|i| (HDR + 64 * i, DATA + 4096 * i, STATUS + 1 + i))
+        .collect();
+    for (i, &(hdr, data, status)) in reads.iter().enumerate() {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..16].copy_from_slice(&(8 * i as u64).to_le_bytes());
+        rig.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        rig.mem.write_obj(UNTOUCHED, GuestAddress(status)).unwrap();
+        rig.push(&[desc(hdr, 16, false), desc(data, 4096, true), desc(status, 1, true)]);
+    }
+    rig.thread.process_queue(&rig.vring).unwrap();
+    assert_eq!(
+        rig.ctx.waiting.current(),
+        (2, 8192),
+        "two requests taken, up to the cap"
+    );
+    assert!(rig.thread.stalled());
+    // A kick while over the cap takes nothing more, and loses nothing.
+    rig.thread.process_queue(&rig.vring).unwrap();
+    assert_eq!(rig.ctx.waiting.current().0, 2);
+    let used: u16 = rig.mem.read_obj(rig.used.unchecked_add(2)).unwrap();
+    assert_eq!(used, 0);
+
+    // The data arrives: the worker, as its event loop does, completes and
+    // runs the stalled queue again.
+    gate.send_replace(true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        rig.thread.process_completions(&rig.vring).unwrap();
+        if rig.thread.stalled() {
+            rig.thread.process_queue(&rig.vring).unwrap();
+        }
+        let used: u16 = rig.mem.read_obj(rig.used.unchecked_add(2)).unwrap();
+        if used == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {used} of 3 completed");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    for (i, &(_, data, status)) in reads.iter().enumerate() {
+        assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(status)).unwrap(), OK);
+        let mut got = vec![0u8; 4096];
+        rig.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        assert!(got == rig.base[4096 * i..4096 * (i + 1)], "read {i}");
+    }
+    assert_eq!(rig.ctx.waiting.current(), (0, 0));
+}

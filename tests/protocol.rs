@@ -175,7 +175,15 @@ fn readonly_disk_refuses_writes_and_serves_reads() {
     let region = b.alloc_mem_region(MIB).unwrap();
     b.map_mem_region(&region).unwrap();
     let q = &mut started.queues[0];
-    q.read(0, region.addr as *mut u8, MIB, 0, blkio::ReqFlags::empty());
+    // As a driver would: segments no longer than the device's size_max.
+    let seg = streamblk::virtio_blk::SIZE_MAX as usize;
+    let iov: Vec<libc::iovec> = (0..MIB / seg)
+        .map(|k| libc::iovec {
+            iov_base: (region.addr + k * seg) as *mut libc::c_void,
+            iov_len: seg,
+        })
+        .collect();
+    q.readv(0, iov.as_ptr(), iov.len() as u32, 0, blkio::ReqFlags::empty());
     let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
     assert_eq!(q.do_io(&mut comps, 1, None, None).unwrap(), 1);
     // SAFETY: do_io filled one completion.

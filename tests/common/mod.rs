@@ -2,6 +2,7 @@
 //! client (libblkio's Rust crate) driving it.
 #![allow(dead_code)]
 
+pub mod frontend;
 pub mod guest;
 pub mod httpstore;
 pub mod netns;
@@ -203,12 +204,38 @@ impl Client {
     /// Submits every op (op i on queue i % queues), waits for all, returns
     /// each op's result (0 or -errno), or None for ops that did not complete
     /// within `timeout`.
+    ///
+    /// Like a guest driver, it honours the device's segment size: a buffer
+    /// longer than SIZE_MAX goes as several segments of one request.
     pub fn run_timeout(&mut self, ops: &[Op], timeout: Duration) -> Vec<Option<i32>> {
         let base = self.region.addr;
         let nq = self.queues.len();
+        // The iovecs must outlive the submission (do_io below).
+        let mut iovecs: Vec<Vec<libc::iovec>> = Vec::new();
+        let segments = |at: usize, len: usize| -> Vec<libc::iovec> {
+            let seg = streamblk::virtio_blk::SIZE_MAX as usize;
+            (0..len.div_ceil(seg))
+                .map(|k| libc::iovec {
+                    iov_base: (base + at + k * seg) as *mut libc::c_void,
+                    iov_len: seg.min(len - k * seg),
+                })
+                .collect()
+        };
         for (i, op) in ops.iter().enumerate() {
             let q = &mut self.queues[i % nq];
             match *op {
+                Op::Read { offset, len, buf } | Op::Write { offset, len, buf }
+                    if len > streamblk::virtio_blk::SIZE_MAX as usize =>
+                {
+                    let v = segments(buf, len);
+                    let n = v.len() as u32;
+                    if matches!(op, Op::Read { .. }) {
+                        q.readv(offset, v.as_ptr(), n, i, ReqFlags::empty());
+                    } else {
+                        q.writev(offset, v.as_ptr(), n, i, ReqFlags::empty());
+                    }
+                    iovecs.push(v);
+                }
                 Op::Read { offset, len, buf } => q.read(offset, (base + buf) as *mut u8, len, i, ReqFlags::empty()),
                 Op::Write { offset, len, buf } => q.write(offset, (base + buf) as *const u8, len, i, ReqFlags::empty()),
                 Op::Flush => q.flush(i, ReqFlags::empty()),
@@ -240,6 +267,7 @@ impl Client {
                 }
             }
         }
+        drop(iovecs);
         results
     }
 
@@ -252,22 +280,37 @@ impl Client {
             .collect()
     }
 
-    /// Reads `len` bytes at `offset` (through buffer offset 0).
+    /// Reads `len` bytes at `offset` (through buffer offset 0), in
+    /// requests no larger than the device takes.
     pub fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
-        let r = self.run(&[Op::Read { offset, len, buf: 0 }]);
-        assert_eq!(r[0], 0, "read {offset}+{len}");
+        let ops = Self::pieces(len, |at, n| Op::Read {
+            offset: offset + at as u64,
+            len: n,
+            buf: at,
+        });
+        let r = self.run(&ops);
+        assert!(r.iter().all(|&r| r == 0), "read {offset}+{len}: {r:?}");
         self.buf()[..len].to_vec()
     }
 
     /// Writes `data` at `offset` (through buffer offset 0).
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         self.buf()[..data.len()].copy_from_slice(data);
-        let r = self.run(&[Op::Write {
-            offset,
-            len: data.len(),
-            buf: 0,
-        }]);
-        assert_eq!(r[0], 0, "write {offset}+{}", data.len());
+        let ops = Self::pieces(data.len(), |at, n| Op::Write {
+            offset: offset + at as u64,
+            len: n,
+            buf: at,
+        });
+        let r = self.run(&ops);
+        assert!(r.iter().all(|&r| r == 0), "write {offset}+{}: {r:?}", data.len());
+    }
+
+    /// `len` bytes as requests of at most MAX_REQUEST_BYTES.
+    fn pieces(len: usize, op: impl Fn(usize, usize) -> Op) -> Vec<Op> {
+        let max = streamblk::virtio_blk::MAX_REQUEST_BYTES as usize / 4096 * 4096;
+        (0..len.div_ceil(max).max(1))
+            .map(|k| op(k * max, max.min(len - k * max)))
+            .collect()
     }
 
     pub fn flush(&mut self) {
