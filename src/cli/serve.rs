@@ -29,10 +29,12 @@ pub struct ServeArgs {
     /// no disk uses are evicted beyond it (0: no limit) [default: 0].
     #[arg(long)]
     pub cache_size_mib: Option<u64>,
-    /// Background fill rate cap in MB/s (0: no background fill). Demand
-    /// fetching is never capped [default: 50].
-    #[arg(long)]
-    pub fill_rate: Option<f64>,
+    /// Background fill rate: auto (use the link only while guests are not
+    /// waiting on it, backing off when their fetches appear or slow down),
+    /// or a fixed cap in MB/s (0: no background fill). Demand fetching is
+    /// never capped [default: auto].
+    #[arg(long, value_name = "auto|MBPS")]
+    pub fill_rate: Option<crate::fetch::FillRate>,
     /// Boot profile streaming rate cap in MB/s (0: no cap) [default: 200].
     #[arg(long)]
     pub profile_rate: Option<f64>,
@@ -135,7 +137,9 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(r.disks.len(), 1);
-        assert_eq!(r.options.fill_rate, Some(3.0));
+        assert_eq!(r.options.fill_rate, Some(crate::fetch::FillRate::Cap(3.0)));
+        let auto = ServeRequest::try_from(args(&["--fill-rate", "auto"])).unwrap();
+        assert_eq!(auto.options.fill_rate, Some(crate::fetch::FillRate::Auto));
         assert_eq!(r.options.control_group.as_deref(), Some("kvm"));
         assert_eq!(r.options.store, None);
         let e = ServeRequest::try_from(args(&["--disk", "name=a"])).unwrap_err();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::spec::{DiskSource, DiskSpec, Scalar};
-use crate::fetch::FetchConfig;
+use crate::fetch::{FetchConfig, FillRate};
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/streamblk";
@@ -41,7 +41,7 @@ pub struct Options {
     pub store: Option<String>,
     pub cache_dir: Option<PathBuf>,
     pub cache_size_mib: Option<u64>,
-    pub fill_rate: Option<f64>,
+    pub fill_rate: Option<FillRate>,
     pub profile_rate: Option<f64>,
     pub fetch_deadline: Option<f64>,
     pub fetch_timeout: Option<f64>,
@@ -137,16 +137,17 @@ impl TryFrom<&Options> for Settings {
                 ))
             }
         };
-        let fill_rate = o.fill_rate.unwrap_or(50.0);
+        let fill_rate = o.fill_rate.unwrap_or_default();
+        let fill_cap = fill_rate
+            .bytes_per_sec()
+            .map_err(|why| ConfigError::Option("fill-rate", fill_rate.to_string(), why))?;
         let profile_rate = o.profile_rate.unwrap_or(200.0);
-        for (what, v) in [("fill-rate", fill_rate), ("profile-rate", profile_rate)] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(ConfigError::Option(
-                    what,
-                    v.to_string(),
-                    "must be a number of MB/s, 0 or more",
-                ));
-            }
+        if !(profile_rate.is_finite() && profile_rate >= 0.0) {
+            return Err(ConfigError::Option(
+                "profile-rate",
+                profile_rate.to_string(),
+                "must be a number of MB/s, 0 or more",
+            ));
         }
         let poll_us = o.poll_us.unwrap_or(crate::vhost::DEFAULT_POLL_US);
         if poll_us > crate::vhost::MAX_POLL_US {
@@ -163,11 +164,11 @@ impl TryFrom<&Options> for Settings {
         let fetch = FetchConfig {
             concurrency,
             low_concurrency: (concurrency / 2).max(1),
-            fill_rate: Some((fill_rate * 1e6) as u64),
+            fill_rate: fill_cap,
             profile_rate: (profile_rate > 0.0).then_some((profile_rate * 1e6) as u64),
             attempt_timeout: secs("fetch-timeout", o.fetch_timeout.unwrap_or(10.0))?,
             deadline: secs("fetch-deadline", o.fetch_deadline.unwrap_or(30.0))?,
-            background_fill: fill_rate > 0.0,
+            background_fill: fill_rate.is_on(),
         };
         let cache_size = o.cache_size_mib.unwrap_or(0);
         Ok(Settings {
@@ -374,7 +375,7 @@ base = "/images/b.raw"
     fn config_file_gives_options_and_disks() {
         let c = ConfigFile::parse(Path::new("f.toml"), FILE).unwrap();
         assert_eq!(c.options.store.as_deref(), Some("/srv/store"));
-        assert_eq!(c.options.fill_rate, Some(20.5));
+        assert_eq!(c.options.fill_rate, Some(FillRate::Cap(20.5)));
         assert_eq!(c.options.fetch_concurrency, Some(4));
         assert_eq!(c.disks.len(), 2);
         let want: DiskSpec =
@@ -424,12 +425,23 @@ base = "/images/b.raw"
     fn command_line_overrides_the_file() {
         let file = ConfigFile::parse(Path::new("f.toml"), FILE).unwrap().options;
         let cli = Options {
-            fill_rate: Some(1.0),
+            fill_rate: Some(FillRate::Cap(1.0)),
             control_socket: Some("/tmp/c.sock".into()),
             ..Options::default()
         };
         let s = Settings::try_from(&file.overridden_by(&cli)).unwrap();
         assert_eq!(s.fetch.fill_rate, Some(1_000_000));
+        // auto is the default, and a value of the file too.
+        let d = Settings::try_from(&Options::default()).unwrap();
+        assert_eq!((d.fetch.fill_rate, d.fetch.background_fill), (None, true));
+        let auto = ConfigFile::parse(Path::new("f.toml"), "fill-rate = \"auto\"\n").unwrap();
+        assert_eq!(auto.options.fill_rate, Some(FillRate::Auto));
+        let off = Settings::try_from(&Options {
+            fill_rate: Some(FillRate::Cap(0.0)),
+            ..Options::default()
+        })
+        .unwrap();
+        assert!(!off.fetch.background_fill);
         assert_eq!(s.fetch.concurrency, 4);
         assert_eq!(s.store.as_deref(), Some("/srv/store"));
         assert_eq!(s.control_socket, PathBuf::from("/tmp/c.sock"));
@@ -448,7 +460,7 @@ base = "/images/b.raw"
             ),
             (
                 Options {
-                    fill_rate: Some(-1.0),
+                    fill_rate: Some(FillRate::Cap(-1.0)),
                     ..Default::default()
                 },
                 "fill-rate",

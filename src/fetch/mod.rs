@@ -16,6 +16,7 @@ use std::time::Duration;
 
 pub use base::StreamedBase;
 use futures::stream::{FuturesUnordered, StreamExt};
+pub use rate::FillRate;
 pub use replay::{ProfileCounters, ProfileReplay};
 use tokio::sync::{watch, Notify};
 // tokio's clock, so that tests can run the scheduler on paused time.

@@ -271,6 +271,85 @@ impl Bucket {
     }
 }
 
+/// The `fill-rate` option: `auto` (adaptive, the default) or a fixed cap in
+/// MB/s (0: no background fill). Parsed from the command line and from the
+/// config file (a number or the string "auto").
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum FillRate {
+    #[default]
+    Auto,
+    /// MB/s; 0 turns background fill off.
+    Cap(f64),
+}
+
+impl FillRate {
+    /// The fetcher's cap in bytes per second (None: adaptive), or an error
+    /// for a rate that is not a number of MB/s, 0 or more.
+    pub fn bytes_per_sec(self) -> Result<Option<u64>, &'static str> {
+        match self {
+            FillRate::Auto => Ok(None),
+            FillRate::Cap(v) if v.is_finite() && v >= 0.0 => Ok(Some((v * 1e6) as u64)),
+            FillRate::Cap(_) => Err("must be auto or a number of MB/s, 0 or more"),
+        }
+    }
+
+    /// Background fill runs at all.
+    pub fn is_on(self) -> bool {
+        self != FillRate::Cap(0.0)
+    }
+}
+
+impl std::str::FromStr for FillRate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(FillRate::Auto);
+        }
+        s.parse::<f64>()
+            .map(FillRate::Cap)
+            .map_err(|_| format!("{s:?} is neither auto nor a number of MB/s"))
+    }
+}
+
+impl std::fmt::Display for FillRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FillRate::Auto => write!(f, "auto"),
+            FillRate::Cap(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FillRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = FillRate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "\"auto\" or a number of MB/s")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<FillRate, E> {
+                if s.eq_ignore_ascii_case("auto") {
+                    Ok(FillRate::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(s), &self))
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<FillRate, E> {
+                Ok(FillRate::Cap(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FillRate, E> {
+                Ok(FillRate::Cap(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FillRate, E> {
+                Ok(FillRate::Cap(v as f64))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,5 +478,25 @@ mod tests {
         let again = b.try_take(262_144, MB, t).unwrap_err();
         assert_eq!(again - t, Duration::from_secs_f64(0.262144));
         b.try_take(262_144, MB, again).unwrap();
+    }
+
+    #[test]
+    fn fill_rate_is_auto_or_a_number_of_mb_per_second() {
+        assert_eq!("auto".parse::<FillRate>().unwrap(), FillRate::Auto);
+        assert_eq!("12.5".parse::<FillRate>().unwrap(), FillRate::Cap(12.5));
+        assert!("fast".parse::<FillRate>().is_err());
+        assert_eq!(FillRate::Auto.bytes_per_sec(), Ok(None));
+        assert_eq!(FillRate::Cap(2.5).bytes_per_sec(), Ok(Some(2_500_000)));
+        assert!(FillRate::Cap(-1.0).bytes_per_sec().is_err());
+        assert!(!FillRate::Cap(0.0).is_on() && FillRate::Auto.is_on());
+        #[derive(serde::Deserialize)]
+        struct T {
+            r: FillRate,
+        }
+        let t = |s: &str| toml::from_str::<T>(s).map(|t| t.r);
+        assert_eq!(t("r = \"auto\"").unwrap(), FillRate::Auto);
+        assert_eq!(t("r = 0").unwrap(), FillRate::Cap(0.0));
+        assert_eq!(t("r = 20.5").unwrap(), FillRate::Cap(20.5));
+        assert!(t("r = \"fast\"").is_err());
     }
 }
