@@ -717,3 +717,39 @@ fn check_avail<M: vm_memory::GuestMemory>(q: &virtio_queue::Queue, mem: &M) -> s
 fn queue_error(e: virtio_queue::Error) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limit_lets_a_burst_through_then_counts_what_it_holds_back() {
+        let l = LogLimit::new(3, Duration::from_secs(3600));
+        assert_eq!((0..3).map(|_| l.allow()).collect::<Vec<_>>(), [Some(0); 3]);
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        // A new window lets lines through again and says how many were held back.
+        l.window.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(l.allow(), Some(2));
+    }
+
+    #[test]
+    fn a_stalled_queue_is_woken_once_the_disk_is_back_under_its_cap() {
+        let w = Waiting::new(2, 1 << 20);
+        let (c, wake) = Completions::new().unwrap();
+        w.add(4096);
+        assert!(!w.must_stall(&c));
+        w.add(4096);
+        assert!(w.must_stall(&c), "at the cap on requests");
+        assert!(wake.consume().is_err(), "woken while over the cap");
+        w.release(4096);
+        assert!(wake.consume().is_ok(), "not woken once under the cap");
+        assert!(!w.must_stall(&c));
+        // The cap on bytes stalls as well.
+        w.add(1 << 20);
+        assert!(w.must_stall(&c));
+        w.release(1 << 20);
+        w.release(4096);
+        assert_eq!(w.current(), (0, 0));
+    }
+}

@@ -172,10 +172,24 @@ impl Client {
     }
 
     pub fn try_connect(socket: &Path, queues: usize, region_len: usize) -> Result<Client, String> {
+        Self::try_connect_sized(socket, queues, region_len, None)
+    }
+
+    /// Like `try_connect`, with `queue_size` entries per queue if given.
+    pub fn try_connect_sized(
+        socket: &Path,
+        queues: usize,
+        region_len: usize,
+        queue_size: Option<i32>,
+    ) -> Result<Client, String> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| e.message().to_string())?;
         b.set_str("path", socket.to_str().unwrap())
             .map_err(|e| e.message().to_string())?;
         b.connect().map_err(|e| format!("connect: {}", e.message()))?;
+        if let Some(n) = queue_size {
+            b.set_i32("queue-size", n)
+                .map_err(|e| format!("queue-size: {}", e.message()))?;
+        }
         b.set_i32("num-queues", queues as i32)
             .map_err(|e| format!("num-queues: {}", e.message()))?;
         let capacity = b
