@@ -646,14 +646,21 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::profile::Profile;
     use crate::store::{ChunkEntry, Digest, Manifest};
 
     /// An image of `n` 64 KiB chunks in an in-memory store, and its cache.
     async fn setup(n: u32, dir: &std::path::Path) -> (ImageStore, Arc<ImageCache>) {
         let store = ImageStore::with_backend(Arc::new(object_store::memory::InMemory::new()), "memory");
+        let cache = image(&store, n, dir, "img").await;
+        (store, cache)
+    }
+
+    /// Puts an image of `n` 64 KiB chunks in `store`; its cache, in `dir`.
+    async fn image(store: &ImageStore, n: u32, dir: &std::path::Path, name: &str) -> Arc<ImageCache> {
         let mut chunks = Vec::new();
         for i in 0..n {
-            let data = vec![i as u8 + 1; 65536];
+            let data = vec![(i % 251) as u8 + 1; 65536];
             let d = Digest::of(&data);
             store.put_chunk(&d, Bytes::from(data)).await.unwrap();
             chunks.push(Some(ChunkEntry {
@@ -668,8 +675,30 @@ mod tests {
             chunk_size: 65536,
             chunks,
         };
-        let cache = ImageCache::open(dir, Digest::of(b"img"), Arc::new(m)).unwrap();
-        (store, Arc::new(cache))
+        Arc::new(ImageCache::open(dir, Digest::of(name.as_bytes()), Arc::new(m)).unwrap())
+    }
+
+    /// A store whose every GET takes `latency` (requests do not queue on each other).
+    fn slow_store(latency: Duration) -> ImageStore {
+        let config = object_store::throttle::ThrottleConfig {
+            wait_get_per_call: latency,
+            ..Default::default()
+        };
+        let slow = object_store::throttle::ThrottledStore::new(object_store::memory::InMemory::new(), config);
+        ImageStore::with_backend(Arc::new(slow), "slow")
+    }
+
+    fn ready(cache: &ImageCache) -> u64 {
+        cache.fill().0
+    }
+
+    fn profile(chunks: Vec<u32>, boot_ms: Option<u64>) -> Profile {
+        Profile {
+            version: crate::profile::VERSION,
+            chunk_size: 65536,
+            chunks,
+            boot_ms,
+        }
     }
 
     fn config(concurrency: usize) -> FetchConfig {
@@ -765,5 +794,180 @@ mod tests {
         assert!(matches!(*e, FetchError::FetchChunk { .. }), "{e}");
         assert!(t.elapsed() >= Duration::from_millis(100));
         assert!(!cache.is_ready(ChunkIdx(0)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn capped_fill_does_not_hold_a_slot_while_throttled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, a) = setup(4, dir.path()).await;
+        let b = image(&store, 4, dir.path(), "other").await;
+        // One low slot; image a's fill capped at 1 KB/s: its first chunk
+        // passes, the next owes the bucket a minute.
+        let cfg = FetchConfig {
+            low_concurrency: 1,
+            fill_rate: Some(1000),
+            ..config(2)
+        };
+        let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
+        let fill: Vec<_> = (0..4)
+            .map(|c| fetcher.want(&a, ChunkIdx(c), Class::Background))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Image b's profile stream gets the slot at once.
+        let profile = (0..4).map(|c| fetcher.want(&b, ChunkIdx(c), Class::Profile));
+        tokio::time::timeout(Duration::from_secs(5), futures::future::try_join_all(profile))
+            .await
+            .expect("a throttled fill flight held the only low slot")
+            .unwrap();
+        assert_eq!(ready(&a), 1, "the fill kept its cap");
+        // A throttled chunk wanted by a guest goes at once.
+        let demand = fetcher.want(&a, ChunkIdx(3), Class::Demand);
+        tokio::time::timeout(Duration::from_secs(5), demand)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ready(&a), 2);
+        drop(fill);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_ends_at_profile_end_when_guests_never_read_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(8, dir.path()).await;
+        // No recorded boot length: the clock moves at the profile rate, 20 chunks a second.
+        let cfg = FetchConfig {
+            profile_rate: Some(20 * 65536),
+            background_fill: true,
+            ..config(4)
+        };
+        let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
+        let replay = Arc::new(ProfileReplay::new(profile(vec![5, 4, 3, 2, 1, 0], None), 8));
+        fetcher.start_fill(&cache, Some(replay.clone()), 1, &tokio::runtime::Handle::current());
+        replay.note_attach();
+        // The guest reads the profile's head and nothing more.
+        replay.note_read(5..6, |c| cache.is_ready(c));
+        let t = Instant::now();
+        while ready(&cache) < 8 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{} chunks after 10 s",
+                ready(&cache)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(replay.times_ms().1.is_some(), "replay ended");
+        assert_eq!(replay.counters.streamed.load(Ordering::Relaxed), 6);
+        // And background fill took the two chunks outside the profile.
+        assert_eq!(
+            fetcher.counters().by_class[Class::Background as usize].load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_clock_starts_at_the_first_attach_and_follows_the_recorded_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(10, dir.path()).await;
+        let fetcher = Fetcher::new(store, config(4), &tokio::runtime::Handle::current());
+        // A recorded boot of 2 s: 5 profile chunks a second, 1 chunk of window.
+        let replay = Arc::new(ProfileReplay::new(profile((0..10).collect(), Some(2000)), 10));
+        fetcher.start_fill(&cache, Some(replay.clone()), 1, &tokio::runtime::Handle::current());
+        // Open but not attached: the window ahead of the start, no more.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(ready(&cache), 1, "the clock ran before any guest attached");
+        replay.note_attach();
+        let attached = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let half = ready(&cache);
+        // Half the boot: 5 chunks plus the window, give or take a tick.
+        assert!((4..=8).contains(&half), "{half} chunks half way through the boot");
+        while ready(&cache) < 10 {
+            assert!(attached.elapsed() < Duration::from_secs(10), "replay never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            attached.elapsed() >= Duration::from_millis(1700),
+            "{:?}",
+            attached.elapsed()
+        );
+        let (first_read, done) = replay.times_ms();
+        assert_eq!(first_read, None);
+        assert!(
+            done.unwrap() >= 1700,
+            "{done:?} ms from attach to the end of the stream"
+        );
+    }
+
+    /// Rates of background fill seen every 100 ms for `secs`, with a guest
+    /// reading chunks `guest` (one at a time) if given.
+    async fn watch_fill(fetcher: &Fetcher, cache: &Arc<ImageCache>, secs: f64, guest: Option<&mut u32>) -> Vec<u64> {
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let mut rates = Vec::new();
+        let mut next_tick = Instant::now();
+        let mut guest = guest;
+        while Instant::now() < end {
+            if let Some(c) = guest.as_deref_mut() {
+                fetcher.want(cache, ChunkIdx(*c), Class::Demand).await.unwrap();
+                *c -= 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if Instant::now() >= next_tick {
+                rates.push(fetcher.fill_rate_now());
+                next_tick += Duration::from_millis(100);
+            }
+        }
+        rates
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_fill_ramps_up_while_idle_and_backs_off_when_guests_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = slow_store(Duration::from_millis(5));
+        let n = 1500;
+        let cache = image(&store, n, dir.path(), "img").await;
+        let cfg = FetchConfig {
+            concurrency: 16,
+            low_concurrency: 8,
+            fill_rate: None,
+            background_fill: true,
+            ..config(16)
+        };
+        let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
+        assert!(fetcher.fill_is_auto());
+        assert_eq!(fetcher.fill_rate_now(), rate::START_FILL as u64);
+        fetcher.start_fill(&cache, None, 1, &tokio::runtime::Handle::current());
+        let bg = || fetcher.counters().by_class[Class::Background as usize].load(Ordering::Relaxed);
+
+        // Idle guests: the rate grows.
+        let idle = watch_fill(&fetcher, &cache, 2.5, None).await;
+        let (bg_idle, peak) = (bg(), *idle.last().unwrap());
+        assert!(peak > 3 * rate::START_FILL as u64, "fill rates while idle: {idle:?}");
+
+        // A guest reading (a miss every 10 ms or so): the rate falls to its minimum.
+        let mut guest_chunk = n - 1;
+        let busy = watch_fill(&fetcher, &cache, 1.5, Some(&mut guest_chunk)).await;
+        let bg_busy = bg() - bg_idle;
+        assert_eq!(
+            *busy.last().unwrap(),
+            rate::MIN_FILL as u64,
+            "fill rates while a guest waits: {busy:?}"
+        );
+        let low = busy.iter().position(|&r| r <= peak / 16).expect("never backed off");
+        assert!(low <= 6, "took {low} ticks to back off: {busy:?}");
+
+        // The guest goes idle: after the hold, the rate grows again.
+        let after = watch_fill(&fetcher, &cache, 2.5, None).await;
+        assert!(
+            *after.last().unwrap() > 4 * rate::MIN_FILL as u64,
+            "fill rates after: {after:?}"
+        );
+        eprintln!(
+            "fill: {bg_idle} chunks in 2.5 s idle (rate {peak} B/s at the end); {bg_busy} in 1.5 s with a guest \
+             waiting (rate {} B/s); {} B/s 2.5 s after",
+            busy.last().unwrap(),
+            after.last().unwrap()
+        );
     }
 }

@@ -79,7 +79,7 @@ pub struct Tick {
 }
 
 /// A minimum over a sliding window, kept as two half windows.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct WindowedMin {
     current: Option<f64>,
     previous: Option<f64>,
@@ -114,7 +114,7 @@ impl WindowedMin {
 }
 
 /// What an unloaded fetch of `n` bytes takes: `rtt + n * per_byte`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Baseline {
     rtt: WindowedMin,
     per_byte: WindowedMin,
