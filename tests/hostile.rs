@@ -38,6 +38,9 @@ struct Rig {
     _rt: tokio::runtime::Runtime,
 }
 
+/// A raw descriptor: table, index, address, length, flags, next.
+type Raw = (u64, u16, u64, u32, u16, u16);
+
 fn desc(addr: u64, len: u32, write: bool) -> (u64, u32, bool) {
     (addr, len, write)
 }
@@ -196,7 +199,7 @@ impl Rig {
 
     /// Raw descriptors (table, index, addr, len, flags, next), head 0 made
     /// available; runs the worker like `submit`.
-    fn submit_raw(&mut self, descs: &[(u64, u16, u64, u32, u16, u16)]) -> (u32, u8) {
+    fn submit_raw(&mut self, descs: &[Raw]) -> (u32, u8) {
         for &(table, i, addr, len, flags, next) in descs {
             self.raw_desc(table, i, addr, len, flags, next);
         }
@@ -476,7 +479,7 @@ const TABLE: u64 = 0x38_0000;
 fn chains_the_walk_ends_early_get_no_status_and_the_queue_keeps_serving() {
     let mut rig = Rig::new(false);
     let t = rig.desc_table.0;
-    let cases: [(&str, Vec<(u64, u16, u64, u32, u16, u16)>); 4] = [
+    let cases: [(&str, Vec<Raw>); 4] = [
         (
             "a loop",
             vec![
