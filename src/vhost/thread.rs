@@ -44,6 +44,8 @@ pub const MAX_WAITING_BYTES: u64 = 64 << 20;
 /// A disk's requests waiting off its workers, and the cap on them. Over the
 /// cap its queues stop popping (requests wait in the ring, in guest memory)
 /// until completions bring it back under; nothing is dropped or failed.
+/// Each queue looks before it pops (two loads, no reservation on the hot
+/// path), so queues popping at once may pass the cap by a request each.
 pub struct Waiting {
     requests: AtomicUsize,
     bytes: AtomicU64,
@@ -94,8 +96,13 @@ impl Waiting {
         self.requests.fetch_sub(1, Ordering::SeqCst);
         self.bytes.fetch_sub(bytes, Ordering::SeqCst);
         if self.has_stalled.load(Ordering::SeqCst) && !self.over(Ordering::SeqCst) {
-            let stalled = std::mem::take(&mut *self.stalled.lock().unwrap_or_else(|e| e.into_inner()));
-            self.has_stalled.store(false, Ordering::SeqCst);
+            // Cleared under the lock registrations take: one made after
+            // this sets it again and stays in the list.
+            let stalled = {
+                let mut s = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+                self.has_stalled.store(false, Ordering::SeqCst);
+                std::mem::take(&mut *s)
+            };
             for c in stalled {
                 c.wake();
             }
