@@ -272,10 +272,9 @@ fn main() {
         let block = BlockIdx(2 * cand as u64);
         buf[..8].copy_from_slice(&block.0.to_le_bytes());
         buf[8..16].copy_from_slice(&seed.to_le_bytes());
-        let mut slot = [IoBuf::default(); 1];
         let t = Instant::now();
         let status = disk
-            .write(block.offset(), IoRange::from_slice(&mut slot, &mut buf))
+            .write(block.offset(), IoRange::from_slice(&mut buf))
             .unwrap_or_else(|e| fail(&format!("write: {}", streamblk::DisplayChain(&e))));
         batch_write_ns = batch_write_ns.max(t.elapsed().as_nanos() as u64);
         if status != Status::Done {

@@ -162,8 +162,7 @@ fn run_op(disk: &Disk, op: &Op) -> bool {
     let r = match *op {
         Op::Write { sector, sectors, tag } => {
             let mut data: Vec<u8> = (sector..sector + sectors).flat_map(|s| sector_bytes(tag, s)).collect();
-            let mut slot = [IoBuf::default(); 1];
-            disk.write(sector * SECTOR, IoRange::from_slice(&mut slot, &mut data))
+            disk.write(sector * SECTOR, IoRange::from_slice(&mut data))
         }
         Op::Zeroes { sector, sectors } => disk.write_zeroes(sector * SECTOR, sectors * SECTOR),
         Op::Discard { sector, sectors } => disk.discard(sector * SECTOR, sectors * SECTOR).map(|()| Status::Done),
@@ -323,9 +322,8 @@ fn check(seed: u64, storage: &Arc<dyn Storage>, out: &Outcome, crash: Crash) -> 
     for round in 0..2 {
         let disk = open(storage).map_err(|e| format!("reopen {round} failed: {}", streamblk::DisplayChain(&e)))?;
         let mut buf = vec![0u8; SIZE as usize];
-        let mut slot = [IoBuf::default(); 1];
         let status = disk
-            .read(0, IoRange::from_slice(&mut slot, &mut buf))
+            .read(0, IoRange::from_slice(&mut buf))
             .map_err(|e| format!("read: {e}"))?;
         assert_eq!(status, Status::Done);
         for s in 0..SECTORS {
@@ -429,19 +427,12 @@ fn failed_sync_makes_the_overlay_fail_stop() {
     assert!(disk.flush().is_err(), "a flush after a failed sync must fail too");
     assert!(!write(&disk, 16, 3), "a write after a failed sync must fail");
     let mut buf = vec![0u8; 4096];
-    let mut slot = [IoBuf::default(); 1];
-    assert_eq!(
-        disk.read(0, IoRange::from_slice(&mut slot, &mut buf)).unwrap(),
-        Status::Done
-    );
+    assert_eq!(disk.read(0, IoRange::from_slice(&mut buf)).unwrap(), Status::Done);
     assert_eq!(decode(&buf[..512], 0), Some(Value::Tag(1)));
     drop(disk);
     sim.power_cut();
     let disk = open(&storage).unwrap();
-    assert_eq!(
-        disk.read(0, IoRange::from_slice(&mut slot, &mut buf)).unwrap(),
-        Status::Done
-    );
+    assert_eq!(disk.read(0, IoRange::from_slice(&mut buf)).unwrap(), Status::Done);
     assert_eq!(decode(&buf[..512], 0), Some(Value::Tag(1)));
     assert!(write(&disk, 16, 4));
     disk.flush().unwrap();
@@ -477,11 +468,7 @@ fn full_device_fails_writes_and_recovers() {
     sim.power_cut();
     let disk = open(&storage).unwrap();
     let mut buf = vec![0u8; 8192];
-    let mut slot = [IoBuf::default(); 1];
-    assert_eq!(
-        disk.read(0, IoRange::from_slice(&mut slot, &mut buf)).unwrap(),
-        Status::Done
-    );
+    assert_eq!(disk.read(0, IoRange::from_slice(&mut buf)).unwrap(), Status::Done);
     assert_eq!(decode(&buf[..512], 0), Some(Value::Tag(1)));
     assert_eq!(decode(&buf[4096..4608], 8), Some(Value::Tag(4)));
 }

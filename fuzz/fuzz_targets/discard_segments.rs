@@ -21,8 +21,7 @@ fuzz_target!(|data: &[u8]| {
     // Split the body into buffers of fuzzed sizes, as guest descriptors would.
     let cut = (data[8] as usize >> 1).min(body.len());
     let (a, b) = body.split_at_mut(cut);
-    // SAFETY: both halves outlive the buffers, which are only read here.
-    let bufs = unsafe { [IoBuf::new(a.as_mut_ptr(), a.len()), IoBuf::new(b.as_mut_ptr(), b.len())] };
+    let bufs = [IoBuf::from_mut(a), IoBuf::from_mut(b)];
     if let Ok(segments) = virtio_blk::discard_segments(kind, &bufs, capacity) {
         for s in segments {
             let end = s.offset.checked_add(s.len).expect("segment end overflows");

@@ -35,8 +35,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(ov) = Overlay::open_on(storage.clone(), dir, DISK, "fuzz") {
         let mut buf = vec![0u8; 4096];
-        let mut slot = [IoBuf::default(); 1];
-        ov.read(0, IoRange::from_slice(&mut slot, &mut buf)).unwrap();
+        ov.read(0, IoRange::from_slice(&mut buf)).unwrap();
         drop(ov);
         Overlay::open_on(storage, dir, DISK, "fuzz").expect("an overlay that opened must reopen");
     }

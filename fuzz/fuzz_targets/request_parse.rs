@@ -31,16 +31,17 @@ fuzz_target!(|data: &[u8]| {
     }
     // A 1 MiB disk: ranges past it must be refused.
     let capacity = 2048;
-    let (mut descs, mut bufs) = (Vec::new(), Vec::new());
+    let mut descs = Vec::new();
     let Ok(iter) = q.iter(&mem) else { return };
     for chain in iter.take(QSIZE as usize) {
+        let mut bufs = streamblk::engine::IoBufs::new();
         if let Ok(req) = virtio_blk::parse(chain, &mem, capacity, &mut descs, &mut bufs) {
             let total: usize = bufs.iter().map(|b| b.len()).sum();
             assert!(total >= req.data_len as usize);
-            for b in &bufs {
-                let start = b.as_ptr() as usize;
-                let _ = (start, b.len());
-            }
+            assert!(
+                streamblk::engine::GuestBufs::new(std::sync::Arc::new(mem.clone()), &bufs).is_some(),
+                "a request buffer outside guest memory"
+            );
             if matches!(
                 req.kind,
                 virtio_blk::RequestType::Discard | virtio_blk::RequestType::WriteZeroes

@@ -37,8 +37,7 @@ fn manifest_of(chunks: usize, chunk_size: u32) -> Arc<Manifest> {
 fn read_chunk(cache: &ImageCache, c: u32) -> Result<Option<Vec<u8>>, Error> {
     let m = cache.manifest();
     let mut buf = vec![0u8; m.chunk_len(ChunkIdx(c)) as usize];
-    let mut slot = [IoBuf::default(); 1];
-    let hit = cache.read(m.chunk_offset(ChunkIdx(c)), IoRange::from_slice(&mut slot, &mut buf))?;
+    let hit = cache.read(m.chunk_offset(ChunkIdx(c)), IoRange::from_slice(&mut buf))?;
     Ok(hit.then_some(buf))
 }
 
@@ -75,8 +74,7 @@ fn presence_survives_reopen_only_once_persisted() {
     assert_eq!(c.fill(), (2, 32));
     assert_eq!(read_chunk(&c, 17).unwrap(), Some(vec![2u8; 65536]));
     let mut buf = vec![0u8; 65536 * 2];
-    let mut slot = [IoBuf::default(); 1];
-    assert!(!c.read(16 * 65536, IoRange::from_slice(&mut slot, &mut buf)).unwrap());
+    assert!(!c.read(16 * 65536, IoRange::from_slice(&mut buf)).unwrap());
 }
 
 proptest::proptest! {

@@ -13,7 +13,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use crate::storage::{IoBuf, IoRange};
+pub use crate::storage::{GuestBufs, IoBuf, IoBufs, IoRange};
 pub use crate::units::{BlockIdx, BLOCK_SIZE, SECTOR_SIZE};
 pub use base::{Base, FetchFuture, LocalBase, LocalBases};
 
@@ -246,11 +246,7 @@ impl Disk {
         let mut block = [0u8; BLOCK_SIZE as usize];
         let block = &mut block[..block_len];
         if state == BlockState::Base {
-            let mut slot = [IoBuf::default(); 1];
-            if !self
-                .base
-                .read_local(b.offset(), IoRange::from_slice(&mut slot, block))?
-            {
+            if !self.base.read_local(b.offset(), IoRange::from_slice(block))? {
                 return Ok(Status::Miss {
                     offset: b.offset(),
                     len: block_len as u64,
@@ -263,8 +259,7 @@ impl Disk {
             Source::Data(r) => r.copy_to(dst),
             Source::Zeros(_) => dst.fill(0),
         }
-        let mut slot = [IoBuf::default(); 1];
-        self.overlay.write(b.offset(), IoRange::from_slice(&mut slot, block))?;
+        self.overlay.write(b.offset(), IoRange::from_slice(block))?;
         self.overlay.set_state(b, 1, BlockState::Data)?;
         Ok(Status::Done)
     }
@@ -275,10 +270,7 @@ impl Disk {
             Source::Data(r) => Ok(self.overlay.write(pos, r)?),
             Source::Zeros(n) => {
                 let mut zeros = [0u8; BLOCK_SIZE as usize];
-                let mut slot = [IoBuf::default(); 1];
-                Ok(self
-                    .overlay
-                    .write(pos, IoRange::from_slice(&mut slot, &mut zeros[..n as usize]))?)
+                Ok(self.overlay.write(pos, IoRange::from_slice(&mut zeros[..n as usize]))?)
             }
         }
     }
@@ -331,11 +323,7 @@ mod tests {
 
     fn read_all(d: &Disk) -> Vec<u8> {
         let mut buf = vec![0u8; SIZE];
-        let mut slot = [IoBuf::default(); 1];
-        assert_eq!(
-            d.read(0, IoRange::from_slice(&mut slot, &mut buf)).unwrap(),
-            Status::Done
-        );
+        assert_eq!(d.read(0, IoRange::from_slice(&mut buf)).unwrap(), Status::Done);
         buf
     }
 
@@ -358,8 +346,7 @@ mod tests {
                     Op::Write { sector, sectors, seed } => {
                         let (o, n) = (sector as usize * 512, sectors as usize * 512);
                         let mut data: Vec<u8> = (0..n).map(|i| seed.wrapping_add(i as u8 / 7)).collect();
-                        let mut slot = [IoBuf::default(); 1];
-                        prop_assert_eq!(disk.write(o as u64, IoRange::from_slice(&mut slot, &mut data)).unwrap(), Status::Done);
+                        prop_assert_eq!(disk.write(o as u64, IoRange::from_slice(&mut data)).unwrap(), Status::Done);
                         model[o..o + n].copy_from_slice(&data);
                     }
                     Op::Zero { sector, sectors } => {
@@ -418,20 +405,17 @@ mod tests {
         )
         .unwrap();
         let mut buf = vec![0u8; 512];
-        let mut slot = [IoBuf::default(); 1];
         assert!(matches!(
-            d.write(0, IoRange::from_slice(&mut slot, &mut buf)),
+            d.write(0, IoRange::from_slice(&mut buf)),
             Err(Error::ReadOnly)
         ));
         assert!(matches!(d.write_zeroes(0, 512), Err(Error::ReadOnly)));
-        let mut slot = [IoBuf::default(); 1];
         assert!(matches!(
-            d.read(8192 - 256, IoRange::from_slice(&mut slot, &mut buf)),
+            d.read(8192 - 256, IoRange::from_slice(&mut buf)),
             Err(Error::OutOfRange { .. })
         ));
-        let mut slot = [IoBuf::default(); 1];
         assert!(matches!(
-            d.read(u64::MAX - 10, IoRange::from_slice(&mut slot, &mut buf)),
+            d.read(u64::MAX - 10, IoRange::from_slice(&mut buf)),
             Err(Error::OutOfRange { .. })
         ));
     }

@@ -15,7 +15,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use iobuf::{IoBuf, IoRange};
+pub use iobuf::{GuestBufs, IoBuf, IoBufs, IoRange};
 
 /// A file system: the real one ([`RealStorage`]) or a simulated one.
 pub trait Storage: Send + Sync {
@@ -82,14 +82,12 @@ pub trait StorageFile: Send + Sync {
 
 impl dyn StorageFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut slot = [IoBuf::default(); 1];
-        self.read_at(IoRange::from_slice(&mut slot, buf), offset)
+        self.read_at(IoRange::from_slice(buf), offset)
     }
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // SAFETY: `write_at` only reads its source, and `buf` outlives the call.
-        let slot = [unsafe { IoBuf::for_reading(buf) }];
-        self.write_at(IoRange::new(&slot), offset)
+        // SAFETY: `write_at` only reads its source.
+        self.write_at(unsafe { IoRange::for_reading(buf) }, offset)
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use crate::engine::IoBuf;
+use crate::engine::GuestBufs;
 use crate::virtio_blk::Request;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -26,10 +26,9 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 pub struct PendingRequest {
     pub head: u16,
     pub req: Request,
-    pub data: Vec<IoBuf>,
-    /// Keeps the buffers in `data` mapped, even if the guest's memory table
-    /// changes or the frontend goes away meanwhile.
-    pub mem: Arc<GuestMemory>,
+    /// Its data buffers, with the guest memory they live in: mapped even
+    /// if the guest's memory table changes or the frontend goes away.
+    pub data: GuestBufs<GuestMemory>,
     /// When the worker took it, for the disk's latency histogram.
     pub started: std::time::Instant,
 }

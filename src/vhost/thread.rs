@@ -19,7 +19,7 @@ use vmm_sys_util::event::EventConsumer;
 use super::chain::HeadChain;
 use super::completion::{Completions, FinishedRequest, GuestMemory, PendingRequest};
 use super::inflight::InflightQueue;
-use crate::engine::{Disk, IoBuf, IoRange, Status};
+use crate::engine::{Disk, GuestBufs, IoBuf, IoBufs, IoRange, Status};
 use crate::metrics::{DiskStats, Op};
 use crate::virtio_blk::{self, RequestType, STATUS_IOERR, STATUS_OK};
 use crate::DisplayChain;
@@ -238,7 +238,7 @@ enum Outcome {
 }
 
 /// Runs a request whose data buffers are `data`.
-fn execute(ctx: &DiskContext, req: &virtio_blk::Request, data: &[IoBuf], may_block: bool) -> Outcome {
+fn execute(ctx: &DiskContext, req: &virtio_blk::Request, data: &[IoBuf<'_>], may_block: bool) -> Outcome {
     let disk = &ctx.disk;
     let result = match req.kind {
         RequestType::In => disk.read(req.offset, IoRange::new(data)),
@@ -319,9 +319,9 @@ async fn complete_pending(waiting: WaitingGuard, completions: Arc<Completions>, 
             // A flush touches no guest memory and may take long: a stopping
             // queue need not wait for it.
             if p2.req.kind == RequestType::Flush {
-                Some(execute(&ctx2, &p2.req, &p2.data, true))
+                Some(execute(&ctx2, &p2.req, p2.data.bufs(), true))
             } else {
-                c2.gated(|| execute(&ctx2, &p2.req, &p2.data, true))
+                c2.gated(|| execute(&ctx2, &p2.req, p2.data.bufs(), true))
             }
         };
         outcome = match tokio::task::spawn_blocking(run).await {
@@ -374,7 +374,6 @@ pub struct VhostUserBlkThread {
     slept_at: Option<Instant>,
     // Scratch kept across requests so the hot path does not allocate.
     descs: Vec<(vm_memory::GuestAddress, u32, bool)>,
-    data: Vec<IoBuf>,
     finished: Vec<FinishedRequest>,
     /// Set when the queue stopped popping at the disk's cap on waiting
     /// requests: the next completion (of any queue of the disk) re-runs it.
@@ -399,7 +398,6 @@ impl VhostUserBlkThread {
             poll_now: poll,
             slept_at: None,
             descs: Vec::with_capacity(256),
-            data: Vec::with_capacity(256),
             finished: Vec::with_capacity(256),
             stalled: false,
             inflight: None,
@@ -638,13 +636,8 @@ impl VhostUserBlkThread {
         C: IntoIterator<Item = Descriptor>,
     {
         let started = Instant::now();
-        let req = match virtio_blk::parse(
-            chain,
-            &**mem,
-            self.ctx.capacity_sectors,
-            &mut self.descs,
-            &mut self.data,
-        ) {
+        let mut data = IoBufs::new();
+        let req = match virtio_blk::parse(chain, &**mem, self.ctx.capacity_sectors, &mut self.descs, &mut data) {
             Ok(req) => req,
             Err((e, status_addr)) => {
                 let count = self.ctx.stats.bad_request();
@@ -664,7 +657,7 @@ impl VhostUserBlkThread {
                 t.record(req.offset, u64::from(req.data_len));
             }
         }
-        match execute(&self.ctx, &req, &self.data, false) {
+        match execute(&self.ctx, &req, &data, false) {
             Outcome::Done(status) => {
                 record(&self.ctx.stats, &req, status, started);
                 Some(match virtio_blk::write_status(&**mem, req.status_addr, status) {
@@ -674,11 +667,19 @@ impl VhostUserBlkThread {
                 })
             }
             outcome => {
+                // The buffers came from this memory: they are inside it.
+                let Some(data) = GuestBufs::new(mem.clone().into_inner(), &data) else {
+                    tracing::error!(head, "request buffers outside the guest memory they came from");
+                    return Some(u32::from(virtio_blk::write_status(
+                        &**mem,
+                        req.status_addr,
+                        STATUS_IOERR,
+                    )));
+                };
                 let pending = PendingRequest {
                     head,
                     req,
-                    data: self.data.clone(),
-                    mem: mem.clone().into_inner(),
+                    data,
                     started,
                 };
                 self.completions.start();

@@ -13,7 +13,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_REQUEST_BYTES, SEG_MAX, SIZE_MAX};
 use super::{STATUS_IOERR, STATUS_UNSUPP};
-use crate::engine::{IoBuf, IoRange, SECTOR_SIZE};
+use crate::engine::{IoBuf, IoBufs, IoRange, SECTOR_SIZE};
 
 pub const HEADER_LEN: usize = 16;
 const DISCARD_SEGMENT_LEN: usize = 16;
@@ -122,17 +122,18 @@ fn status_of(last: Option<(GuestAddress, u32, bool)>) -> Result<GuestAddress, Er
     }
 }
 
-fn translate<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: u32, out: &mut Vec<IoBuf>) -> Result<(), Error> {
+fn translate<'m, M: GuestMemoryBackend>(
+    mem: &'m M,
+    addr: GuestAddress,
+    len: u32,
+    out: &mut IoBufs<'m>,
+) -> Result<(), Error> {
     let bad = Error::GuestMemory { addr: addr.0, len };
     if len == 0 {
         return Ok(());
     }
     for slice in mem.get_slices(addr, len as usize) {
-        let slice = slice.map_err(|_| bad.clone())?;
-        // SAFETY: the slice is inside a guest memory region that stays mapped
-        // while the caller holds the memory (it keeps a reference to it until
-        // the request completes).
-        out.push(unsafe { IoBuf::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
+        out.push(IoBuf::from_volatile(slice.map_err(|_| bad.clone())?));
     }
     Ok(())
 }
@@ -143,12 +144,12 @@ fn translate<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: u32, out: 
 ///
 /// `chain` is a `virtio_queue::DescriptorChain`, or any walk of a chain's
 /// descriptors (a resubmitted request's, from its head).
-pub fn parse<M, C>(
+pub fn parse<'m, M, C>(
     chain: C,
-    mem: &M,
+    mem: &'m M,
     capacity_sectors: u64,
     descs: &mut Vec<(GuestAddress, u32, bool)>,
-    data: &mut Vec<IoBuf>,
+    data: &mut IoBufs<'m>,
 ) -> Result<Request, (Error, Option<GuestAddress>)>
 where
     M: GuestMemoryBackend,
@@ -318,7 +319,7 @@ fn check_segments(descs: &[(GuestAddress, u32, bool)]) -> Result<(), Error> {
 }
 
 /// Removes the first `n` bytes of the buffer list.
-fn strip_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
+fn strip_front(bufs: &mut IoBufs<'_>, mut n: usize) {
     let mut drop = 0;
     for b in bufs.iter_mut() {
         if n == 0 {
@@ -328,8 +329,7 @@ fn strip_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
             n -= b.len();
             drop += 1;
         } else {
-            // SAFETY: n < b.len(): the new buffer is a tail of the old one.
-            *b = unsafe { IoBuf::new(b.as_ptr().add(n), b.len() - n) };
+            *b = b.skip(n);
             n = 0;
         }
     }
@@ -342,7 +342,7 @@ fn strip_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
 /// segment changes nothing.
 pub fn discard_segments(
     kind: RequestType,
-    data: &[IoBuf],
+    data: &[IoBuf<'_>],
     capacity_sectors: u64,
 ) -> Result<Vec<DiscardSegment>, Error> {
     let r = IoRange::new(data);
