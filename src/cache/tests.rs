@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use super::*;
 use crate::storage::sched::{self, Sched};
 use crate::storage::sim::{OpKind, SimStorage};
-use crate::storage::IoBuf;
 use crate::store::ChunkEntry;
 
 fn manifest(chunks: usize) -> Arc<Manifest> {

@@ -245,13 +245,11 @@ impl Disk {
         let block_len = BLOCK_SIZE.min(self.size - b.offset()) as usize;
         let mut block = [0u8; BLOCK_SIZE as usize];
         let block = &mut block[..block_len];
-        if state == BlockState::Base {
-            if !self.base.read_local(b.offset(), IoRange::from_slice(block))? {
-                return Ok(Status::Miss {
-                    offset: b.offset(),
-                    len: block_len as u64,
-                });
-            }
+        if state == BlockState::Base && !self.base.read_local(b.offset(), IoRange::from_slice(block))? {
+            return Ok(Status::Miss {
+                offset: b.offset(),
+                len: block_len as u64,
+            });
         }
         let at = (pos - b.offset()) as usize;
         let dst = &mut block[at..at + n as usize];
