@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use streamblk::engine::{BlockIdx, Disk, IoBuf, IoRange, LocalBase, Status, BLOCK_SIZE};
+use streamblk::engine::{BlockIdx, Disk, IoRange, LocalBase, Status, BLOCK_SIZE};
 
 /// The disk is at least this large: 2 Mi blocks, so 1 Mi possible runs.
 const MIN_DISK_SIZE: u64 = 8 << 30;
