@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use streamblk::engine::{Base, Disk, FetchFuture, IoBuf, IoRange, Status};
+use streamblk::engine::{Base, Disk, FetchFuture, IoRange, Status};
 use streamblk::storage::sched::Sched;
 use streamblk::storage::sim::{OpKind, SimStorage};
 use streamblk::storage::Storage;
