@@ -85,7 +85,7 @@ mod tests {
 
     /// Parses the chain at head 0 of a 16-entry table at 0.
     fn parse(mem: &crate::vhost::GuestMemory) -> Result<virtio_blk::Request, Error> {
-        let (mut descs, mut data) = (Vec::new(), Vec::new());
+        let (mut descs, mut data) = (Vec::new(), crate::engine::IoBufs::new());
         let chain = HeadChain::new(mem, GuestAddress(0), 16, 0);
         virtio_blk::parse(chain, mem, 2048, &mut descs, &mut data).map_err(|(e, status)| {
             assert_eq!(status, None, "a status address for a chain that ended early");
