@@ -29,6 +29,9 @@ pub trait Base: Send + Sync {
     /// Makes `offset..offset+len` local. Resolves once it is, or with the
     /// error that stopped it.
     fn fetch(&self, offset: u64, len: u64) -> FetchFuture;
+
+    /// A guest attached to a disk over this base: its boot starts now.
+    fn attach(&self) {}
 }
 
 /// A local raw file: everything is always local.

@@ -84,6 +84,15 @@ impl Disk {
         self
     }
 
+    /// A frontend attached: starts the clocks of the trace and of the
+    /// base's boot profile.
+    pub fn attach(&self) {
+        if let Some(t) = &self.trace {
+            t.attach();
+        }
+        self.base.attach();
+    }
+
     pub fn trace(&self) -> Option<&TraceRecorder> {
         self.trace.as_ref()
     }

@@ -44,6 +44,13 @@ impl Base for StreamedBase {
         self.cache.read(offset, dst).map_err(|e| Error::FetchBase(Box::new(e)))
     }
 
+    /// Starts the profile's boot clock (the first attach counts).
+    fn attach(&self) {
+        if let Some(p) = &self.profile {
+            p.note_attach();
+        }
+    }
+
     fn fetch(&self, offset: u64, len: u64) -> FetchFuture {
         let wants: Vec<_> = self
             .cache

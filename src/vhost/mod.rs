@@ -179,9 +179,7 @@ pub fn serve(
         let handler = Arc::new(Mutex::new(VhostUserBlkHandler::new(backend.clone(), name)));
         let mut requests = BackendReqHandler::from_stream(stream, handler.clone());
         *lock(&active) = Some(backend.clone());
-        if let Some(t) = ctx.disk.trace() {
-            t.attach();
-        }
+        ctx.disk.attach();
         tracing::info!(disk = name, "frontend connected");
         let end = loop {
             if let Err(e) = requests.handle_request() {
