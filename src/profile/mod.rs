@@ -4,13 +4,17 @@
 //! Trace format (text, one record per line, after a `#` header line):
 //! `<microseconds since attach> <byte offset> <byte length>`.
 //! Profile format (JSON): `{"version":1,"chunk_size":N,"chunks":[i, ...]}`.
+//! [`learned`] keeps the traces and profiles a daemon learns by itself.
+//! Files only: nothing here knows of virtio, the store or the daemon.
+
+pub mod learned;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -32,74 +36,259 @@ pub enum Error {
     ParseProfile(#[source] serde_json::Error),
     #[error("profile is invalid: {0}")]
     BadProfile(String),
+    #[error("create directory {0}")]
+    CreateDir(PathBuf, #[source] io::Error),
+    #[error("read profile {0}")]
+    ReadProfile(PathBuf, #[source] io::Error),
+    #[error("write profile {0}")]
+    WriteProfile(PathBuf, #[source] io::Error),
 }
 
-/// Records a disk's guest reads for a while after attach.
+/// Most records one trace holds (about 25 bytes each on disk): bounds a
+/// trace's size whatever the guest reads.
+pub const MAX_RECORDS: u64 = 2_000_000;
+
+/// How a recording ended, as its `on_finish` hook hears it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TraceEnd<'a> {
+    /// The trace is complete and durable at `path`.
+    Written { path: &'a Path, records: u64 },
+    /// Nothing was kept: a write failed, or the recorder was dropped unfinished.
+    Abandoned,
+}
+
+type OnFinish = Box<dyn FnOnce(TraceEnd<'_>) + Send>;
+
+/// Records a disk's guest reads for a while after attach. Clones share one
+/// recording. The trace is written under a temporary name (`PATH.part`)
+/// and renamed to its path only when finished, so a crash never leaves a
+/// half trace where a complete one is expected.
+#[derive(Clone)]
 pub struct TraceRecorder {
+    inner: Arc<Recording>,
+}
+
+struct Recording {
     out: Mutex<Option<BufWriter<File>>>,
+    part: PathBuf,
     path: PathBuf,
     attached: OnceLock<Instant>,
     window: Duration,
     max_bytes: u64,
     bytes: AtomicU64,
-    done: AtomicBool,
+    records: AtomicU64,
+    /// No more records are taken.
+    closed: AtomicBool,
+    /// `finish` ran (or is running).
+    finished: AtomicBool,
+    /// A write failed: the trace is not kept.
+    failed: AtomicBool,
+    /// Wakes `finish_on_time` at attach, at close and at finish.
+    wake: tokio::sync::Notify,
+    on_finish: Mutex<Option<OnFinish>>,
 }
 
 impl TraceRecorder {
     /// Records into `path` for `window` after attach, or until the guest
-    /// has read `max_bytes`.
+    /// has read `max_bytes` (or [`MAX_RECORDS`] reads).
     pub fn create(path: &Path, window: Duration, max_bytes: u64) -> Result<Self, Error> {
-        let f = File::create(path).map_err(|e| Error::CreateTrace(path.to_path_buf(), e))?;
+        let part = part_path(path);
+        let f = File::create(&part).map_err(|e| Error::CreateTrace(part.clone(), e))?;
         let mut w = BufWriter::new(f);
-        writeln!(w, "{TRACE_HEADER}").map_err(Error::WriteTrace)?;
+        if let Err(e) = writeln!(w, "{TRACE_HEADER}") {
+            let _ = std::fs::remove_file(&part);
+            return Err(Error::WriteTrace(e));
+        }
         Ok(TraceRecorder {
-            out: Mutex::new(Some(w)),
-            path: path.to_path_buf(),
-            attached: OnceLock::new(),
-            window,
-            max_bytes,
-            bytes: AtomicU64::new(0),
-            done: AtomicBool::new(false),
+            inner: Arc::new(Recording {
+                out: Mutex::new(Some(w)),
+                part,
+                path: path.to_path_buf(),
+                attached: OnceLock::new(),
+                window,
+                max_bytes,
+                bytes: AtomicU64::new(0),
+                records: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+                finished: AtomicBool::new(false),
+                failed: AtomicBool::new(false),
+                wake: tokio::sync::Notify::new(),
+                on_finish: Mutex::new(None),
+            }),
         })
+    }
+
+    /// Calls `f` once when the recording ends, however it ends.
+    pub fn on_finish(self, f: impl FnOnce(TraceEnd<'_>) + Send + 'static) -> Self {
+        *lock(&self.inner.on_finish) = Some(Box::new(f));
+        self
+    }
+
+    /// Where the finished trace goes.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Reads recorded so far.
+    pub fn records(&self) -> u64 {
+        self.inner.records.load(Ordering::Relaxed)
     }
 
     /// Starts the clock; the first call counts.
     pub fn attach(&self) {
-        self.attached.get_or_init(Instant::now);
+        self.start_clock();
+    }
+
+    fn start_clock(&self) -> Instant {
+        if let Some(&t) = self.inner.attached.get() {
+            return t;
+        }
+        let t = *self.inner.attached.get_or_init(Instant::now);
+        self.inner.wake.notify_one();
+        t
     }
 
     /// Records a guest read.
     pub fn record(&self, offset: u64, len: u64) {
-        if self.done.load(Ordering::Relaxed) {
+        let r = &self.inner;
+        if r.closed.load(Ordering::Relaxed) {
             return;
         }
-        let t = self.attached.get_or_init(Instant::now).elapsed();
-        let total = self.bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if t > self.window || total > self.max_bytes {
-            self.finish();
+        let t = self.start_clock().elapsed();
+        let total = r.bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if t > r.window || total > r.max_bytes || r.records.load(Ordering::Relaxed) >= MAX_RECORDS {
+            // Writing the file out is left to `finish` (or `finish_on_time`):
+            // not on the thread serving the guest.
+            self.close();
             return;
         }
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = lock(&r.out);
         if let Some(w) = out.as_mut() {
-            if let Err(e) = writeln!(w, "{} {offset} {len}", t.as_micros()) {
-                tracing::error!(path = %self.path.display(), "trace write failed: {e}");
-                *out = None;
+            match writeln!(w, "{} {offset} {len}", t.as_micros()) {
+                Ok(()) => {
+                    r.records.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(path = %r.part.display(), "trace write failed: {e}");
+                    r.failed.store(true, Ordering::Relaxed);
+                    *out = None;
+                }
             }
         }
     }
 
-    /// Stops recording and flushes the trace.
+    /// Takes no more records; the trace is written out by `finish`.
+    fn close(&self) {
+        if !self.inner.closed.swap(true, Ordering::AcqRel) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Stops recording, makes the trace durable under its path and tells
+    /// the `on_finish` hook. Blocks on file I/O; later calls do nothing.
     pub fn finish(&self) {
-        if self.done.swap(true, Ordering::AcqRel) {
+        let r = &self.inner;
+        if r.finished.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Some(mut w) = self.out.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            match w.flush() {
-                Ok(()) => tracing::info!(path = %self.path.display(), "boot trace recorded"),
-                Err(e) => tracing::error!(path = %self.path.display(), "trace write failed: {e}"),
+        r.closed.store(true, Ordering::Release);
+        r.wake.notify_one();
+        let out = lock(&r.out).take();
+        let written = match out {
+            Some(w) if !r.failed.load(Ordering::Relaxed) => write_out(w, &r.part, &r.path),
+            _ => Err(io::Error::other("an earlier write failed")),
+        };
+        let end = match &written {
+            Ok(()) => {
+                tracing::info!(path = %r.path.display(), records = self.records(), "boot trace recorded");
+                TraceEnd::Written {
+                    path: &r.path,
+                    records: self.records(),
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %r.path.display(), "trace not kept: {e}");
+                let _ = std::fs::remove_file(&r.part);
+                TraceEnd::Abandoned
+            }
+        };
+        if let Some(f) = lock(&r.on_finish).take() {
+            f(end);
+        }
+    }
+
+    /// Finishes the trace when its window ends (counted from attach) or
+    /// when a limit closes it, whichever comes first, so a trace is
+    /// complete on time even if the guest reads nothing more. Returns at
+    /// once if it was finished otherwise (the disk stopped).
+    pub async fn finish_on_time(&self) {
+        let r = &self.inner;
+        loop {
+            let woken = r.wake.notified();
+            if r.finished.load(Ordering::Acquire) {
+                return;
+            }
+            if r.closed.load(Ordering::Acquire) {
+                break;
+            }
+            match r.attached.get() {
+                Some(&t0) => {
+                    let end = t0 + r.window;
+                    if Instant::now() >= end {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(end.into()) => {}
+                        _ = woken => {}
+                    }
+                }
+                None => woken.await,
+            }
+        }
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.finish()).await;
+    }
+}
+
+impl Drop for Recording {
+    /// A recording never finished keeps nothing: its partial file goes.
+    fn drop(&mut self) {
+        if !*self.finished.get_mut() {
+            let _ = std::fs::remove_file(&self.part);
+            if let Some(f) = self.on_finish.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+                f(TraceEnd::Abandoned);
             }
         }
     }
+}
+
+/// The temporary name a trace has while it is recorded.
+pub fn part_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".part");
+    PathBuf::from(p)
+}
+
+/// Flushes and syncs a trace, then renames it into place and syncs the
+/// directory: after a crash it is either complete at `path` or absent.
+fn write_out(w: BufWriter<File>, part: &Path, path: &Path) -> io::Result<()> {
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(part, path)?;
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One guest read of a trace.
@@ -282,5 +471,66 @@ mod tests {
         );
         std::fs::write(&path, "# x\n1 2\n").unwrap();
         assert!(read_trace(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_trace_finishes_when_its_window_ends_without_another_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = TraceRecorder::create(&path, Duration::from_millis(200), u64::MAX)
+            .unwrap()
+            .on_finish(move |end| {
+                if let TraceEnd::Written { path, records } = end {
+                    tx.send((path.to_path_buf(), records)).unwrap();
+                }
+            });
+        let timer = tokio::spawn({
+            let r = r.clone();
+            async move { r.finish_on_time().await }
+        });
+        // Before attach the clock has not started: nothing finishes.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!timer.is_finished());
+        r.attach();
+        r.record(0, 4096);
+        assert!(!path.exists(), "recorded under a temporary name");
+        tokio::time::timeout(Duration::from_secs(10), timer)
+            .await
+            .expect("finished at the window's end")
+            .unwrap();
+        assert_eq!(rx.try_recv().unwrap(), (path.clone(), 1));
+        assert_eq!(read_trace(&path).unwrap().len(), 1);
+        assert!(!part_path(&path).exists());
+    }
+
+    #[tokio::test]
+    async fn a_trace_closed_by_its_byte_limit_is_finished_by_its_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let r = TraceRecorder::create(&path, Duration::from_secs(3600), 8192).unwrap();
+        let timer = tokio::spawn({
+            let r = r.clone();
+            async move { r.finish_on_time().await }
+        });
+        r.record(0, 4096);
+        r.record(4096, 8192);
+        tokio::time::timeout(Duration::from_secs(10), timer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read_trace(&path).unwrap().len(), 1);
+        // A disk stopping first ends the timer at once.
+        let r = TraceRecorder::create(&dir.path().join("u"), Duration::from_secs(3600), u64::MAX).unwrap();
+        let timer = tokio::spawn({
+            let r = r.clone();
+            async move { r.finish_on_time().await }
+        });
+        r.finish();
+        tokio::time::timeout(Duration::from_secs(10), timer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(dir.path().join("u").exists());
     }
 }
