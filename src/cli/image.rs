@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::fetch::pct;
+use crate::profile::learned::LearnedDir;
 use crate::profile::Profile;
 use crate::store::{self, ChunkIdx, ImageStore};
 use crate::DisplayChain;
@@ -52,6 +53,10 @@ pub struct InspectArgs {
     pub image: String,
     #[arg(long)]
     pub store: String,
+    /// A daemon's cache directory: also show the profile it learned for
+    /// the image, if any.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
@@ -126,18 +131,49 @@ async fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         m.stored_bytes(),
         pct(m.stored_bytes(), m.size)
     );
-    match store.profile(&id).await.map_err(err)? {
+    let describe = |p: &Profile| {
+        let bytes: u64 = p.chunks.iter().map(|&c| m.chunk_len(ChunkIdx(c))).sum();
+        format!(
+            "{} chunks, {} bytes ({:.1}% of the image)",
+            p.chunks.len(),
+            bytes,
+            pct(bytes, m.size)
+        )
+    };
+    let stored = store.profile(&id).await.map_err(err)?;
+    match &stored {
         Some(bytes) => {
-            let p = Profile::parse(&bytes, m.chunk_size, m.chunk_count()).map_err(err)?;
-            let bytes: u64 = p.chunks.iter().map(|&c| m.chunk_len(ChunkIdx(c))).sum();
-            println!(
-                "profile:      {} chunks, {} bytes ({:.1}% of the image)",
-                p.chunks.len(),
-                bytes,
-                pct(bytes, m.size)
-            );
+            let p = Profile::parse(bytes, m.chunk_size, m.chunk_count()).map_err(err)?;
+            println!("profile:      {} (store)", describe(&p));
         }
-        None => println!("profile:      none"),
+        None => println!("profile:      none in the store"),
+    }
+    if let Some(cache_dir) = &a.cache_dir {
+        let dir = LearnedDir::new(cache_dir, &id.to_hex());
+        let traces = dir.traces().len();
+        let published = stored
+            .as_ref()
+            .is_some_and(|b| dir.published().as_deref() == Some(store::Digest::of(b).to_hex().as_str()));
+        match dir.profile(m.chunk_size, m.chunk_count()) {
+            Ok(Some(p)) => println!(
+                "learned:      {} from {traces} recorded boot{} in {}{}",
+                describe(&p),
+                if traces == 1 { "" } else { "s" },
+                dir.root().display(),
+                if published {
+                    "; the store's profile is this one"
+                } else {
+                    ""
+                }
+            ),
+            Ok(None) if traces > 0 => println!(
+                "learned:      none yet; {traces} boot{} recorded in {}",
+                if traces == 1 { "" } else { "s" },
+                dir.root().display()
+            ),
+            Ok(None) => println!("learned:      none in {}", cache_dir.display()),
+            Err(e) => println!("learned:      unusable: {}", DisplayChain(&e)),
+        }
     }
     Ok(())
 }

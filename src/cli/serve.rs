@@ -71,6 +71,19 @@ pub struct ServeArgs {
     /// How far (MiB) boot profile streaming runs ahead of the guest [default: 64].
     #[arg(long)]
     pub profile_window_mib: Option<u64>,
+    /// Boot profiles learned at run time: a disk of an image without a
+    /// profile records its first boot, and after this many recorded boots
+    /// on the host the daemon builds the image's profile from them and
+    /// uses it for later boots (0: off) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub learn_boots: Option<u32>,
+    /// How long after attach a learned boot trace records [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub learn_secs: Option<f64>,
+    /// Also store learned profiles in the store, next to the image's
+    /// manifest (its id does not change), for every host to use.
+    #[arg(long)]
+    pub publish_profiles: bool,
 }
 
 impl TryFrom<ServeArgs> for ServeRequest {
@@ -98,6 +111,9 @@ impl TryFrom<ServeArgs> for ServeRequest {
                 control_group: a.control_group,
                 socket_group: a.socket_group,
                 profile_window_mib: a.profile_window_mib,
+                learn_boots: a.learn_boots,
+                learn_secs: a.learn_secs,
+                publish_profiles: a.publish_profiles.then_some(true),
             },
             disks,
             config: a.config,
@@ -142,6 +158,17 @@ mod tests {
         assert_eq!(auto.options.fill_rate, Some(crate::fetch::FillRate::Auto));
         assert_eq!(r.options.control_group.as_deref(), Some("kvm"));
         assert_eq!(r.options.store, None);
+        assert_eq!(r.options.publish_profiles, None, "unset: the config file decides");
+        let learn =
+            ServeRequest::try_from(args(&["--learn-boots", "2", "--learn-secs", "5", "--publish-profiles"])).unwrap();
+        assert_eq!(
+            (
+                learn.options.learn_boots,
+                learn.options.learn_secs,
+                learn.options.publish_profiles
+            ),
+            (Some(2), Some(5.0), Some(true))
+        );
         let e = ServeRequest::try_from(args(&["--disk", "name=a"])).unwrap_err();
         assert!(format!("{e:#}").contains("needs socket="), "{e:#}");
         let e = ServeRequest::try_from(args(&["--disk", "name=a,socket=s1,overlay=o1,image=debian"]))

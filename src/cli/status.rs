@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::disk::ControlArgs;
+use crate::control::status::{FetchStatus, ProfileStatus};
 use crate::control::{DiskState, DiskStatus, ImageStatus, Op, Status};
 
 #[derive(Debug, Args)]
@@ -31,15 +32,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     for i in &s.images {
         println!("{}", image_line(i));
         if let Some(p) = &i.profile {
-            println!(
-                "  profile {} chunks: {} streamed, {} guest hits, {} guest stalls, first read {}, streamed by {}",
-                p.chunks,
-                p.streamed,
-                p.hits,
-                p.stalls,
-                p.first_read_ms.map_or("-".into(), |m| format!("{m} ms")),
-                p.done_ms.map_or("-".into(), |m| format!("{m} ms")),
-            );
+            println!("  {}", profile_line(p));
         }
     }
     if let Some(f) = &s.fetch {
@@ -64,8 +57,47 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
             q(&f.latency.background),
             q(&f.guest_wait)
         );
+        println!("  {}", rates_line(f));
     }
     Ok(())
+}
+
+/// `profile (learned) 118 chunks: ...` or `profile none; learning: 0 of 1 boots recorded, 1 recording`
+pub fn profile_line(p: &ProfileStatus) -> String {
+    let mut l = if p.source == "none" {
+        "profile none".to_string()
+    } else {
+        format!(
+            "profile ({}) {} chunks: {} streamed, {} guest hits, {} guest stalls, first read {}, streamed by {}",
+            p.source,
+            p.chunks,
+            p.streamed,
+            p.hits,
+            p.stalls,
+            p.first_read_ms.map_or("-".into(), |m| format!("{m} ms")),
+            p.done_ms.map_or("-".into(), |m| format!("{m} ms")),
+        )
+    };
+    if p.learned_traces > 0 || p.recording > 0 {
+        l += &format!(
+            "; learning: {} boot{} recorded, {} recording",
+            p.learned_traces,
+            if p.learned_traces == 1 { "" } else { "s" },
+            p.recording
+        );
+    }
+    l
+}
+
+/// `fill auto, now 11.9 MiB/s; profile stream now no limit`
+pub fn rates_line(f: &FetchStatus) -> String {
+    let rate = |r: Option<u64>| r.map_or("no limit".to_string(), |r| format!("{}/s", bytes(r as f64)));
+    format!(
+        "fill {}, now {}; profile stream now {}",
+        if f.fill_auto { "auto" } else { "capped" },
+        rate(f.fill_rate_now),
+        rate(f.profile_rate_now)
+    )
 }
 
 pub fn disk_line(d: &DiskStatus) -> String {
@@ -210,5 +242,34 @@ mod tests {
             ..i
         };
         assert!(image_line(&done).contains("complete"));
+    }
+
+    #[test]
+    fn profile_line_says_where_the_profile_came_from_and_how_learning_goes() {
+        let none = ProfileStatus {
+            source: "none".into(),
+            recording: 1,
+            ..ProfileStatus::default()
+        };
+        assert_eq!(
+            profile_line(&none),
+            "profile none; learning: 0 boots recorded, 1 recording"
+        );
+        let learned = ProfileStatus {
+            source: "learned".into(),
+            chunks: 12,
+            streamed: 10,
+            learned_traces: 1,
+            ..ProfileStatus::default()
+        };
+        let l = profile_line(&learned);
+        assert!(l.starts_with("profile (learned) 12 chunks: 10 streamed"), "{l}");
+        assert!(l.ends_with("learning: 1 boot recorded, 0 recording"), "{l}");
+        let f = FetchStatus {
+            fill_auto: true,
+            fill_rate_now: Some(2 << 20),
+            ..FetchStatus::default()
+        };
+        assert_eq!(rates_line(&f), "fill auto, now 2.0 MiB/s; profile stream now no limit");
     }
 }

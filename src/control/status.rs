@@ -69,17 +69,33 @@ pub struct ImageStatus {
     pub misses: u64,
     /// Disks using the image.
     pub users: u64,
+    /// The boot profile; `source` is `none` if the image has none.
     pub profile: Option<ProfileStatus>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The image's boot profile and how it streams.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProfileStatus {
+    /// Where the profile came from: `store`, `learned` (built on this host
+    /// from recorded boots) or `none`.
+    #[serde(default = "no_profile")]
+    pub source: String,
     pub chunks: u64,
     pub streamed: u64,
     pub hits: u64,
     pub stalls: u64,
     pub first_read_ms: Option<u64>,
     pub done_ms: Option<u64>,
+    /// Boots of the image recorded on this host for its learned profile,
+    /// and those recording now.
+    #[serde(default)]
+    pub learned_traces: u64,
+    #[serde(default)]
+    pub recording: u64,
+}
+
+fn no_profile() -> String {
+    "none".into()
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -110,6 +126,15 @@ pub struct FetchStatus {
     pub fill_rate_cap: Option<u64>,
     #[serde(default)]
     pub profile_rate_cap: Option<u64>,
+    /// Background fill adapts to the guests' fetches (`--fill-rate auto`).
+    #[serde(default)]
+    pub fill_auto: bool,
+    /// The background fill and profile streaming rates in force now, bytes
+    /// per second (None: no limit; fill 0: off or backed off fully).
+    #[serde(default)]
+    pub fill_rate_now: Option<u64>,
+    #[serde(default)]
+    pub profile_rate_now: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -131,7 +156,12 @@ impl Status {
         let mut metric = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
             let _ = writeln!(out, "# HELP streamblk_{name} {help}\n# TYPE streamblk_{name} {kind}");
             for (labels, v) in samples {
-                let _ = writeln!(out, "streamblk_{name}{labels} {v}");
+                // The text format spells infinity +Inf.
+                if *v == f64::INFINITY {
+                    let _ = writeln!(out, "streamblk_{name}{labels} +Inf");
+                } else {
+                    let _ = writeln!(out, "streamblk_{name}{labels} {v}");
+                }
             }
         };
         let per_image = |f: &dyn Fn(&ImageStatus) -> f64| -> Vec<(String, f64)> {
@@ -164,6 +194,27 @@ impl Status {
             "gauge",
             &per_image(&|i| i.users as f64),
         );
+        let sources: Vec<(String, f64)> = self
+            .images
+            .iter()
+            .filter_map(|i| {
+                let p = i.profile.as_ref()?;
+                let l = format!("{{image=\"{}\",source=\"{}\"}}", label(&i.id), label(&p.source));
+                Some((l, 1.0))
+            })
+            .collect();
+        metric(
+            "image_profile_info",
+            "Where the image's boot profile came from (store, learned or none).",
+            "gauge",
+            &sources,
+        );
+        metric(
+            "image_learned_traces",
+            "Boots of the image recorded on this host for its learned profile.",
+            "gauge",
+            &per_image(&|i| i.profile.as_ref().map_or(0, |p| p.learned_traces) as f64),
+        );
         metric(
             "cache_hits_total",
             "Guest reads served from the Local Cache.",
@@ -178,6 +229,25 @@ impl Status {
         );
         if let Some(f) = &self.fetch {
             let one = |v: u64| [(String::new(), v as f64)];
+            let rate = |v: Option<u64>| [(String::new(), v.map_or(f64::INFINITY, |v| v as f64))];
+            metric(
+                "fill_rate_bytes_per_second",
+                "Background fill rate in force now (+Inf: no limit; 0: off or backed off).",
+                "gauge",
+                &rate(f.fill_rate_now),
+            );
+            metric(
+                "fill_auto",
+                "1 if background fill adapts to the guests' fetches (--fill-rate auto).",
+                "gauge",
+                &one(u64::from(f.fill_auto)),
+            );
+            metric(
+                "profile_rate_bytes_per_second",
+                "Boot profile streaming rate in force now (+Inf: no limit).",
+                "gauge",
+                &rate(f.profile_rate_now),
+            );
             metric(
                 "store_chunks_total",
                 "Chunks fetched from the store.",
@@ -359,9 +429,26 @@ mod tests {
                 io: DiskStatsSnapshot::default(),
             }],
             images: vec![],
-            fetch: Some(FetchStatus::default()),
+            fetch: Some(FetchStatus {
+                fill_auto: true,
+                fill_rate_now: Some(12_500_000),
+                ..FetchStatus::default()
+            }),
         };
         let text = s.prometheus();
+        assert!(
+            text.contains("# TYPE streamblk_fill_rate_bytes_per_second gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamblk_fill_rate_bytes_per_second 12500000\n"),
+            "{text}"
+        );
+        assert!(text.contains("streamblk_fill_auto 1\n"), "{text}");
+        assert!(
+            text.contains("streamblk_profile_rate_bytes_per_second +Inf\n"),
+            "no limit: {text}"
+        );
         assert!(text.contains("streamblk_disk_attached{disk=\"a\\\"b\"} 1"), "{text}");
         assert!(text.contains("# TYPE streamblk_store_bytes_total counter"), "{text}");
         assert!(

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::learn::{LearnConfig, LEARN_MAX_BYTES};
 use super::spec::{DiskSource, DiskSpec, Scalar};
 use crate::fetch::{FetchConfig, FillRate};
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/streamblk";
+/// Most recorded boots `learn-boots` may wait for.
+const MAX_LEARN_BOOTS: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,6 +55,9 @@ pub struct Options {
     pub control_group: Option<String>,
     pub socket_group: Option<String>,
     pub profile_window_mib: Option<u64>,
+    pub learn_boots: Option<u32>,
+    pub learn_secs: Option<f64>,
+    pub publish_profiles: Option<bool>,
 }
 
 impl Options {
@@ -74,7 +80,10 @@ impl Options {
             control_socket,
             control_group,
             socket_group,
-            profile_window_mib
+            profile_window_mib,
+            learn_boots,
+            learn_secs,
+            publish_profiles
         )
     }
 }
@@ -100,7 +109,10 @@ impl Options {
             control_socket => "control-socket",
             control_group => "control-group",
             socket_group => "socket-group",
-            profile_window_mib => "profile-window-mib"
+            profile_window_mib => "profile-window-mib",
+            learn_boots => "learn-boots",
+            learn_secs => "learn-secs",
+            publish_profiles => "publish-profiles"
         );
         keys
     }
@@ -114,6 +126,8 @@ pub struct Settings {
     pub cache_limit: Option<u64>,
     pub fetch: FetchConfig,
     pub profile_window: u64,
+    /// Profiles learned at run time.
+    pub learn: LearnConfig,
     pub control_socket: PathBuf,
     pub control_group: Option<String>,
     /// Group given the disks' sockets (mode 0660); None: as created.
@@ -170,6 +184,20 @@ impl TryFrom<&Options> for Settings {
             deadline: secs("fetch-deadline", o.fetch_deadline.unwrap_or(30.0))?,
             background_fill: fill_rate.is_on(),
         };
+        let learn_boots = o.learn_boots.unwrap_or(1);
+        if learn_boots > MAX_LEARN_BOOTS {
+            return Err(ConfigError::Option(
+                "learn-boots",
+                learn_boots.to_string(),
+                "must be from 0 (off) to 100",
+            ));
+        }
+        let learn = LearnConfig {
+            boots: learn_boots,
+            window: secs("learn-secs", o.learn_secs.unwrap_or(120.0))?,
+            max_bytes: LEARN_MAX_BYTES,
+            publish: o.publish_profiles.unwrap_or(false),
+        };
         let cache_size = o.cache_size_mib.unwrap_or(0);
         Ok(Settings {
             store: o.store.clone(),
@@ -177,6 +205,7 @@ impl TryFrom<&Options> for Settings {
             cache_limit: (cache_size > 0).then_some(cache_size << 20),
             fetch,
             profile_window: o.profile_window_mib.unwrap_or(64).max(1) << 20,
+            learn,
             control_socket: o
                 .control_socket
                 .clone()
@@ -217,7 +246,7 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
         // serde's flatten loses deny_unknown_fields' line: check the
         // top-level keys here, with the line of each.
-        const KEYS: [&str; 15] = [
+        const KEYS: [&str; 18] = [
             "store",
             "cache-dir",
             "cache-size-mib",
@@ -232,6 +261,9 @@ impl ConfigFile {
             "control-group",
             "socket-group",
             "profile-window-mib",
+            "learn-boots",
+            "learn-secs",
+            "publish-profiles",
             "disk",
         ];
         for key in options.keys() {
@@ -446,6 +478,38 @@ base = "/images/b.raw"
         assert_eq!(s.store.as_deref(), Some("/srv/store"));
         assert_eq!(s.control_socket, PathBuf::from("/tmp/c.sock"));
         assert_eq!(s.cache_dir, PathBuf::from("/var/cache/sb"));
+    }
+
+    #[test]
+    fn learning_is_on_after_one_boot_by_default_and_its_keys_parse() {
+        let d = Settings::try_from(&Options::default()).unwrap();
+        assert_eq!(d.learn.boots, 1);
+        assert_eq!(d.learn.window, Duration::from_secs(120));
+        assert!(!d.learn.publish);
+        let f = ConfigFile::parse(
+            Path::new("f.toml"),
+            "learn-boots = 3\nlearn-secs = 2.5\npublish-profiles = true\n",
+        )
+        .unwrap();
+        let s = Settings::try_from(&f.options).unwrap();
+        assert_eq!(
+            (s.learn.boots, s.learn.window, s.learn.publish),
+            (3, Duration::from_millis(2500), true)
+        );
+        let off = Settings::try_from(&Options {
+            learn_boots: Some(0),
+            ..Options::default()
+        })
+        .unwrap();
+        assert_eq!(off.learn.boots, 0);
+        for bad in ["learn-secs = 0\n", "learn-boots = -1\n", "publish-profiles = 1\n"] {
+            let r = ConfigFile::parse(Path::new("f.toml"), bad).and_then(|f| Settings::try_from(&f.options));
+            assert!(r.is_err(), "{bad}");
+        }
+        assert_eq!(
+            f.options.changed_keys(&Options::default()),
+            vec!["learn-boots", "learn-secs", "publish-profiles"]
+        );
     }
 
     #[test]

@@ -66,10 +66,16 @@ impl ServedDisk {
         if !base.size().is_multiple_of(SECTOR_SIZE) || base.size() == 0 {
             return Err(Error::BaseSize(name, base.size()));
         }
+        // A new overlay is a guest's first boot; an existing one is a reboot
+        // or a reconnect after a restart, not a boot to learn from.
+        let first_boot = overlay_is_new(&spec.overlay);
         let mut disk = Disk::open(base, &spec.overlay, spec.readonly).map_err(|e| in_disk(&e))?;
         if let Some(path) = &spec.record_trace {
             let t = TraceRecorder::create(path, Duration::from_secs(spec.trace_secs), spec.trace_mib << 20)
                 .map_err(|e| in_disk(&e))?;
+            disk = disk.with_trace(t);
+        } else if let Some(t) = image.as_ref().filter(|_| first_boot).and_then(|i| i.boot_recorder()) {
+            tracing::info!(disk = %name, trace = %t.path().display(), "recording the first boot for a learned profile");
             disk = disk.with_trace(t);
         }
         let mut serial = [0u8; 20];
@@ -113,6 +119,10 @@ impl ServedDisk {
                     Error::Thread(e)
                 })?
         };
+        if let Some(t) = ctx.disk.trace().cloned() {
+            // The trace ends on time, whether or not the guest reads again.
+            env.runtime.spawn(async move { t.finish_on_time().await });
+        }
         tracing::info!(disk = %name, socket = %spec.socket.display(), "serving");
         Ok(ServedDisk {
             spec,
@@ -211,6 +221,14 @@ impl ServedDisk {
             }
         }
         clean
+    }
+}
+
+/// True if the overlay directory does not exist yet or is empty.
+fn overlay_is_new(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 

@@ -8,12 +8,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use super::learn::{LearnConfig, LearnWorker, Learner, ProfileSource};
 use super::Error;
 use crate::cache::{self, ImageCache};
 use crate::control::status::{ByClass, FetchStatus, ImageStatus, LatencyByClass, ProfileStatus};
 use crate::engine::Base;
 use crate::fetch::{FetchConfig, Fetcher, ProfileReplay, StreamedBase};
 use crate::profile::Profile;
+use crate::profile::TraceRecorder;
 use crate::store::{ImageId, ImageStore};
 use crate::DisplayChain;
 
@@ -22,6 +24,9 @@ use crate::DisplayChain;
 pub(crate) struct OpenImage {
     cache: Arc<ImageCache>,
     replay: Option<Arc<ProfileReplay>>,
+    profile_source: ProfileSource,
+    /// Set while this host learns the image's profile.
+    learner: Option<Arc<Learner>>,
     fetcher: Fetcher,
     names: Mutex<HashSet<String>>,
     opened: Instant,
@@ -41,6 +46,12 @@ impl OpenImage {
         self.cache.id()
     }
 
+    /// A recorder for a disk's first boot, if the image's profile is being
+    /// learned and wants more boots.
+    pub(crate) fn boot_recorder(&self) -> Option<TraceRecorder> {
+        self.learner.as_ref().and_then(|l| l.recorder())
+    }
+
     fn status(&self, users: u64) -> ImageStatus {
         let c = &self.cache;
         let (have, all) = c.fill();
@@ -48,7 +59,7 @@ impl OpenImage {
         let secs = self.opened.elapsed().as_secs_f64().max(1e-3);
         let fill_rate = have.saturating_sub(self.filled_at_open) as f64 * chunk_size as f64 / secs;
         let left = all.saturating_sub(have) as f64 * chunk_size as f64;
-        let profile = self.replay.as_ref().map(|p| {
+        let mut profile = self.replay.as_ref().map_or_else(ProfileStatus::default, |p| {
             let (first, done) = p.times_ms();
             ProfileStatus {
                 chunks: p.len() as u64,
@@ -57,8 +68,14 @@ impl OpenImage {
                 stalls: p.counters.stalls.load(Ordering::Relaxed),
                 first_read_ms: first,
                 done_ms: done,
+                ..ProfileStatus::default()
             }
         });
+        profile.source = self.profile_source.name().into();
+        if let Some(l) = &self.learner {
+            profile.learned_traces = l.traces();
+            profile.recording = l.recording();
+        }
         let mut names: Vec<String> = lock(&self.names).iter().cloned().collect();
         names.sort();
         ImageStatus {
@@ -73,7 +90,7 @@ impl OpenImage {
             hits: c.counters.hits.load(Ordering::Relaxed),
             misses: c.counters.misses.load(Ordering::Relaxed),
             users,
-            profile,
+            profile: Some(profile),
         }
     }
 }
@@ -104,6 +121,8 @@ pub(crate) struct Images {
     /// For the fetcher, made when the first image opens; its rates change on reload.
     fetch: Mutex<FetchConfig>,
     profile_window: u64,
+    learn: LearnConfig,
+    learning: LearnWorker,
     runtime: tokio::runtime::Handle,
     /// Held while an image opens: opening is rare and short next to a boot.
     state: Mutex<State>,
@@ -116,6 +135,8 @@ impl Images {
             cache_dir: settings.cache_dir.clone(),
             fetch: Mutex::new(settings.fetch.clone()),
             profile_window: settings.profile_window,
+            learn: settings.learn.clone(),
+            learning: LearnWorker::start(&runtime),
             runtime,
             state: Mutex::default(),
         });
@@ -155,17 +176,45 @@ impl Images {
             s.by_name.insert(name.to_string(), Arc::downgrade(&img));
             return Ok(img);
         }
-        let replay = match self
+        let store_profile = self
             .runtime
             .block_on(fetcher.store().profile(&id))
-            .map_err(|e| fail(&e))?
-        {
-            Some(bytes) => {
-                let p = Profile::parse(&bytes, manifest.chunk_size, manifest.chunk_count()).map_err(|e| fail(&e))?;
-                Some(Arc::new(ProfileReplay::new(p, manifest.chunk_count())))
-            }
-            None => None,
+            .map_err(|e| fail(&e))?;
+        let learner = (self.learn.boots > 0).then(|| {
+            Learner::open(
+                &self.learning,
+                &self.cache_dir,
+                id,
+                manifest.chunk_size,
+                manifest.chunk_count(),
+                self.learn.clone(),
+                fetcher.store().clone(),
+            )
+        });
+        // The store's profile wins, unless it is the one this host learned
+        // and published: then the local one, maybe refined since, is used.
+        let (profile, profile_source, learner) = match store_profile {
+            Some(bytes) => match learner.filter(|l| l.published_is(&bytes)) {
+                Some(l) => match l.profile() {
+                    Some(p) => (Some(p), ProfileSource::Learned, Some(l)),
+                    None => {
+                        let p = Profile::parse(&bytes, manifest.chunk_size, manifest.chunk_count())
+                            .map_err(|e| fail(&e))?;
+                        (Some(p), ProfileSource::Store, Some(l))
+                    }
+                },
+                None => {
+                    let p =
+                        Profile::parse(&bytes, manifest.chunk_size, manifest.chunk_count()).map_err(|e| fail(&e))?;
+                    (Some(p), ProfileSource::Store, None)
+                }
+            },
+            None => match learner.as_ref().and_then(|l| l.profile()) {
+                Some(p) => (Some(p), ProfileSource::Learned, learner),
+                None => (None, ProfileSource::None, learner),
+            },
         };
+        let replay = profile.map(|p| Arc::new(ProfileReplay::new(p, manifest.chunk_count())));
         std::fs::create_dir_all(&self.cache_dir).map_err(|e| Error::CacheDir(self.cache_dir.clone(), e))?;
         let cache = Arc::new(ImageCache::open(&self.cache_dir, id, Arc::new(manifest)).map_err(|e| fail(&e))?);
         let (have, all) = cache.fill();
@@ -173,6 +222,7 @@ impl Images {
             image = %name,
             id = %id,
             profile_chunks = replay.as_ref().map_or(0, |p| p.len()),
+            profile = profile_source.name(),
             "opened; cache has {have}/{all} chunks"
         );
         let window = (self.profile_window / cache.manifest().chunk_size as u64).max(1) as u32;
@@ -180,6 +230,8 @@ impl Images {
         let img = Arc::new(OpenImage {
             cache,
             replay,
+            profile_source,
+            learner,
             fetcher,
             names: Mutex::new([name.to_string()].into()),
             opened: Instant::now(),
@@ -200,6 +252,12 @@ impl Images {
         if let Some(f) = &s.store {
             f.set_rates(fill, profile);
         }
+    }
+
+    /// Waits (a while) for learned profiles of the traces finished so far
+    /// to be built and published.
+    pub(crate) fn finish_learning(&self) {
+        self.learning.flush(&self.runtime, Duration::from_secs(30));
     }
 
     /// The images some disk uses, each with its number of users.
@@ -242,6 +300,9 @@ impl Images {
                 guest_wait: n.demand_wait.snapshot(),
                 fill_rate_cap: f.rates().0,
                 profile_rate_cap: f.rates().1,
+                fill_auto: f.fill_is_auto(),
+                fill_rate_now: limit(f.fill_rate_now()),
+                profile_rate_now: limit(f.profile_rate_now()),
             }
         });
         (images, fetch)
@@ -296,6 +357,11 @@ impl Images {
             }
         });
     }
+}
+
+/// A rate in force, bytes per second; None: no limit.
+fn limit(rate: u64) -> Option<u64> {
+    (rate != u64::MAX).then_some(rate)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -6,6 +6,7 @@
 mod config;
 mod disk;
 mod images;
+mod learn;
 mod notify;
 mod spec;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 pub use config::{ConfigError, ConfigFile, Options, Settings, DEFAULT_CACHE_DIR, DEFAULT_CONTROL_SOCKET};
 use disk::{DiskEnv, Origin, ServedDisk};
 use images::Images;
+pub use learn::LearnConfig;
 pub use spec::{DiskSource, DiskSpec, SpecError, MAX_QUEUES};
 
 use crate::control::{self, DiskStatus, Op, Status};
@@ -286,6 +288,9 @@ impl Daemon {
         for d in running {
             clean &= d.stop(DRAIN_TIMEOUT, false);
         }
+        // The stopped disks' boot traces become learned profiles now, not
+        // at the next start.
+        self.images.finish_learning();
         self.images.log_stats();
         clean
     }
