@@ -78,7 +78,7 @@ pub struct ImageStatus {
 pub struct ProfileStatus {
     /// Where the profile came from: `store`, `learned` (built on this host
     /// from recorded boots) or `none`.
-    #[serde(default = "no_profile")]
+    #[serde(default = "store_profile")]
     pub source: String,
     pub chunks: u64,
     pub streamed: u64,
@@ -94,8 +94,9 @@ pub struct ProfileStatus {
     pub recording: u64,
 }
 
-fn no_profile() -> String {
-    "none".into()
+/// Before `source` existed a daemon showed only profiles from the store.
+fn store_profile() -> String {
+    "store".into()
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -459,5 +460,51 @@ mod tests {
             text.contains("streamblk_disk_request_duration_seconds_bucket{disk=\"a\\\"b\",op=\"read\",le=\"+Inf\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn prometheus_shows_where_each_images_profile_came_from() {
+        let image = |id: &str, source: &str, traces: u64| ImageStatus {
+            id: id.into(),
+            names: vec![],
+            chunk_size: 65536,
+            chunks: 4,
+            filled: 0,
+            percent: 0.0,
+            fill_rate: 0.0,
+            eta_secs: None,
+            hits: 0,
+            misses: 0,
+            users: 1,
+            profile: Some(ProfileStatus {
+                source: source.into(),
+                learned_traces: traces,
+                ..ProfileStatus::default()
+            }),
+        };
+        let s = Status {
+            images: vec![image("aa", "learned", 2), image("bb", "none", 0)],
+            ..Status::default()
+        };
+        let text = s.prometheus();
+        assert!(
+            text.contains("streamblk_image_profile_info{image=\"aa\",source=\"learned\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamblk_image_profile_info{image=\"bb\",source=\"none\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamblk_image_learned_traces{image=\"aa\"} 2"),
+            "{text}"
+        );
+        // In a status document from before `source` existed, a profile
+        // came from the store.
+        let old: ProfileStatus = serde_json::from_str(
+            r#"{"chunks":1,"streamed":0,"hits":0,"stalls":0,"first_read_ms":null,"done_ms":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.source, "store");
     }
 }
