@@ -103,10 +103,7 @@ fn a_first_boot_becomes_a_learned_profile_that_streams_ahead_of_the_next_boot_an
     assert_eq!(i["profile"]["recording"], 0, "{i}");
     let built = std::fs::read(learned.join("profile.json")).unwrap();
     assert_eq!(profile_chunks(&built), BOOT, "chunks in first-access order");
-    assert!(
-        !store.join("profiles").join(&id).exists(),
-        "not published unless asked"
-    );
+    assert!(!store.join("profiles").join(&id).exists(), "not published unless asked");
     drop(client);
     assert!(a.terminate().success());
 
@@ -121,7 +118,10 @@ fn a_first_boot_becomes_a_learned_profile_that_streams_ahead_of_the_next_boot_an
     ]);
     assert!(inspect.contains("profile:      none in the store"), "{inspect}");
     let line = inspect.lines().find(|l| l.starts_with("learned:")).unwrap();
-    assert!(line.contains("12 chunks") && line.contains("from 1 recorded boot"), "{inspect}");
+    assert!(
+        line.contains("12 chunks") && line.contains("from 1 recorded boot"),
+        "{inspect}"
+    );
 
     // 2. The chunk cache is emptied, the learned profiles kept: a new
     // daemon's fresh open of the image uses the learned profile, streams
