@@ -3,18 +3,18 @@
 
 #![deny(clippy::all, clippy::undocumented_unsafe_blocks, clippy::dbg_macro)]
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod cli;
 pub mod control;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod engine;
-pub mod fetch;
-pub mod metrics;
+pub(crate) mod fetch;
+pub(crate) mod metrics;
 pub mod overlay;
 pub mod profile;
 pub mod storage;
 pub mod store;
-pub mod units;
+pub(crate) mod units;
 pub mod vhost;
 pub mod virtio_blk;
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use serve::ServeArgs;
+pub(crate) use serve::ServeArgs;
 
 /// Serve VM disks over vhost-user-blk from lazily streamed images, each
 /// with a per-guest redirect-on-write overlay.

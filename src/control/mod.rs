@@ -3,7 +3,7 @@
 //! group only; and the Prometheus metrics endpoint. It knows nothing of how
 //! the daemon does what it is asked: a [`Handler`] answers.
 
-pub mod status;
+pub(crate) mod status;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -16,17 +16,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use status::{DiskState, DiskStatus, ImageStatus, Status};
+pub(crate) use status::{DiskState, DiskStatus, ImageStatus, Status};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// Longest request accepted.
 const MAX_REQUEST: u64 = 64 << 10;
 /// Connections served at once; more are refused.
 const MAX_CONNECTIONS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("bind control socket {0}")]
     Bind(PathBuf, #[source] io::Error),
     #[error("control socket {0}: another daemon answers on it")]
@@ -43,7 +43,7 @@ pub enum Error {
 
 /// A request: `{"version": 1, "op": "disk-add", "spec": ...}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Request {
+pub(crate) struct Request {
     pub version: u32,
     #[serde(flatten)]
     pub op: Op,
@@ -51,7 +51,7 @@ pub struct Request {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Op {
+pub(crate) enum Op {
     /// The whole status document.
     Status,
     /// Adds a disk; `spec` is a SPEC string or an object of its fields.
@@ -76,7 +76,7 @@ pub enum Op {
 /// The answer: `{"version": 1, "ok": true, "result": ...}` or
 /// `{"version": 1, "ok": false, "error": "..."}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Response {
+pub(crate) struct Response {
     pub version: u32,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,7 +86,7 @@ pub struct Response {
 }
 
 /// Answers control requests; an `Err` is sent to the client as its error.
-pub trait Handler: Send + Sync + 'static {
+pub(crate) trait Handler: Send + Sync + 'static {
     fn handle(&self, op: Op) -> Result<serde_json::Value, String>;
 }
 
@@ -97,7 +97,7 @@ struct Access {
 }
 
 /// Resolves a group name (or number) to its id.
-pub fn group_id(name: &str) -> Result<libc::gid_t, Error> {
+pub(crate) fn group_id(name: &str) -> Result<libc::gid_t, Error> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
@@ -177,7 +177,7 @@ impl Access {
 /// Binds the control socket (mode 0660, group `group` if given) and
 /// answers requests with `handler`, from a thread of its own, until the
 /// process ends.
-pub fn serve(path: &Path, group: Option<&str>, handler: Arc<dyn Handler>) -> Result<(), Error> {
+pub(crate) fn serve(path: &Path, group: Option<&str>, handler: Arc<dyn Handler>) -> Result<(), Error> {
     let gid = group.map(group_id).transpose()?;
     let err = |e| Error::Bind(path.to_path_buf(), e);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -293,7 +293,7 @@ fn parse_request(line: &str) -> Result<Op, String> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("connect to {0}")]
     Connect(PathBuf, #[source] io::Error),
     #[error("talk to {0}")]
@@ -305,7 +305,7 @@ pub enum ClientError {
 }
 
 /// Sends one request to the daemon at `path`; its result, or its error.
-pub fn request(path: &Path, op: Op) -> Result<serde_json::Value, ClientError> {
+pub(crate) fn request(path: &Path, op: Op) -> Result<serde_json::Value, ClientError> {
     let mut conn = UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_path_buf(), e))?;
     let io = |e| ClientError::Io(path.to_path_buf(), e);
     conn.set_read_timeout(Some(Duration::from_secs(300))).map_err(io)?;
@@ -338,7 +338,7 @@ pub fn read_status(path: &Path) -> io::Result<serde_json::Value> {
 
 /// Serves Prometheus metrics, `metrics()` in the text exposition format, to
 /// every HTTP request on `addr`, from a thread of its own.
-pub fn serve_metrics(
+pub(crate) fn serve_metrics(
     addr: std::net::SocketAddr,
     metrics: impl Fn() -> String + Send + 'static,
 ) -> Result<std::net::SocketAddr, Error> {

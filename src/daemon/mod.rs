@@ -15,11 +15,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-pub use config::{ConfigError, ConfigFile, Options, Settings, DEFAULT_CACHE_DIR, DEFAULT_CONTROL_SOCKET};
+pub use config::{ConfigError, ConfigFile, Options, Settings, DEFAULT_CONTROL_SOCKET};
 use disk::{DiskEnv, Origin, ServedDisk};
 use images::Images;
-pub use learn::LearnConfig;
-pub use spec::{DiskSource, DiskSpec, SpecError, MAX_QUEUES};
+pub use spec::DiskSpec;
 
 use crate::control::{self, DiskStatus, Op, Status};
 use crate::engine::LocalBases;

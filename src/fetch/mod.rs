@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use base::StreamedBase;
 use futures::stream::{FuturesUnordered, StreamExt};
 pub use rate::FillRate;
-pub use replay::{ProfileCounters, ProfileReplay};
+pub use replay::ProfileReplay;
 use tokio::sync::{watch, Notify};
 // tokio's clock, so that tests can run the scheduler on paused time.
 use tokio::time::Instant;

@@ -197,7 +197,8 @@ impl RateController {
     }
 
     /// The link's capacity as far as seen, bytes per second.
-    pub fn capacity(&self) -> f64 {
+    #[cfg(test)]
+    fn capacity(&self) -> f64 {
         self.capacity
     }
 

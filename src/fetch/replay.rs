@@ -76,10 +76,6 @@ impl ProfileReplay {
         self.profile.chunks.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.profile.chunks.is_empty()
-    }
-
     /// Notes that a guest attached to a disk of the image: the first
     /// attach starts the boot clock (later ones change nothing).
     pub fn note_attach(&self) {
