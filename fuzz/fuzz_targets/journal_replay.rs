@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use streamblk::engine::{IoBuf, IoRange};
+use streamblk::engine::IoRange;
 use streamblk::overlay::Overlay;
 use streamblk::storage::sim::SimStorage;
 use streamblk::storage::Storage;
