@@ -198,10 +198,11 @@ impl TestUser {
         }
     }
 
-    /// Runs streamblk as this user.
-    fn streamblk(&self, args: &[&str]) -> std::process::Output {
+    /// Runs `bin` (a streamblk this user can execute) as this user.
+    fn streamblk(&self, bin: &std::path::Path, args: &[&str]) -> std::process::Output {
         Command::new("runuser")
-            .args(["-u", &self.name, "--", BIN])
+            .args(["-u", &self.name, "--"])
+            .arg(bin)
             .args(args)
             .output()
             .unwrap()
@@ -251,6 +252,13 @@ fn control_socket_admits_root_and_its_group_only() {
     let other = TestUser::new("sbtest-other", &[]);
 
     let dir = tmpdir();
+    // The build tree may sit in a directory only root can enter (a clone in
+    // mktemp's 0700 directory): give the other users a copy they can run.
+    let bins = tmpdir();
+    std::fs::set_permissions(bins.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = bins.path().join("streamblk");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let daemon = Daemon::start(&["--control-group".into(), group.into()]);
     daemon.status();
     // The harness puts the control socket in /tmp, which every user may search.
@@ -262,13 +270,13 @@ fn control_socket_admits_root_and_its_group_only() {
     assert_eq!(meta.gid(), gid, "socket group");
 
     let s = sock.display().to_string();
-    let out = member.streamblk(&["disk", "list", "--control-socket", &s]);
+    let out = member.streamblk(&bin, &["disk", "list", "--control-socket", &s]);
     assert!(out.status.success(), "member: {}", String::from_utf8_lossy(&out.stderr));
-    let out = other.streamblk(&["disk", "list", "--control-socket", &s]);
+    let out = other.streamblk(&bin, &["disk", "list", "--control-socket", &s]);
     assert!(!out.status.success());
     // With the socket opened up to everyone, the daemon's own check refuses.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = other.streamblk(&["disk", "list", "--control-socket", &s]);
+    let out = other.streamblk(&bin, &["disk", "list", "--control-socket", &s]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("permission denied"), "{err}");
     let spec = format!(
@@ -276,7 +284,7 @@ fn control_socket_admits_root_and_its_group_only() {
         dir.path().join("x.sock").display(),
         dir.path().join("x.ov").display()
     );
-    let out = other.streamblk(&["disk", "add", &spec, "--control-socket", &s]);
+    let out = other.streamblk(&bin, &["disk", "add", &spec, "--control-socket", &s]);
     assert!(!out.status.success());
     assert!(!dir.path().join("x.sock").exists());
     drop(daemon);
