@@ -4,6 +4,8 @@
 //! again first, in the order it took them, and the ones it did not take run
 //! once, after them.
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
@@ -25,6 +27,8 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use common::frontend::memfd;
+
 const MEM: usize = 4 << 20;
 const QSIZE: u16 = 64;
 const DESC: u64 = 0x0;
@@ -33,16 +37,6 @@ const USED: u64 = 0x2000;
 /// Where the frontend "has" guest memory in its address space.
 const VMM_VA: u64 = 0x7f00_0000_0000;
 const DISK: usize = 1 << 20;
-
-fn memfd(len: u64) -> File {
-    // SAFETY: a plain memfd_create; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a new fd nothing else owns.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
-    f
-}
 
 fn eventfd_file() -> File {
     let e = EventFd::new(libc::EFD_NONBLOCK).unwrap();

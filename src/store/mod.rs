@@ -197,6 +197,11 @@ impl ImageStore {
 
     /// Resolves a name or an image id, and fetches and checks its manifest.
     pub async fn manifest(&self, image: &str) -> Result<(ImageId, Manifest), Error> {
+        // A missing name or manifest means no such image.
+        let no_image = |e| match e {
+            Error::NotFound(_) => Error::NoImage(image.to_string()),
+            e => e,
+        };
         let id = match Digest::from_hex(image) {
             Some(id) => id,
             None => {
@@ -204,10 +209,7 @@ impl ImageStore {
                 let bytes = self
                     .get(&format!("names/{image}"), MAX_NAME_BYTES)
                     .await
-                    .map_err(|e| match e {
-                        Error::NotFound(_) => Error::NoImage(image.to_string()),
-                        e => e,
-                    })?;
+                    .map_err(no_image)?;
                 let text = String::from_utf8_lossy(&bytes);
                 Digest::from_hex(text.trim()).ok_or_else(|| Error::NoImage(image.to_string()))?
             }
@@ -215,10 +217,7 @@ impl ImageStore {
         let bytes = self
             .get(&format!("manifests/{id}"), MAX_MANIFEST_BYTES)
             .await
-            .map_err(|e| match e {
-                Error::NotFound(_) => Error::NoImage(image.to_string()),
-                e => e,
-            })?;
+            .map_err(no_image)?;
         if Digest::of(&bytes) != id {
             return Err(Error::ManifestDigest(image.to_string()));
         }

@@ -38,7 +38,8 @@ pub struct TestFrontend {
     _file: File,
 }
 
-fn memfd(len: u64) -> File {
+/// Guest memory as the frontend shares it: a memfd of `len` bytes.
+pub fn memfd(len: u64) -> File {
     // SAFETY: a plain memfd_create; the result is checked.
     let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
@@ -188,29 +189,25 @@ impl TestFrontend {
 
     /// True once the daemon signalled the queue's error eventfd, within `timeout`.
     pub fn wait_err(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.err.read().is_ok() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        poll_until(timeout, Duration::from_millis(5), || self.err.read().is_ok())
     }
 
     /// True once the daemon dropped the connection, within `timeout`.
     pub fn wait_disconnected(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.fe.get_features().is_err() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        poll_until(timeout, Duration::from_millis(20), || self.fe.get_features().is_err())
+    }
+}
+
+/// Checks `done` every `every` until it holds (true) or `timeout` passes (false).
+fn poll_until(timeout: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
         }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(every);
     }
 }
