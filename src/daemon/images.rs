@@ -13,7 +13,7 @@ use super::Error;
 use crate::cache::{self, ImageCache};
 use crate::control::status::{ByClass, FetchStatus, ImageStatus, LatencyByClass, ProfileStatus};
 use crate::engine::Base;
-use crate::fetch::{FetchConfig, Fetcher, ProfileReplay, StreamedBase};
+use crate::fetch::{BootWatch, FetchConfig, Fetcher, ProfileReplay, StreamedBase};
 use crate::profile::Profile;
 use crate::profile::TraceRecorder;
 use crate::store::{ImageId, ImageStore};
@@ -24,6 +24,8 @@ use crate::DisplayChain;
 pub(crate) struct OpenImage {
     cache: Arc<ImageCache>,
     replay: Option<Arc<ProfileReplay>>,
+    /// When the first boot is over, for fill, if the image has no profile.
+    boot: Arc<BootWatch>,
     profile_source: ProfileSource,
     /// Set while this host learns the image's profile.
     learner: Option<Arc<Learner>>,
@@ -39,6 +41,7 @@ impl OpenImage {
             self.cache.clone(),
             self.fetcher.clone(),
             self.replay.clone(),
+            self.boot.clone(),
         ))
     }
 
@@ -226,10 +229,12 @@ impl Images {
             "opened; cache has {have}/{all} chunks"
         );
         let window = (self.profile_window / cache.manifest().chunk_size as u64).max(1) as u32;
-        fetcher.start_fill(&cache, replay.clone(), window, &self.runtime);
+        let boot = Arc::new(BootWatch::default());
+        fetcher.start_fill(&cache, replay.clone(), boot.clone(), window, &self.runtime);
         let img = Arc::new(OpenImage {
             cache,
             replay,
+            boot,
             profile_source,
             learner,
             fetcher,

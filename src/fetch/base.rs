@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Class, Fetcher, ProfileReplay};
+use super::{BootWatch, Class, Fetcher, ProfileReplay};
 use crate::cache::ImageCache;
 use crate::engine::{Base, Error, FetchFuture, IoRange};
 use crate::store::ChunkIdx;
@@ -14,14 +14,21 @@ pub struct StreamedBase {
     cache: Arc<ImageCache>,
     fetcher: Fetcher,
     profile: Option<Arc<ProfileReplay>>,
+    boot: Arc<BootWatch>,
 }
 
 impl StreamedBase {
-    pub fn new(cache: Arc<ImageCache>, fetcher: Fetcher, profile: Option<Arc<ProfileReplay>>) -> Self {
+    pub fn new(
+        cache: Arc<ImageCache>,
+        fetcher: Fetcher,
+        profile: Option<Arc<ProfileReplay>>,
+        boot: Arc<BootWatch>,
+    ) -> Self {
         StreamedBase {
             cache,
             fetcher,
             profile,
+            boot,
         }
     }
 }
@@ -36,6 +43,7 @@ impl Base for StreamedBase {
     }
 
     fn read_local(&self, offset: u64, dst: IoRange) -> Result<bool, Error> {
+        self.boot.note_read();
         if let Some(p) = &self.profile {
             p.note_read(self.cache.manifest().chunks_of(offset, dst.len() as u64), |c| {
                 self.cache.is_ready(c)
@@ -49,6 +57,7 @@ impl Base for StreamedBase {
         if let Some(p) = &self.profile {
             p.note_attach();
         }
+        self.boot.note_attach();
     }
 
     /// Wants every chunk of the range at demand class, all at once. A

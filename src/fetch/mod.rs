@@ -6,6 +6,7 @@
 //! takes a slot, and digest verification before a chunk enters a cache.
 
 mod base;
+mod boot;
 pub mod rate;
 mod replay;
 
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 pub use base::StreamedBase;
+pub use boot::BootWatch;
 use futures::stream::{FuturesUnordered, StreamExt};
 pub use rate::FillRate;
 pub use replay::ProfileReplay;
@@ -324,23 +326,33 @@ impl Fetcher {
     }
 
     /// Streams the image's boot profile (if any) `window` chunks ahead of
-    /// the guests, then fills the rest of the image in the background
-    /// until every chunk is local or the cache is dropped. Also persists the
-    /// cache's presence bits as chunks arrive.
+    /// the guests, then, once the first boot is over (`boot` says when, or
+    /// the profile's clock if sooner), fills the rest of the image in the
+    /// background until every chunk is local or the cache is dropped. Also
+    /// persists the cache's presence bits as chunks arrive.
     pub fn start_fill(
         &self,
         cache: &Arc<ImageCache>,
         profile: Option<Arc<ProfileReplay>>,
+        boot: Arc<BootWatch>,
         window: u32,
         runtime: &tokio::runtime::Handle,
     ) {
         runtime.spawn(persist_loop(Arc::downgrade(cache)));
         let (fetcher, weak, fill) = (self.clone(), Arc::downgrade(cache), self.inner.config.background_fill);
         runtime.spawn(async move {
-            if let Some(p) = profile {
-                replay::replay(&fetcher, &weak, &p, window).await;
-                // The rest of the image waits for the boot, not just its profile.
-                p.boot_over().await;
+            match profile {
+                Some(p) => {
+                    replay::replay(&fetcher, &weak, &p, window).await;
+                    // The rest of the image waits for the boot, not just its
+                    // profile: the recorded boot's length, or less if the
+                    // guests go quiet sooner.
+                    tokio::select! {
+                        () = p.boot_over() => {}
+                        () = boot.boot_over() => {}
+                    }
+                }
+                None => boot.boot_over().await,
             }
             if fill {
                 fill_loop(fetcher, weak).await;
@@ -812,7 +824,7 @@ mod tests {
         since: std::time::Instant,
     ) -> crate::engine::FetchFuture {
         use crate::engine::Base;
-        StreamedBase::new(cache.clone(), fetcher.clone(), None).fetch(c * 65536, 1, since)
+        StreamedBase::new(cache.clone(), fetcher.clone(), None, Arc::default()).fetch(c * 65536, 1, since)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -904,7 +916,13 @@ mod tests {
         };
         let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
         let replay = Arc::new(ProfileReplay::new(profile(vec![5, 4, 3, 2, 1, 0], None), 8));
-        fetcher.start_fill(&cache, Some(replay.clone()), 1, &tokio::runtime::Handle::current());
+        fetcher.start_fill(
+            &cache,
+            Some(replay.clone()),
+            Arc::default(),
+            1,
+            &tokio::runtime::Handle::current(),
+        );
         replay.note_attach();
         // The guest reads the profile's head and nothing more.
         replay.note_read(5..6, |c| cache.is_ready(c));
@@ -933,7 +951,13 @@ mod tests {
         let fetcher = Fetcher::new(store, config(4), &tokio::runtime::Handle::current());
         // A recorded boot of 2 s: 5 profile chunks a second, 1 chunk of window.
         let replay = Arc::new(ProfileReplay::new(profile((0..10).collect(), Some(2000)), 10));
-        fetcher.start_fill(&cache, Some(replay.clone()), 1, &tokio::runtime::Handle::current());
+        fetcher.start_fill(
+            &cache,
+            Some(replay.clone()),
+            Arc::default(),
+            1,
+            &tokio::runtime::Handle::current(),
+        );
         // Open but not attached: the window ahead of the start, no more.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert_eq!(ready(&cache), 1, "the clock ran before any guest attached");
@@ -999,7 +1023,9 @@ mod tests {
         let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
         assert!(fetcher.fill_is_auto());
         assert_eq!(fetcher.fill_rate_now(), rate::START_FILL as u64);
-        fetcher.start_fill(&cache, None, 1, &tokio::runtime::Handle::current());
+        let boot = Arc::new(BootWatch::default());
+        boot.end();
+        fetcher.start_fill(&cache, None, boot, 1, &tokio::runtime::Handle::current());
         let bg = || fetcher.counters().by_class[Class::Background as usize].load(Ordering::Relaxed);
 
         // Idle guests: the rate grows.
