@@ -260,9 +260,9 @@ run_one() {      # MODE RATE RUN
     finish_guest
     if [ "$mode" = auto ] || [ "$mode" = learned ]; then
         # The guest is gone, its disk still served: background fill should
-        # take the link once the boot has been quiet for 10 s (and the
+        # take the link once the boot has been quiet for 20 s (and the
         # adaptive rate has ramped up). Its rate over 5 s, against the link's.
-        sleep 12
+        sleep 25
         local b0 b1
         b0=$(ctl stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
         sleep 5

@@ -1,5 +1,6 @@
-//! When an image's first boot is over: its first guest attached, then read
-//! nothing of the image for [`QUIET`] (or [`BOOT_MAX`] passed). Background
+//! When an image's first boot is over: its first guest attached, read, then
+//! read nothing of the image for [`QUIET`] (or [`BOOT_MAX`] passed since
+//! the attach: a guest's kernel may take a while before its first read). Background
 //! fill waits for it (or for the end of the boot a profile recorded, if
 //! sooner), so a first boot has the link to itself and the store serves it
 //! little more than its working set. An image no guest attaches to within
@@ -13,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A boot that reads nothing for this long is over.
-pub const QUIET: Duration = Duration::from_secs(10);
+pub const QUIET: Duration = Duration::from_secs(20);
 /// A boot is over this long after the first attach, whatever it reads.
 pub const BOOT_MAX: Duration = Duration::from_secs(120);
 
@@ -23,7 +24,8 @@ pub struct BootWatch {
     start: Instant,
     /// Microseconds from `start` to the first attach.
     attach_us: AtomicU64,
-    /// Microseconds from `start` to the latest guest read (to the millisecond).
+    /// Microseconds from `start` to the latest guest read (to the
+    /// millisecond), UNSET before the first.
     read_us: AtomicU64,
     attached: Notify,
     /// Said over by [`BootWatch::end`].
@@ -35,7 +37,7 @@ impl Default for BootWatch {
         BootWatch {
             start: Instant::now(),
             attach_us: AtomicU64::new(UNSET),
-            read_us: AtomicU64::new(0),
+            read_us: AtomicU64::new(UNSET),
             attached: Notify::new(),
             ended: AtomicBool::new(false),
         }
@@ -63,7 +65,13 @@ impl BootWatch {
     /// and a load, a store at most once a millisecond.
     pub fn note_read(&self) {
         let now = self.now_us();
-        if now >= self.read_us.load(Ordering::Relaxed) + 1000 {
+        let last = self.read_us.load(Ordering::Relaxed);
+        if last == UNSET || now >= last + 1000 {
+            if last == UNSET {
+                let _ = self
+                    .read_us
+                    .compare_exchange(UNSET, now, Ordering::Relaxed, Ordering::Relaxed);
+            }
             self.read_us.fetch_max(now, Ordering::Relaxed);
             if self.attach_us.load(Ordering::Relaxed) == UNSET {
                 // A read is an attach, whether or not one was reported.
@@ -102,12 +110,16 @@ impl BootWatch {
         let at = |us: u64| self.start + Duration::from_micros(us);
         let cap = at(attach) + BOOT_MAX;
         loop {
-            let last = self.read_us.load(Ordering::Relaxed).max(attach);
-            let over = (at(last) + QUIET).min(cap);
-            if Instant::now() >= over {
+            let over = match self.read_us.load(Ordering::Relaxed) {
+                UNSET => cap,
+                us => (at(us) + QUIET).min(cap),
+            };
+            let now = Instant::now();
+            if now >= over {
                 return;
             }
-            tokio::time::sleep_until(over).await;
+            // Look again at least every second: the first read moves the end.
+            tokio::time::sleep_until(over.min(now + Duration::from_secs(1))).await;
         }
     }
 }
@@ -146,6 +158,21 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t = done.lock().unwrap().expect("not over after a quiet time");
         assert!(t >= last + QUIET && t < attach + BOOT_MAX, "{:?}", t - attach);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_kernel_that_reads_late_still_has_its_boot() {
+        let w = Arc::new(BootWatch::default());
+        let done = watch(&w);
+        w.note_attach();
+        // The kernel starts before it reads its root file system.
+        tokio::time::sleep(QUIET * 3).await;
+        assert!(done.lock().unwrap().is_none(), "over before the guest's first read");
+        w.note_read();
+        let first = Instant::now();
+        tokio::time::sleep(QUIET + Duration::from_secs(2)).await;
+        let t = done.lock().unwrap().expect("not over after a quiet time");
+        assert!(t >= first + QUIET, "{:?}", t - first);
     }
 
     #[tokio::test(start_paused = true)]
