@@ -1,6 +1,7 @@
-//! When an image's first boot is over: its first guest attached, read, then
-//! read nothing of the image for [`QUIET`] (or [`BOOT_MAX`] passed since
-//! the attach: a guest's kernel may take a while before its first read). Background
+//! When an image's first boot is over: its first guest attached, made
+//! [`BOOT_READS`] reads, then read nothing of the image for [`QUIET`] (or
+//! [`BOOT_MAX`] passed since the attach: a guest's kernel probes the disk
+//! with a few reads, then may run a while before it mounts its root). Background
 //! fill waits for it (or for the end of the boot a profile recorded, if
 //! sooner), so a first boot has the link to itself and the store serves it
 //! little more than its working set. An image no guest attaches to within
@@ -15,6 +16,8 @@ use tokio::time::Instant;
 
 /// A boot that reads nothing for this long is over.
 pub const QUIET: Duration = Duration::from_secs(20);
+/// Reads before a quiet time counts: more than a kernel's partition probe.
+pub const BOOT_READS: u64 = 64;
 /// A boot is over this long after the first attach, whatever it reads.
 pub const BOOT_MAX: Duration = Duration::from_secs(120);
 
@@ -27,6 +30,8 @@ pub struct BootWatch {
     /// Microseconds from `start` to the latest guest read (to the
     /// millisecond), UNSET before the first.
     read_us: AtomicU64,
+    /// Reads so far, counted up to [`BOOT_READS`].
+    reads: AtomicU64,
     attached: Notify,
     /// Said over by [`BootWatch::end`].
     ended: AtomicBool,
@@ -38,6 +43,7 @@ impl Default for BootWatch {
             start: Instant::now(),
             attach_us: AtomicU64::new(UNSET),
             read_us: AtomicU64::new(UNSET),
+            reads: AtomicU64::new(0),
             attached: Notify::new(),
             ended: AtomicBool::new(false),
         }
@@ -64,6 +70,9 @@ impl BootWatch {
     /// A guest read the image. Cheap enough for every read: a clock read
     /// and a load, a store at most once a millisecond.
     pub fn note_read(&self) {
+        if self.reads.load(Ordering::Relaxed) < BOOT_READS {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
         let now = self.now_us();
         let last = self.read_us.load(Ordering::Relaxed);
         if last == UNSET || now >= last + 1000 {
@@ -111,6 +120,7 @@ impl BootWatch {
         let cap = at(attach) + BOOT_MAX;
         loop {
             let over = match self.read_us.load(Ordering::Relaxed) {
+                _ if self.reads.load(Ordering::Relaxed) < BOOT_READS => cap,
                 UNSET => cap,
                 us => (at(us) + QUIET).min(cap),
             };
@@ -141,6 +151,13 @@ mod tests {
         done
     }
 
+    /// `n` guest reads at once.
+    fn read(w: &BootWatch, n: u64) {
+        for _ in 0..n {
+            w.note_read();
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_boot_is_over_once_the_guest_stops_reading_for_the_quiet_time() {
         let w = Arc::new(BootWatch::default());
@@ -150,7 +167,7 @@ mod tests {
         w.note_attach();
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(4)).await;
-            w.note_read();
+            read(&w, BOOT_READS);
         }
         let last = Instant::now();
         tokio::time::sleep(QUIET - Duration::from_secs(1)).await;
@@ -165,10 +182,12 @@ mod tests {
         let w = Arc::new(BootWatch::default());
         let done = watch(&w);
         w.note_attach();
-        // The kernel starts before it reads its root file system.
+        // The kernel probes the disk, then runs a while before it reads
+        // its root file system.
+        read(&w, 8);
         tokio::time::sleep(QUIET * 3).await;
-        assert!(done.lock().unwrap().is_none(), "over before the guest's first read");
-        w.note_read();
+        assert!(done.lock().unwrap().is_none(), "over after the kernel's probe");
+        read(&w, BOOT_READS);
         let first = Instant::now();
         tokio::time::sleep(QUIET + Duration::from_secs(2)).await;
         let t = done.lock().unwrap().expect("not over after a quiet time");
