@@ -4,8 +4,10 @@
 //! timeouts, retries with backoff up to a deadline, rates for the low
 //! classes (adaptive or fixed, see `rate`) that a flight passes before it
 //! takes a slot, and digest verification before a chunk enters a cache.
+//! Sources: the chunk's peers (P2P, see `peers`) if any, then the store.
 
 mod base;
+mod peers;
 pub mod rate;
 mod replay;
 
@@ -15,7 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 pub use base::StreamedBase;
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+pub use peers::{PeerError, Peers};
 pub use rate::FillRate;
 pub use replay::ProfileReplay;
 use tokio::sync::{watch, Notify};
@@ -23,10 +27,10 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::cache::ImageCache;
-use crate::store::{self, verify_chunk, ChunkIdx, ImageId, ImageStore};
+use crate::store::{self, verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, ImageId, ImageStore};
 
 /// Why a chunk is wanted, in priority order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum Class {
     /// The rest of the image, filled at a capped rate.
@@ -35,6 +39,22 @@ pub enum Class {
     Profile = 1,
     /// A guest is waiting.
     Demand = 2,
+}
+
+impl Class {
+    pub const ALL: [Class; 3] = [Class::Background, Class::Profile, Class::Demand];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Background => "background",
+            Class::Profile => "profile",
+            Class::Demand => "demand",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Class> {
+        Class::ALL.into_iter().find(|c| c.name() == name)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -98,6 +118,14 @@ pub enum FetchError {
 pub struct FetchCounters {
     pub store_chunks: AtomicU64,
     pub store_bytes: AtomicU64,
+    /// Chunks (and their bytes) that peers served, verified.
+    pub peer_chunks: AtomicU64,
+    pub peer_bytes: AtomicU64,
+    /// Peer answers that were not a chunk (down, busy, timeout, refused).
+    pub peer_failures: AtomicU64,
+    /// Chunks from peers that failed verification (never cached).
+    pub bad_peer_chunks: AtomicU64,
+    /// Chunks from the store that failed verification.
     pub corrupt_chunks: AtomicU64,
     pub failed_attempts: AtomicU64,
     /// Guest reads that waited on a fetch, and the time they waited.
@@ -106,7 +134,7 @@ pub struct FetchCounters {
     /// Chunks fetched per class (background, profile, demand) at the time they started.
     pub by_class: [AtomicU64; 3],
     /// Time from a fetch's start to its end (success or failure, retries
-    /// included), per class at its start. The only source is the store.
+    /// included, peers and store), per class at its start.
     pub latency: [crate::metrics::Histogram; 3],
     /// Time each guest read that missed waited for its chunks.
     pub demand_wait: crate::metrics::Histogram,
@@ -117,12 +145,43 @@ const NO_CAP: u64 = u64::MAX;
 /// The background rate that says "adaptive".
 const AUTO: u64 = u64::MAX - 1;
 
-type Key = (ImageId, u32);
-type Outcome = Option<Result<(), Arc<FetchError>>>;
+/// A flight's key: one per chunk of an image, or per digest for a loose chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Cached(ImageId, u32),
+    Loose(Digest),
+}
+
+/// What a flight ends with: for a loose chunk, its verified bytes.
+type Outcome = Option<Result<Option<Bytes>, Arc<FetchError>>>;
+
+/// What a flight brings.
+enum Target {
+    /// A chunk of an open image, into its cache.
+    Cached { cache: Arc<ImageCache>, chunk: ChunkIdx },
+    /// A chunk known only by its entry (a peer asked this host, its home,
+    /// for a chunk of an image it does not have open): from the store only,
+    /// so that hosts whose views of the membership differ cannot ask each
+    /// other in a loop; its bytes go to the waiters, not to a cache.
+    Loose { entry: ChunkEntry, len: u64 },
+}
+
+impl Target {
+    /// The chunk's entry and length; None for an all-zero chunk.
+    fn entry(&self) -> Option<(ChunkEntry, u64)> {
+        match self {
+            Target::Cached { cache, chunk } => {
+                let m = cache.manifest();
+                m.chunks[chunk.0 as usize].map(|e| (e, m.chunk_len(*chunk)))
+            }
+            Target::Loose { entry, len } => Some((*entry, *len)),
+        }
+    }
+}
 
 struct Flight {
-    cache: Arc<ImageCache>,
-    chunk: ChunkIdx,
+    key: Key,
+    target: Target,
     class: AtomicU8,
     started: AtomicBool,
     tx: watch::Sender<Outcome>,
@@ -151,6 +210,8 @@ const MAX_SAMPLES: usize = 1024;
 
 struct Inner {
     store: ImageStore,
+    /// Asked before the store, if set.
+    peers: Option<Arc<dyn Peers>>,
     config: FetchConfig,
     state: Mutex<State>,
     wake: Notify,
@@ -176,10 +237,23 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// Starts the scheduler's workers on `runtime`.
+    /// Starts the scheduler's workers on `runtime`, with the store as the only source.
+    #[cfg(test)]
     pub fn new(store: ImageStore, config: FetchConfig, runtime: &tokio::runtime::Handle) -> Fetcher {
+        Self::with_peers(store, None, config, runtime)
+    }
+
+    /// Starts the scheduler's workers on `runtime`; chunks of open images
+    /// are asked of `peers` (if any) before the store.
+    pub fn with_peers(
+        store: ImageStore,
+        peers: Option<Arc<dyn Peers>>,
+        config: FetchConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Fetcher {
         let inner = Arc::new(Inner {
             store,
+            peers,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             buckets: [
@@ -264,51 +338,42 @@ impl Fetcher {
         let rx = if cache.is_ready(c) {
             None
         } else {
-            let key = (*cache.id(), c.0);
-            let mut s = self.inner.lock();
-            match s.flights.get(&key).cloned() {
-                Some(f) => {
-                    // A higher class overtakes the queue if not started yet.
-                    let prev = f.class.fetch_max(class as u8, Ordering::AcqRel);
-                    if class == Class::Demand && prev < Class::Demand as u8 {
-                        s.demand_pending += 1;
-                    }
-                    if (class as u8) > prev && !f.started.load(Ordering::Acquire) {
-                        push(&mut s, class, key);
-                        self.inner.wake.notify_one();
-                    }
-                    Some(f.tx.subscribe())
-                }
-                // Checked again under the lock: a fetch may just have finished.
-                None if cache.is_ready(c) => None,
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    s.flights.insert(
-                        key,
-                        Arc::new(Flight {
-                            cache: cache.clone(),
-                            chunk: c,
-                            class: AtomicU8::new(class as u8),
-                            started: AtomicBool::new(false),
-                            tx,
-                        }),
-                    );
-                    if class == Class::Demand {
-                        s.demand_pending += 1;
-                    }
-                    push(&mut s, class, key);
-                    self.inner.wake.notify_one();
-                    Some(rx)
-                }
-            }
+            let key = Key::Cached(*cache.id(), c.0);
+            // Checked again under the lock: a fetch may just have finished.
+            self.inner.join(key, class, || {
+                (!cache.is_ready(c)).then(|| Target::Cached {
+                    cache: cache.clone(),
+                    chunk: c,
+                })
+            })
         };
         async move {
-            let Some(mut rx) = rx else { return Ok(()) };
-            let outcome = match rx.wait_for(|v| v.is_some()).await {
-                Ok(v) => v.clone().expect("checked by wait_for"),
-                Err(_) => Err(Arc::new(FetchError::Abandoned)),
+            let Some(rx) = rx else { return Ok(()) };
+            wait(rx).await.map(|_| ())
+        }
+    }
+
+    /// The verified bytes (plaintext) of a chunk known only by its entry,
+    /// from the store, for a peer that asked this host (the chunk's home)
+    /// for a chunk of an image it does not have open. Concurrent wants of
+    /// one digest share one fetch; nothing is cached here.
+    pub fn want_loose(
+        &self,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> impl std::future::Future<Output = Result<Bytes, Arc<FetchError>>> + Send + 'static {
+        let rx = self
+            .inner
+            .join(Key::Loose(entry.digest), class, || Some(Target::Loose { entry, len }));
+        async move {
+            let Some(rx) = rx else {
+                unreachable!("a loose target is always made")
             };
-            outcome
+            match wait(rx).await? {
+                Some(bytes) => Ok(bytes),
+                None => Err(Arc::new(FetchError::Abandoned)),
+            }
         }
     }
 
@@ -342,9 +407,54 @@ fn push(s: &mut State, class: Class, key: Key) {
     s.queues[class as usize].push_back(key);
 }
 
+/// Waits for a flight's outcome.
+async fn wait(mut rx: watch::Receiver<Outcome>) -> Result<Option<Bytes>, Arc<FetchError>> {
+    let outcome = match rx.wait_for(|v| v.is_some()).await {
+        Ok(v) => v.clone().expect("checked by wait_for"),
+        Err(_) => Err(Arc::new(FetchError::Abandoned)),
+    };
+    outcome
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins the flight of `key` at `class`, or starts one for the target
+    /// `make` gives (None: nothing to fetch).
+    fn join(&self, key: Key, class: Class, make: impl FnOnce() -> Option<Target>) -> Option<watch::Receiver<Outcome>> {
+        let mut s = self.lock();
+        if let Some(f) = s.flights.get(&key).cloned() {
+            // A higher class overtakes the queue if not started yet.
+            let prev = f.class.fetch_max(class as u8, Ordering::AcqRel);
+            if class == Class::Demand && prev < Class::Demand as u8 {
+                s.demand_pending += 1;
+            }
+            if (class as u8) > prev && !f.started.load(Ordering::Acquire) {
+                push(&mut s, class, key);
+                self.wake.notify_one();
+            }
+            return Some(f.tx.subscribe());
+        }
+        let target = make()?;
+        let (tx, rx) = watch::channel(None);
+        s.flights.insert(
+            key,
+            Arc::new(Flight {
+                key,
+                target,
+                class: AtomicU8::new(class as u8),
+                started: AtomicBool::new(false),
+                tx,
+            }),
+        );
+        if class == Class::Demand {
+            s.demand_pending += 1;
+        }
+        push(&mut s, class, key);
+        self.wake.notify_one();
+        Some(rx)
     }
 
     /// Takes the next flight this worker may start: the oldest of the
@@ -372,8 +482,7 @@ impl Inner {
                 if class < Class::Demand {
                     // The rate is passed before the slot is taken: a flight
                     // waiting for its rate holds no slot.
-                    let bytes =
-                        flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
+                    let bytes = flight.target.entry().map_or(0, |(e, _)| e.stored_len as u64);
                     if let Err(at) = self.pass_rate(class, bytes) {
                         retry = Some(retry.map_or(at, |r| r.min(at)));
                         break;
@@ -384,7 +493,10 @@ impl Inner {
                 flight.started.store(true, Ordering::Release);
                 self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
                 #[cfg(test)]
-                self.taken.lock().unwrap().push(flight.chunk.0);
+                self.taken.lock().unwrap().push(match flight.target {
+                    Target::Cached { chunk, .. } => chunk.0,
+                    Target::Loose { .. } => u32::MAX,
+                });
                 if s.queues.iter().any(|q| !q.is_empty()) {
                     // Let another worker look at the rest.
                     self.wake.notify_one();
@@ -442,33 +554,38 @@ impl Inner {
         }
     }
 
-    /// Fetches, verifies and caches the flight's chunk; returns the stored bytes fetched.
-    async fn fetch(&self, flight: &Flight) -> Result<u64, FetchError> {
-        let cache = &flight.cache;
-        let m = cache.manifest();
-        let Some(entry) = m.chunks[flight.chunk.0 as usize] else {
-            return Ok(0);
+    /// Fetches, verifies and delivers the flight's chunk: from its peers
+    /// (a chunk of an open image, if there are peers), then the store.
+    async fn fetch(&self, flight: &Flight, class: Class) -> Result<Fetched, FetchError> {
+        let Some((entry, len)) = flight.target.entry() else {
+            return Ok(Fetched::default());
         };
-        let len = m.chunk_len(flight.chunk);
         let deadline = Instant::now() + self.config.deadline;
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            if let (Some(peers), Target::Cached { .. }) = (&self.peers, &flight.target) {
+                if let Some(data) = self.from_peers(&**peers, &entry, len, class).await {
+                    let n = data.len() as u64;
+                    let data = self.deliver(flight, data).await?;
+                    self.counters.peer_chunks.fetch_add(1, Ordering::Relaxed);
+                    self.counters.peer_bytes.fetch_add(n, Ordering::Relaxed);
+                    return Ok(Fetched { bytes: n, data });
+                }
+            }
             let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry)).await {
                 Ok(Ok(bytes)) => match verify_chunk(&entry, len, &bytes) {
                     Ok(data) => {
-                        let cache = cache.clone();
-                        let c = flight.chunk;
-                        tokio::task::spawn_blocking(move || cache.write_chunk(c, &data))
-                            .await
-                            .map_err(|_| FetchError::Abandoned)?
-                            .map_err(FetchError::WriteCache)?;
+                        let data = self.deliver(flight, Bytes::from(data)).await?;
                         self.counters.store_chunks.fetch_add(1, Ordering::Relaxed);
                         self.counters
                             .store_bytes
                             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        return Ok(bytes.len() as u64);
+                        return Ok(Fetched {
+                            bytes: bytes.len() as u64,
+                            data,
+                        });
                     }
                     Err(why) => {
                         self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
@@ -499,6 +616,57 @@ impl Inner {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
+
+    /// The chunk from the first of its peers that sends it intact; None if
+    /// none does (the store is asked then). A peer's bytes are checked
+    /// against the manifest's digest here, before anything caches them.
+    async fn from_peers(&self, peers: &dyn Peers, entry: &ChunkEntry, len: u64, class: Class) -> Option<Bytes> {
+        for peer in peers.candidates(&entry.digest) {
+            let got = tokio::time::timeout(self.config.attempt_timeout, peers.get(peer, *entry, len, class)).await;
+            match got {
+                Ok(Ok(data)) => match verify_plain(entry, len, &data) {
+                    Ok(()) => return Some(data),
+                    Err(why) => {
+                        self.counters.bad_peer_chunks.fetch_add(1, Ordering::Relaxed);
+                        peers.bad_chunk(peer, &entry.digest, &why.to_string());
+                    }
+                },
+                Ok(Err(e)) => {
+                    self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, digest = %entry.digest, "peer did not serve the chunk: {e}");
+                }
+                Err(_) => {
+                    self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, digest = %entry.digest, "peer timed out");
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes a verified chunk to its cache, or hands a loose chunk's bytes back.
+    async fn deliver(&self, flight: &Flight, data: Bytes) -> Result<Option<Bytes>, FetchError> {
+        match &flight.target {
+            Target::Cached { cache, chunk } => {
+                let (cache, c) = (cache.clone(), *chunk);
+                tokio::task::spawn_blocking(move || cache.write_chunk(c, &data))
+                    .await
+                    .map_err(|_| FetchError::Abandoned)?
+                    .map_err(FetchError::WriteCache)?;
+                Ok(None)
+            }
+            Target::Loose { .. } => Ok(Some(data)),
+        }
+    }
+}
+
+/// What a finished fetch brought.
+#[derive(Default)]
+struct Fetched {
+    /// Bytes moved (stored form from the store, plaintext from a peer).
+    bytes: u64,
+    /// A loose chunk's bytes.
+    data: Option<Bytes>,
 }
 
 async fn worker(strong: Arc<Inner>) {
@@ -521,13 +689,13 @@ async fn worker(strong: Arc<Inner>) {
             }
         };
         let started = Instant::now();
-        let result = strong.fetch(&flight).await.map_err(Arc::new);
+        let result = strong.fetch(&flight, class).await.map_err(Arc::new);
         let took = started.elapsed();
         strong.counters.latency[class as usize].observe(took);
-        strong.log_fetch(class, took, *result.as_ref().unwrap_or(&0));
+        strong.log_fetch(class, took, result.as_ref().map_or(0, |f| f.bytes));
         {
             let mut s = strong.lock();
-            s.flights.remove(&(*flight.cache.id(), flight.chunk.0));
+            s.flights.remove(&flight.key);
             if class < Class::Demand {
                 s.running_low -= 1;
             }
@@ -535,7 +703,7 @@ async fn worker(strong: Arc<Inner>) {
                 s.demand_pending -= 1;
             }
         }
-        flight.tx.send_replace(Some(result.map(|_| ())));
+        flight.tx.send_replace(Some(result.map(|f| f.data)));
         strong.wake.notify_one();
     }
 }
