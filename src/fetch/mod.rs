@@ -12,6 +12,7 @@ pub mod rate;
 mod replay;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -49,6 +50,15 @@ impl Class {
             Class::Background => "background",
             Class::Profile => "profile",
             Class::Demand => "demand",
+        }
+    }
+
+    /// The class stored as `c as u8`.
+    fn of(c: u8) -> Class {
+        match c {
+            2 => Class::Demand,
+            1 => Class::Profile,
+            _ => Class::Background,
         }
     }
 
@@ -184,6 +194,10 @@ struct Flight {
     target: Target,
     class: AtomicU8,
     started: AtomicBool,
+    /// Its peers were asked (it is queued again, or taken, for the store).
+    peers_tried: AtomicBool,
+    /// When a worker first took it.
+    taken_at: std::sync::OnceLock<Instant>,
     tx: watch::Sender<Outcome>,
 }
 
@@ -446,6 +460,8 @@ impl Inner {
                 target,
                 class: AtomicU8::new(class as u8),
                 started: AtomicBool::new(false),
+                peers_tried: AtomicBool::new(false),
+                taken_at: std::sync::OnceLock::new(),
                 tx,
             }),
         );
@@ -491,7 +507,10 @@ impl Inner {
                 }
                 s.queues[class as usize].pop_front();
                 flight.started.store(true, Ordering::Release);
-                self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+                if !flight.peers_tried.load(Ordering::Acquire) {
+                    // Counted once, not again when its peers failed it.
+                    self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+                }
                 #[cfg(test)]
                 self.taken.lock().unwrap().push(match flight.target {
                     Target::Cached { chunk, .. } => chunk.0,
@@ -554,9 +573,8 @@ impl Inner {
         }
     }
 
-    /// Fetches, verifies and delivers the flight's chunk: from its peers
-    /// (a chunk of an open image, if there are peers), then the store.
-    async fn fetch(&self, flight: &Flight, class: Class) -> Result<Fetched, FetchError> {
+    /// Fetches the flight's chunk from the store, verifies and delivers it.
+    async fn fetch(&self, flight: &Flight) -> Result<Fetched, FetchError> {
         let Some((entry, len)) = flight.target.entry() else {
             return Ok(Fetched::default());
         };
@@ -565,15 +583,6 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            if let (Some(peers), Target::Cached { .. }) = (&self.peers, &flight.target) {
-                if let Some(data) = self.from_peers(&**peers, &entry, len, class).await {
-                    let n = data.len() as u64;
-                    let data = self.deliver(flight, data).await?;
-                    self.counters.peer_chunks.fetch_add(1, Ordering::Relaxed);
-                    self.counters.peer_bytes.fetch_add(n, Ordering::Relaxed);
-                    return Ok(Fetched { bytes: n, data });
-                }
-            }
             let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry)).await {
                 Ok(Ok(bytes)) => match verify_chunk(&entry, len, &bytes) {
                     Ok(data) => {
@@ -617,11 +626,32 @@ impl Inner {
         }
     }
 
-    /// The chunk from the first of its peers that sends it intact; None if
-    /// none does (the store is asked then). A peer's bytes are checked
+    /// The peers to ask for a flight's chunk before the store, if any: a
+    /// chunk of an open image, not asked of its peers yet, that this host
+    /// is not the home of. Marks the flight as asked.
+    fn peer_candidates(&self, flight: &Flight) -> Option<(Vec<SocketAddr>, ChunkEntry, u64)> {
+        let peers = self.peers.as_ref()?;
+        if !matches!(flight.target, Target::Cached { .. }) || flight.peers_tried.load(Ordering::Acquire) {
+            return None;
+        }
+        let (entry, len) = flight.target.entry()?;
+        flight.peers_tried.store(true, Ordering::Release);
+        let candidates = peers.candidates(&entry.digest);
+        (!candidates.is_empty()).then_some((candidates, entry, len))
+    }
+
+    /// The chunk from the first of `candidates` that sends it intact; None
+    /// if none does (the store is asked then). A peer's bytes are checked
     /// against the manifest's digest here, before anything caches them.
-    async fn from_peers(&self, peers: &dyn Peers, entry: &ChunkEntry, len: u64, class: Class) -> Option<Bytes> {
-        for peer in peers.candidates(&entry.digest) {
+    async fn from_peers(
+        &self,
+        candidates: Vec<SocketAddr>,
+        entry: &ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> Option<Bytes> {
+        let peers = self.peers.as_ref()?;
+        for peer in candidates {
             let got = tokio::time::timeout(self.config.attempt_timeout, peers.get(peer, *entry, len, class)).await;
             match got {
                 Ok(Ok(data)) => match verify_plain(entry, len, &data) {
@@ -642,6 +672,38 @@ impl Inner {
             }
         }
         None
+    }
+
+    /// Ends a flight: its waiters get `result`, its slot is free.
+    fn finish(&self, flight: &Flight, class: Class, result: Result<Fetched, Arc<FetchError>>) {
+        let took = flight.taken_at.get().map_or(Duration::ZERO, |t| t.elapsed());
+        self.counters.latency[class as usize].observe(took);
+        self.log_fetch(class, took, result.as_ref().map_or(0, |f| f.bytes));
+        {
+            let mut s = self.lock();
+            s.flights.remove(&flight.key);
+            if class < Class::Demand {
+                s.running_low -= 1;
+            }
+            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
+                s.demand_pending -= 1;
+            }
+        }
+        flight.tx.send_replace(Some(result.map(|f| f.data)));
+        self.wake.notify_one();
+    }
+
+    /// Puts a flight its peers did not serve back at the head of its
+    /// class's queue (the class it has now), for a worker to fetch from the store.
+    fn requeue(&self, flight: &Flight, taken_as: Class) {
+        let mut s = self.lock();
+        if taken_as < Class::Demand {
+            s.running_low -= 1;
+        }
+        flight.started.store(false, Ordering::Release);
+        let class = Class::of(flight.class.load(Ordering::Acquire));
+        s.queues[class as usize].push_front(flight.key);
+        self.wake.notify_one();
     }
 
     /// Writes a verified chunk to its cache, or hands a loose chunk's bytes back.
@@ -688,24 +750,52 @@ async fn worker(strong: Arc<Inner>) {
                 continue;
             }
         };
-        let started = Instant::now();
-        let result = strong.fetch(&flight, class).await.map_err(Arc::new);
-        let took = started.elapsed();
-        strong.counters.latency[class as usize].observe(took);
-        strong.log_fetch(class, took, result.as_ref().map_or(0, |f| f.bytes));
-        {
-            let mut s = strong.lock();
-            s.flights.remove(&flight.key);
-            if class < Class::Demand {
-                s.running_low -= 1;
-            }
-            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
-                s.demand_pending -= 1;
-            }
+        flight.taken_at.get_or_init(Instant::now);
+        // A flight waiting on peers holds no worker: workers only wait on
+        // the store, so a home's store fetches never queue behind requests
+        // to peers that may be waiting on this host (a cycle).
+        if let Some((candidates, entry, len)) = strong.peer_candidates(&flight) {
+            tokio::spawn(from_peers_or_requeue(
+                strong.clone(),
+                flight,
+                class,
+                candidates,
+                entry,
+                len,
+            ));
+            continue;
         }
-        flight.tx.send_replace(Some(result.map(|f| f.data)));
-        strong.wake.notify_one();
+        let result = strong.fetch(&flight).await.map_err(Arc::new);
+        strong.finish(&flight, class, result);
     }
+}
+
+/// Asks a flight's peers; ends the flight with what one sent, or queues it
+/// again for the store if none did.
+async fn from_peers_or_requeue(
+    inner: Arc<Inner>,
+    flight: Arc<Flight>,
+    class: Class,
+    candidates: Vec<SocketAddr>,
+    entry: ChunkEntry,
+    len: u64,
+) {
+    // The class it is wanted at now: a guest may have come to wait for it.
+    let now = Class::of(flight.class.load(Ordering::Acquire));
+    let Some(data) = inner.from_peers(candidates, &entry, len, now).await else {
+        inner.requeue(&flight, class);
+        return;
+    };
+    let n = data.len() as u64;
+    let result = inner
+        .deliver(&flight, data)
+        .await
+        .map(|data| Fetched { bytes: n, data });
+    if result.is_ok() {
+        inner.counters.peer_chunks.fetch_add(1, Ordering::Relaxed);
+        inner.counters.peer_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    inner.finish(&flight, class, result.map_err(Arc::new));
 }
 
 /// Every tick, feeds what the fetches saw to the rate controller and

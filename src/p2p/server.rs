@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
@@ -236,6 +236,7 @@ impl Server {
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let len = data.len();
         // The slot is held until the body is dropped: sent, or abandoned.
         let body = Full::new(data)
             .map_frame(move |f| {
@@ -245,8 +246,10 @@ impl Server {
             .boxed();
         let mut resp = Response::new(body);
         self.headers(&mut resp);
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        // The wrapper hides the body's size from hyper: say it, or it would chunk.
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
         resp
     }
 
