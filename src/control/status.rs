@@ -487,7 +487,10 @@ impl Status {
 }
 
 /// The P2P families: membership, uploads, refusals, and per peer.
-fn p2p_metrics(p: &P2pStatus, metric: &mut dyn FnMut(&str, &str, &str, &[(String, f64)])) {
+/// Writes one metric family: name, help, type, samples (labels, value).
+type MetricFn<'a> = dyn FnMut(&str, &str, &str, &[(String, f64)]) + 'a;
+
+fn p2p_metrics(p: &P2pStatus, metric: &mut MetricFn<'_>) {
     let one = |v: u64| [(String::new(), v as f64)];
     metric(
         "p2p_members",

@@ -643,7 +643,7 @@ impl Inner {
     /// The chunk from the first of `candidates` that sends it intact; None
     /// if none does (the store is asked then). A peer's bytes are checked
     /// against the manifest's digest here, before anything caches them.
-    async fn from_peers(
+    async fn ask_peers(
         &self,
         candidates: Vec<SocketAddr>,
         entry: &ChunkEntry,
@@ -782,7 +782,7 @@ async fn from_peers_or_requeue(
 ) {
     // The class it is wanted at now: a guest may have come to wait for it.
     let now = Class::of(flight.class.load(Ordering::Acquire));
-    let Some(data) = inner.from_peers(candidates, &entry, len, now).await else {
+    let Some(data) = inner.ask_peers(candidates, &entry, len, now).await else {
         inner.requeue(&flight, class);
         return;
     };

@@ -10,10 +10,13 @@ use bytes::Bytes;
 use crate::cache::ImageCache;
 use crate::store::{ChunkIdx, Digest};
 
+/// Where one chunk is: the open images that have it, and its index there.
+type Places = Vec<(Weak<ImageCache>, ChunkIdx)>;
+
 /// digest -> the open images' caches that have a chunk with it.
 #[derive(Default)]
 pub struct ChunkIndex {
-    map: RwLock<HashMap<Digest, Vec<(Weak<ImageCache>, ChunkIdx)>>>,
+    map: RwLock<HashMap<Digest, Places>>,
 }
 
 impl ChunkIndex {
