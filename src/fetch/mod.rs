@@ -970,6 +970,201 @@ mod tests {
         }
     }
 
+    /// How a fake peer answers.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Peer {
+        Good,
+        /// Sends the chunk with a byte flipped.
+        Liar,
+        /// Cannot be reached.
+        Down,
+        /// Answers nothing for a long while, then fails.
+        Hangs,
+    }
+
+    /// Peers for the tests: chunk digests map to their candidates.
+    struct FakePeers {
+        data: HashMap<Digest, Vec<u8>>,
+        candidates: HashMap<Digest, Vec<(SocketAddr, Peer)>>,
+        asked: Mutex<Vec<SocketAddr>>,
+        bad: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl FakePeers {
+        /// Every chunk of `n` (as `image` makes them) has `peers` as candidates.
+        fn new(n: u32, peers: &[Peer]) -> FakePeers {
+            let mut fake = FakePeers {
+                data: HashMap::new(),
+                candidates: HashMap::new(),
+                asked: Mutex::default(),
+                bad: Mutex::default(),
+            };
+            for i in 0..n {
+                let data = vec![(i % 251) as u8 + 1; 65536];
+                let d = Digest::of(&data);
+                let list = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| (SocketAddr::from(([127, 0, 0, 1], 7000 + k as u16)), *p))
+                    .collect();
+                fake.candidates.insert(d, list);
+                fake.data.insert(d, data);
+            }
+            fake
+        }
+
+        fn kind(&self, peer: SocketAddr) -> Peer {
+            self.candidates
+                .values()
+                .flatten()
+                .find(|(a, _)| *a == peer)
+                .map_or(Peer::Down, |p| p.1)
+        }
+    }
+
+    impl Peers for FakePeers {
+        fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
+            self.candidates
+                .get(digest)
+                .map_or(Vec::new(), |v| v.iter().map(|p| p.0).collect())
+        }
+
+        fn get(
+            &self,
+            peer: SocketAddr,
+            entry: ChunkEntry,
+            _len: u64,
+            _class: Class,
+        ) -> futures::future::BoxFuture<'static, Result<Bytes, PeerError>> {
+            self.asked.lock().unwrap().push(peer);
+            let data = self.data.get(&entry.digest).cloned();
+            let kind = self.kind(peer);
+            Box::pin(async move {
+                let mut data = data.ok_or("unknown chunk")?;
+                match kind {
+                    Peer::Good => {}
+                    Peer::Liar => data[100] ^= 1,
+                    Peer::Down => return Err("connection refused".into()),
+                    Peer::Hangs => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        return Err("timed out".into());
+                    }
+                }
+                Ok(Bytes::from(data))
+            })
+        }
+
+        fn bad_chunk(&self, peer: SocketAddr, _digest: &Digest, _why: &str) {
+            self.bad.lock().unwrap().push(peer);
+        }
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_chunk_from_a_peer_is_never_cached_and_the_next_source_serves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Liar, Peer::Good]));
+        let fetcher = Fetcher::with_peers(
+            store.clone(),
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(1), Class::Demand).await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        assert!(cache.read(65536, crate::engine::IoRange::from_slice(&mut buf)).unwrap());
+        assert!(buf.iter().all(|&b| b == 2), "a peer's bad byte reached the cache");
+        let n = fetcher.counters();
+        assert_eq!(
+            (count(&n.bad_peer_chunks), count(&n.peer_chunks), count(&n.store_chunks)),
+            (1, 1, 0)
+        );
+        assert_eq!(peers.bad.lock().unwrap().len(), 1, "the liar was not reported");
+
+        // Every peer failing: the store serves.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = image(&store, 2, dir.path(), "img2").await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Liar, Peer::Down]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(0), Class::Demand).await.unwrap();
+        let n = fetcher.counters();
+        assert_eq!(
+            (
+                count(&n.bad_peer_chunks),
+                count(&n.peer_failures),
+                count(&n.peer_chunks),
+                count(&n.store_chunks)
+            ),
+            (1, 1, 0, 1)
+        );
+        assert_eq!(
+            peers.asked.lock().unwrap().len(),
+            2,
+            "a peer was asked twice, or not at all"
+        );
+        assert_eq!(
+            count(&n.by_class[Class::Demand as usize]),
+            1,
+            "the store retake was counted again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flight_waiting_on_a_peer_holds_no_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        // Chunk 0's home hangs; chunk 1's home is this host (no candidates).
+        let mut peers = FakePeers::new(2, &[Peer::Hangs]);
+        peers.candidates.retain(|d, _| *d == Digest::of(&[1u8; 65536]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(Arc::new(peers)),
+            config(1),
+            &tokio::runtime::Handle::current(),
+        );
+        let hanging = fetcher.want(&cache, ChunkIdx(0), Class::Demand);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // One worker, and it is not stuck behind the hanging peer.
+        tokio::time::timeout(Duration::from_secs(1), fetcher.want(&cache, ChunkIdx(1), Class::Demand))
+            .await
+            .expect("the only worker waited on a peer")
+            .unwrap();
+        // The hanging peer fails at last and the store serves chunk 0.
+        hanging.await.unwrap();
+        assert_eq!(count(&fetcher.counters().store_chunks), 2);
+        assert_eq!(count(&fetcher.counters().peer_failures), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loose_wants_of_one_digest_share_one_store_fetch() {
+        let store = slow_store(Duration::from_millis(50));
+        let data = vec![9u8; 65536];
+        let d = Digest::of(&data);
+        store.put_chunk(&d, Bytes::from(data.clone())).await.unwrap();
+        let entry = ChunkEntry {
+            digest: d,
+            stored_len: 65536,
+            zstd: false,
+        };
+        let fetcher = Fetcher::new(store, config(4), &tokio::runtime::Handle::current());
+        let wants: Vec<_> = (0..10)
+            .map(|i| fetcher.want_loose(entry, 65536, if i % 2 == 0 { Class::Demand } else { Class::Background }))
+            .collect();
+        for got in futures::future::join_all(wants).await {
+            assert_eq!(got.unwrap(), data);
+        }
+        assert_eq!(count(&fetcher.counters().store_chunks), 1);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn demand_overtakes_queued_background_and_profile_chunks() {
         let dir = tempfile::tempdir().unwrap();
