@@ -128,6 +128,17 @@ impl Host {
     fn p2p_status(&self, key: &str) -> u64 {
         self.daemon.status()["p2p"][key].as_u64().unwrap_or(0)
     }
+
+    /// What this host knows of `peer` (null if it never asked it).
+    fn peer(&self, peer: SocketAddr) -> serde_json::Value {
+        self.daemon.status()["p2p"]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["addr"] == peer.to_string())
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// Addresses on 127.0.0.1 that were free a moment ago.
@@ -331,13 +342,7 @@ fn a_lying_peer_is_caught_counted_and_the_guest_still_reads_the_right_data() {
     let lies = liar.served.load(Ordering::Relaxed);
     let s = host.daemon.status();
     let bad = s["fetch"]["bad_peer_chunks"].as_u64().unwrap();
-    let peer = s["p2p"]["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["addr"] == liar.addr.to_string())
-        .expect("the liar is not in the status")
-        .clone();
+    let peer = host.peer(liar.addr);
     eprintln!("the liar sent {lies} bad chunks; the host counted {bad}; peer status {peer}");
     assert!(
         lies > 0,
@@ -465,18 +470,7 @@ fn a_home_killed_mid_way_costs_no_guest_read_and_little_store_traffic() {
     });
     let store = f.store_requests();
     // What a and b saw of the dead home.
-    let dead: Vec<serde_json::Value> = [&a, &b]
-        .iter()
-        .map(|h| {
-            h.daemon.status()["p2p"]["peers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["addr"] == c.addr.to_string())
-                .cloned()
-                .unwrap_or_default()
-        })
-        .collect();
+    let dead = [a.peer(c.addr), b.peer(c.addr)];
     eprintln!(
         "home killed mid-way: store served {store} chunk requests for {chunks} chunks ({:.2}x); a got {} chunks \
          from peers, b {}; the dead home as a and b saw it: {dead:?}",
