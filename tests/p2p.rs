@@ -66,10 +66,18 @@ impl Fixture {
     /// A daemon listening for peers on `me`, with `members` as the fleet
     /// and (if `disk`) one disk of the image.
     fn host(&self, name: &str, me: SocketAddr, members: &[SocketAddr], disk: bool) -> Host {
-        self.host_with_token(name, me, members, disk, &self.token)
+        self.host_with(name, me, members, disk, &self.token, &[])
     }
 
-    fn host_with_token(&self, name: &str, me: SocketAddr, members: &[SocketAddr], disk: bool, token: &Path) -> Host {
+    fn host_with(
+        &self,
+        name: &str,
+        me: SocketAddr,
+        members: &[SocketAddr],
+        disk: bool,
+        token: &Path,
+        extra: &[&str],
+    ) -> Host {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let peers: Vec<String> = members.iter().map(ToString::to_string).collect();
@@ -88,6 +96,7 @@ impl Fixture {
             token.to_str().unwrap(),
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         if disk {
@@ -212,6 +221,41 @@ fn three_hosts_reading_one_image_make_the_store_serve_each_chunk_about_once() {
         assert_eq!(s["p2p"]["is_member"], true);
         assert_eq!(s["fetch"]["bad_peer_chunks"], 0);
         assert_eq!(s["p2p"]["refused_unauthorized"], 0);
+    }
+}
+
+#[test]
+fn a_busy_home_redirects_requesters_to_the_hosts_it_served() {
+    let f = Fixture::new();
+    let addrs = free_addrs(4);
+    // One upload slot at 8 MB/s: a home is busy most of the time, and
+    // sends requesters to the hosts it served the chunk to.
+    let slow = ["--p2p-upload-slots", "1", "--p2p-upload-rate", "8"];
+    let hosts: Vec<Host> = (0..4)
+        .map(|i| f.host_with(&format!("h{i}"), addrs[i], &addrs, true, &f.token, &slow))
+        .collect();
+    for h in &hosts {
+        h.ready();
+    }
+    read_all_at_once(&hosts.iter().collect::<Vec<_>>(), &f.image);
+    let (chunks, store) = (f.chunks(), f.store_requests());
+    let redirects: u64 = hosts.iter().map(|h| h.p2p_status("redirects")).sum();
+    let from_peers: u64 = hosts.iter().map(|h| h.fetch_status("peer_chunks")).sum();
+    let uploads: Vec<u64> = hosts.iter().map(|h| h.p2p_status("uploads")).collect();
+    eprintln!(
+        "4 hosts, 1 upload slot each: store served {store} for {chunks} chunks; {redirects} redirects; \
+         {from_peers} chunks from peers; uploads per host {uploads:?}"
+    );
+    assert!(redirects > 0, "no home redirected");
+    assert!(
+        store as f64 <= 1.1 * chunks as f64,
+        "the store served {store} chunk requests for {chunks} chunks"
+    );
+    assert_eq!(uploads.iter().sum::<u64>(), from_peers);
+    // Redirected requests were served by holders: more uploads than a
+    // home's own requests would give some host... and no chunk went bad.
+    for h in &hosts {
+        assert_eq!(h.fetch_status("bad_peer_chunks"), 0);
     }
 }
 
@@ -434,7 +478,7 @@ fn peer_requests_without_the_cluster_token_are_refused() {
     let other_token = f.dir.path().join("other-token");
     std::fs::write(&other_token, "another-fleet-0123456789\n").unwrap();
     let stranger_addr = free_addrs(1)[0];
-    let stranger = f.host_with_token("stranger", stranger_addr, &[me, stranger_addr], true, &other_token);
+    let stranger = f.host_with("stranger", stranger_addr, &[me, stranger_addr], true, &other_token, &[]);
     stranger.ready();
     read_all(&stranger.socket, &f.image, "stranger");
     let refused = host.p2p_status("refused_unauthorized") - 3;

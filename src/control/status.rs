@@ -38,6 +38,9 @@ pub struct P2pStatus {
     pub upload_queue: u64,
     /// Peer requests for chunks this host did not hold, which it fetched as their home.
     pub home_fetches: u64,
+    /// Peer requests sent on to other holders while the upload slots were busy.
+    #[serde(default)]
+    pub redirects: u64,
     /// Peer requests refused: no or wrong token, malformed, unknown chunk,
     /// too busy, a fetch that failed.
     pub refused_unauthorized: u64,
@@ -63,6 +66,9 @@ pub struct PeerStatus {
     pub failures: u64,
     /// Chunks it sent that failed verification.
     pub bad_chunks: u64,
+    /// Times it redirected this host to other holders.
+    #[serde(default)]
+    pub redirects: u64,
     /// Its upload queue depth at its last answer.
     pub queue: u64,
     /// Unreachable lately: skipped for a few seconds.
@@ -515,6 +521,12 @@ fn p2p_metrics(p: &P2pStatus, metric: &mut MetricFn<'_>) {
         "Uploads in progress and waiting for a slot.",
         "gauge",
         &one(p.upload_queue),
+    );
+    metric(
+        "p2p_redirects_total",
+        "Peer requests redirected to other holders while the upload slots were busy.",
+        "counter",
+        &one(p.redirects),
     );
     metric(
         "p2p_home_fetches_total",

@@ -654,11 +654,11 @@ impl Inner {
         for peer in candidates {
             let got = tokio::time::timeout(self.config.attempt_timeout, peers.get(peer, *entry, len, class)).await;
             match got {
-                Ok(Ok(data)) => match verify_plain(entry, len, &data) {
+                Ok(Ok((sender, data))) => match verify_plain(entry, len, &data) {
                     Ok(()) => return Some(data),
                     Err(why) => {
                         self.counters.bad_peer_chunks.fetch_add(1, Ordering::Relaxed);
-                        peers.bad_chunk(peer, &entry.digest, &why.to_string());
+                        peers.bad_chunk(sender, &entry.digest, &why.to_string());
                     }
                 },
                 Ok(Err(e)) => {
@@ -1035,7 +1035,7 @@ mod tests {
             entry: ChunkEntry,
             _len: u64,
             _class: Class,
-        ) -> futures::future::BoxFuture<'static, Result<Bytes, PeerError>> {
+        ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
             self.asked.lock().unwrap().push(peer);
             let data = self.data.get(&entry.digest).cloned();
             let kind = self.kind(peer);
@@ -1050,7 +1050,7 @@ mod tests {
                         return Err("timed out".into());
                     }
                 }
-                Ok(Bytes::from(data))
+                Ok((peer, Bytes::from(data)))
             })
         }
 

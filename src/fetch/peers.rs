@@ -20,14 +20,15 @@ pub trait Peers: Send + Sync {
     /// every peer before it is down or known bad for the chunk).
     fn candidates(&self, digest: &Digest) -> Vec<SocketAddr>;
 
-    /// The chunk's bytes as `peer` sends them (its plaintext), unverified.
+    /// The chunk's bytes (its plaintext), unverified, asked of `peer`, and
+    /// the peer that sent them: `peer`, or a holder it redirected to.
     fn get(
         &self,
         peer: SocketAddr,
         entry: ChunkEntry,
         len: u64,
         class: Class,
-    ) -> BoxFuture<'static, Result<Bytes, PeerError>>;
+    ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>>;
 
     /// `peer` sent bytes for `digest` that failed verification: count it,
     /// log it, and ask that peer no more for the chunk.

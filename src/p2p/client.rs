@@ -1,5 +1,7 @@
 //! The peer client: which peers to ask for a chunk (its home by HRW, then
-//! the failover candidates, up to this host), and the request itself. A
+//! the failover candidates, up to this host), and the request itself,
+//! following a busy home's redirect to holders (and back to the home, told
+//! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
 //! home costs one failed connect, not one per chunk; a peer that sent a
 //! bad chunk is not asked for that chunk again for a while.
@@ -14,7 +16,8 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
 use super::membership::Membership;
-use super::{hrw, Token, HEADER_CLASS, HEADER_QUEUE};
+use super::server::Hop;
+use super::{hrw, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
 use crate::fetch::{Class, PeerError, Peers};
 use crate::store::{ChunkEntry, Digest};
 
@@ -57,6 +60,8 @@ pub struct PeerStats {
     pub failures: AtomicU64,
     /// Chunks it sent that failed verification.
     pub bad_chunks: AtomicU64,
+    /// Times it redirected this host to holders.
+    pub redirects: AtomicU64,
     /// Its upload queue depth at its last answer.
     pub queue: AtomicU64,
     down_until: Mutex<Option<Instant>>,
@@ -68,12 +73,14 @@ impl PeerStats {
     }
 }
 
+/// Cheap to clone: a request in flight holds its own.
+#[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
     token: Arc<Token>,
     membership: Arc<Membership>,
-    peers: Mutex<HashMap<SocketAddr, Arc<PeerStats>>>,
-    bad: Mutex<HashMap<(SocketAddr, Digest), Instant>>,
+    peers: Arc<Mutex<HashMap<SocketAddr, Arc<PeerStats>>>>,
+    bad: Arc<Mutex<HashMap<(SocketAddr, Digest), Instant>>>,
 }
 
 impl PeerClient {
@@ -82,6 +89,8 @@ impl PeerClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout)
             .pool_max_idle_per_host(16)
+            // A home's 307 names holders in a header; get_chunk follows it.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
             .map_err(super::Error::HttpClient)?;
@@ -89,8 +98,8 @@ impl PeerClient {
             http,
             token,
             membership,
-            peers: Mutex::default(),
-            bad: Mutex::default(),
+            peers: Arc::default(),
+            bad: Arc::default(),
         })
     }
 
@@ -115,15 +124,82 @@ impl PeerClient {
             .is_some_and(|t| t.elapsed() < BAD_FOR)
     }
 
+    /// Asks `peer` for the chunk: its bytes, or the holders it redirects to.
     async fn request(
-        http: reqwest::Client,
-        token: Arc<Token>,
-        stats: Arc<PeerStats>,
+        &self,
         peer: SocketAddr,
         entry: ChunkEntry,
         len: u64,
         class: Class,
-    ) -> Result<Bytes, RequestError> {
+        hop: Hop,
+    ) -> Result<Answer, RequestError> {
+        let stats = self.stats(peer);
+        let me = self.membership.self_addr();
+        let r = Self::send(&self.http, &self.token, me, &stats, peer, entry, len, class, hop).await;
+        if let Err(e) = &r {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            let unreachable =
+                matches!(e, RequestError::Send { source, .. } if source.is_connect() || source.is_timeout());
+            if unreachable {
+                let mut down = lock(&stats.down_until);
+                if !down.is_some_and(|t| t > Instant::now()) {
+                    tracing::warn!(%peer, "peer unreachable, skipped for {DOWN_FOR:?}: {}", crate::DisplayChain(e));
+                }
+                *down = Some(Instant::now() + DOWN_FOR);
+            }
+        }
+        r
+    }
+
+    /// Asks the chunk's home; if it redirects, the holders it names (not
+    /// this host, not down, not bad for the chunk), then the home again,
+    /// told not to redirect. Returns who sent the bytes.
+    async fn get_chunk(
+        self,
+        home: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> Result<(SocketAddr, Bytes), RequestError> {
+        let holders = match self.request(home, entry, len, class, Hop::Home).await? {
+            Answer::Chunk(b) => return Ok((home, b)),
+            Answer::Redirect(holders) => holders,
+        };
+        self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
+        let me = self.membership.self_addr();
+        for h in holders {
+            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &entry.digest) {
+                continue;
+            }
+            match self.request(h, entry, len, class, Hop::Redirected).await {
+                Ok(Answer::Chunk(b)) => return Ok((h, b)),
+                Ok(Answer::Redirect(_)) => {}
+                Err(e) => tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e)),
+            }
+        }
+        match self.request(home, entry, len, class, Hop::Direct).await? {
+            Answer::Chunk(b) => Ok((home, b)),
+            Answer::Redirect(_) => Err(RequestError::Status {
+                peer: home,
+                digest: entry.digest,
+                status: reqwest::StatusCode::TEMPORARY_REDIRECT,
+            }),
+        }
+    }
+
+    /// One request and its answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        http: &reqwest::Client,
+        token: &Token,
+        me: Option<SocketAddr>,
+        stats: &PeerStats,
+        peer: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+        hop: Hop,
+    ) -> Result<Answer, RequestError> {
         let digest = entry.digest;
         let url = format!(
             "http://{peer}/chunks/{digest}?len={len}&stored={}&zstd={}",
@@ -132,13 +208,17 @@ impl PeerClient {
         );
         let send_err = |source| RequestError::Send { peer, digest, source };
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = http
+        let mut req = http
             .get(url)
             .header(reqwest::header::AUTHORIZATION, token.bearer())
-            .header(HEADER_CLASS, class.name())
-            .send()
-            .await
-            .map_err(send_err)?;
+            .header(HEADER_CLASS, class.name());
+        if let Some(me) = me {
+            req = req.header(HEADER_FROM, me.to_string());
+        }
+        if let Some(hop) = hop.name() {
+            req = req.header(HEADER_HOP, hop);
+        }
+        let resp = req.send().await.map_err(send_err)?;
         if let Some(q) = resp
             .headers()
             .get(HEADER_QUEUE)
@@ -147,6 +227,15 @@ impl PeerClient {
             stats.queue.store(q, Ordering::Relaxed);
         }
         let status = resp.status();
+        if status == reqwest::StatusCode::TEMPORARY_REDIRECT && hop == Hop::Home {
+            let holders = resp
+                .headers()
+                .get(HEADER_HOLDERS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| super::membership::parse_list(v).ok())
+                .unwrap_or_default();
+            return Ok(Answer::Redirect(holders));
+        }
         if status != reqwest::StatusCode::OK {
             return Err(RequestError::Status { peer, digest, status });
         }
@@ -165,8 +254,15 @@ impl PeerClient {
         }
         stats.served.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(buf.freeze())
+        Ok(Answer::Chunk(buf.freeze()))
     }
+}
+
+/// What a peer answered.
+enum Answer {
+    Chunk(Bytes),
+    /// A busy home named holders of the chunk.
+    Redirect(Vec<SocketAddr>),
 }
 
 impl Peers for PeerClient {
@@ -194,23 +290,12 @@ impl Peers for PeerClient {
         entry: ChunkEntry,
         len: u64,
         class: Class,
-    ) -> BoxFuture<'static, Result<Bytes, PeerError>> {
-        let (http, token, stats) = (self.http.clone(), self.token.clone(), self.stats(peer));
+    ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
+        let this = self.clone();
         Box::pin(async move {
-            let r = Self::request(http, token, stats.clone(), peer, entry, len, class).await;
-            if let Err(e) = &r {
-                stats.failures.fetch_add(1, Ordering::Relaxed);
-                let unreachable =
-                    matches!(e, RequestError::Send { source, .. } if source.is_connect() || source.is_timeout());
-                if unreachable {
-                    let mut down = lock(&stats.down_until);
-                    if !down.is_some_and(|t| t > Instant::now()) {
-                        tracing::warn!(%peer, "peer unreachable, skipped for {DOWN_FOR:?}: {}", crate::DisplayChain(e));
-                    }
-                    *down = Some(Instant::now() + DOWN_FOR);
-                }
-            }
-            r.map_err(|e| Box::new(e) as PeerError)
+            this.get_chunk(peer, entry, len, class)
+                .await
+                .map_err(|e| Box::new(e) as PeerError)
         })
     }
 

@@ -10,6 +10,7 @@
 //! and verifies every byte they send. It knows nothing of virtio.
 
 mod client;
+mod directory;
 pub mod hrw;
 mod index;
 pub mod membership;
@@ -34,6 +35,15 @@ use crate::fetch::{Fetcher, Peers};
 pub const HEADER_CLASS: &str = "x-streamblk-class";
 /// The server's upload queue depth (uploads in progress and waiting).
 pub const HEADER_QUEUE: &str = "x-streamblk-queue";
+/// The requester's own `--p2p-listen` address: the home records it as a
+/// holder of the chunk it serves it.
+pub const HEADER_FROM: &str = "x-streamblk-from";
+/// How far a request has gone: absent (to the home, which may redirect),
+/// `redirected` (to a holder: serve only a chunk held, never redirect),
+/// `direct` (to the home again after the holders failed: never redirect).
+pub const HEADER_HOP: &str = "x-streamblk-hop";
+/// In a 307 answer: the holders to ask, comma-separated.
+pub const HEADER_HOLDERS: &str = "x-streamblk-holders";
 /// Largest token file read.
 const MAX_TOKEN_BYTES: u64 = 4096;
 /// Bytes of chunks a home keeps in memory for images it does not have open.
@@ -144,6 +154,7 @@ impl P2p {
                 let server = Arc::new(Server::new(
                     token,
                     index.clone(),
+                    membership.clone(),
                     config.upload_slots,
                     config.upload_rate,
                     LOOSE_CACHE_BYTES,
@@ -214,6 +225,7 @@ impl P2p {
                 bytes: s.bytes.load(Ordering::Relaxed),
                 failures: s.failures.load(Ordering::Relaxed),
                 bad_chunks: s.bad_chunks.load(Ordering::Relaxed),
+                redirects: s.redirects.load(Ordering::Relaxed),
                 queue: s.queue.load(Ordering::Relaxed),
                 down: s.is_down(),
             })
@@ -232,6 +244,7 @@ impl P2p {
             st.upload_bytes = c.upload_bytes.load(Ordering::Relaxed);
             st.upload_queue = s.queue_depth();
             st.home_fetches = c.home_fetches.load(Ordering::Relaxed);
+            st.redirects = c.redirects.load(Ordering::Relaxed);
             st.refused_unauthorized = c.unauthorized.load(Ordering::Relaxed);
             st.bad_requests = c.bad_requests.load(Ordering::Relaxed);
             st.not_found = c.not_found.load(Ordering::Relaxed);

@@ -3,8 +3,10 @@
 //! as the chunk's home it fetches a chunk it does not hold once (single
 //! flight, through the fetch scheduler) and serves every requester from
 //! that copy. Uploads take a slot, demand before profile before
-//! background, and are paced to `--p2p-upload-rate`. Everything is
-//! bounded: connections, a request's head, waiting uploads, time.
+//! background, and are paced to `--p2p-upload-rate`. When every slot is
+//! busy, a home redirects a requester to members it served the chunk to
+//! (`directory`), so a chunk fans out instead of queueing at its home.
+//! Everything is bounded: connections, a request's head, waiting uploads, time.
 //!
 //! Wire form: the chunk's plaintext, the bytes its digest is of, so a
 //! requester checks it with one blake3 and nothing else; a home serves
@@ -26,9 +28,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
+use super::membership::Membership;
 use super::slots::UploadSlots;
-use super::{Token, HEADER_CLASS, HEADER_QUEUE};
+use super::{Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
 use crate::fetch::{rate::Bucket, Class, Fetcher};
 use crate::store::{manifest, ChunkEntry, Digest};
 
@@ -50,6 +54,7 @@ pub struct ServerCounters {
     pub upload_bytes: AtomicU64,
     /// Chunks this host fetched (as a home) to serve a peer.
     pub home_fetches: AtomicU64,
+    pub redirects: AtomicU64,
     pub unauthorized: AtomicU64,
     pub bad_requests: AtomicU64,
     pub not_found: AtomicU64,
@@ -64,7 +69,11 @@ pub struct Server {
     /// For chunks this host must fetch as a home; None without a store.
     fetcher: Mutex<Option<Fetcher>>,
     loose: LooseChunks,
+    /// Only members are recorded as holders.
+    membership: Arc<Membership>,
+    directory: Mutex<Directory>,
     slots: Arc<UploadSlots>,
+    upload_slots: usize,
     /// Upload cap in bytes per second (None: no cap), and its bucket.
     rate: Option<u64>,
     bucket: Mutex<Bucket>,
@@ -79,6 +88,30 @@ pub struct ChunkRequest {
     pub digest: Digest,
     pub class: Class,
     pub entry: Option<(ChunkEntry, u64)>,
+    /// The requester's peer address, if it serves.
+    pub from: Option<SocketAddr>,
+    pub hop: Hop,
+}
+
+/// How far a request has gone (see [`HEADER_HOP`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// To the chunk's home: it may fetch the chunk, or redirect.
+    Home,
+    /// To a holder the home named: only a chunk held is served.
+    Redirected,
+    /// To the home again, the holders having failed: it serves or queues.
+    Direct,
+}
+
+impl Hop {
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Hop::Home => None,
+            Hop::Redirected => Some("redirected"),
+            Hop::Direct => Some("direct"),
+        }
+    }
 }
 
 /// Why a request is refused, and its status.
@@ -136,6 +169,21 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
             .and_then(Class::from_name)
             .ok_or_else(|| bad("class is not demand, profile or background"))?,
     };
+    let from = match headers.get(HEADER_FROM) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<SocketAddr>().ok())
+                .ok_or_else(|| bad("from is not ADDR:PORT"))?,
+        ),
+    };
+    let hop = match headers.get(HEADER_HOP).map(|v| v.to_str().unwrap_or("")) {
+        None => Hop::Home,
+        Some("redirected") => Hop::Redirected,
+        Some("direct") => Hop::Direct,
+        Some(_) => return Err(bad("hop is not redirected or direct")),
+    };
     let (mut len, mut stored, mut zstd) = (None, None, None);
     for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| bad("query is not key=value"))?;
@@ -166,19 +214,35 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         }
         _ => return Err(bad("give len, stored and zstd together")),
     };
-    Ok(ChunkRequest { digest, class, entry })
+    Ok(ChunkRequest {
+        digest,
+        class,
+        entry,
+        from,
+        hop,
+    })
 }
 
 type Body = BoxBody<Bytes, Infallible>;
 
 impl Server {
-    pub fn new(token: Arc<Token>, index: Arc<ChunkIndex>, slots: usize, rate: Option<u64>, loose_cap: u64) -> Self {
+    pub fn new(
+        token: Arc<Token>,
+        index: Arc<ChunkIndex>,
+        membership: Arc<Membership>,
+        slots: usize,
+        rate: Option<u64>,
+        loose_cap: u64,
+    ) -> Self {
         Server {
             token,
             index,
             fetcher: Mutex::new(None),
             loose: LooseChunks::new(loose_cap),
+            membership,
+            directory: Mutex::default(),
             slots: UploadSlots::new(slots),
+            upload_slots: slots.max(1),
             rate,
             bucket: Mutex::new(Bucket::new(Instant::now())),
             counters: ServerCounters::default(),
@@ -215,6 +279,9 @@ impl Server {
                 return self.answer(refusal.status(), refusal.to_string());
             }
         };
+        if let Some(resp) = self.redirect(&r) {
+            return resp;
+        }
         let data = match self.chunk(&r).await {
             Ok(Some(data)) => data,
             Ok(None) => {
@@ -233,6 +300,11 @@ impl Server {
         };
         self.pace(data.len() as u64).await;
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+        // The requester holds the chunk once it has checked it: a home
+        // names it to later requesters when its slots are busy.
+        if let Some(from) = r.from.filter(|f| self.membership.members().contains(f)) {
+            lock(&self.directory).record(r.digest, from, std::time::Instant::now());
+        }
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -253,12 +325,35 @@ impl Server {
         resp
     }
 
+    /// A 307 naming holders of the chunk, if every upload slot is busy and
+    /// the request came to this host as the chunk's home.
+    fn redirect(&self, r: &ChunkRequest) -> Option<Response<Body>> {
+        if r.hop != Hop::Home || self.slots.depth() < self.upload_slots {
+            return None;
+        }
+        let holders = lock(&self.directory).pick(&r.digest, r.from, std::time::Instant::now());
+        if holders.is_empty() {
+            return None;
+        }
+        self.counters.redirects.fetch_add(1, Ordering::Relaxed);
+        let list: Vec<String> = holders.iter().map(ToString::to_string).collect();
+        let mut resp = self.answer(StatusCode::TEMPORARY_REDIRECT, String::new());
+        if let Ok(v) = HeaderValue::from_str(&list.join(",")) {
+            resp.headers_mut().insert(HEADER_HOLDERS, v);
+        }
+        Some(resp)
+    }
+
     /// The chunk's plaintext: from an open image's cache, from the loose
-    /// chunks, or fetched (a chunk this host is asked for as its home).
-    /// None: not here, and not fetchable.
+    /// chunks, or fetched (a chunk this host is asked for as its home; not
+    /// when a home redirected the request here). None: not here, and not
+    /// fetchable.
     async fn chunk(&self, r: &ChunkRequest) -> Result<Option<Bytes>, String> {
         if let Some((cache, c, ready)) = self.index.find(&r.digest) {
             if !ready {
+                if r.hop == Hop::Redirected {
+                    return Ok(None);
+                }
                 let Some(fetcher) = self.fetcher() else { return Ok(None) };
                 self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
                 match tokio::time::timeout(FETCH_WAIT, fetcher.want(&cache, c, r.class)).await {
@@ -278,7 +373,7 @@ impl Server {
         if let Some(data) = self.loose.get(&r.digest) {
             return Ok(Some(data));
         }
-        let (Some((entry, len)), Some(fetcher)) = (r.entry, self.fetcher()) else {
+        let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
             return Ok(None);
         };
         self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
@@ -318,6 +413,10 @@ impl Server {
         self.headers(&mut resp);
         resp
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Serves peers on `listener` until the runtime stops.
@@ -420,8 +519,22 @@ mod tests {
                 65536
             ))
         );
+        assert_eq!((r.from, r.hop), (None, Hop::Home));
         let plain = req(&format!("/chunks/{d}"), &[AUTH]).unwrap();
         assert_eq!((plain.class, plain.entry), (Class::Background, None));
+        let hop = req(
+            &format!("/chunks/{d}"),
+            &[
+                AUTH,
+                ("x-streamblk-hop", "redirected"),
+                ("x-streamblk-from", "127.0.0.1:7001"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (hop.from, hop.hop),
+            (Some("127.0.0.1:7001".parse().unwrap()), Hop::Redirected)
+        );
     }
 
     #[test]
@@ -448,6 +561,10 @@ mod tests {
         }
         let r = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-class", "urgent")]);
         assert!(matches!(r, Err(Refusal::Bad(_))), "{r:?}");
+        for h in [("x-streamblk-hop", "sideways"), ("x-streamblk-from", "somewhere")] {
+            let r = req(&format!("/chunks/{d}"), &[AUTH, h]);
+            assert!(matches!(r, Err(Refusal::Bad(_))), "{h:?}: {r:?}");
+        }
         let r = req_with(Method::POST, &format!("/chunks/{d}"), &[AUTH]);
         assert_eq!(r, Err(Refusal::Method));
     }
