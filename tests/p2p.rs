@@ -275,8 +275,10 @@ fn a_home_without_the_image_open_fetches_each_of_its_chunks_once_for_the_others(
     let home_fetches = c.p2p_status("home_fetches");
     eprintln!(
         "2 hosts and a diskless home, {chunks} chunks: store served {store}; the diskless home fetched \
-         {home_fetches}, uploaded {}",
-        c.p2p_status("uploads")
+         {home_fetches}, uploaded {}; peer failures: a {}, b {}",
+        c.p2p_status("uploads"),
+        a.fetch_status("peer_failures"),
+        b.fetch_status("peer_failures"),
     );
     assert!(
         store as f64 <= 1.1 * chunks as f64,
@@ -529,4 +531,30 @@ fn a_home_killed_mid_way_costs_no_guest_read_and_little_store_traffic() {
     // The dead home served before it died, and was found dead after.
     assert!(dead.iter().any(|d| d["served"].as_u64().unwrap_or(0) > 0), "{dead:?}");
     assert!(dead.iter().any(|d| d["failures"].as_u64().unwrap_or(0) > 0), "{dead:?}");
+}
+
+#[test]
+fn sighup_rereads_the_peers_file() {
+    let f = Fixture::new();
+    let [me, other] = free_addrs(2)[..] else { unreachable!() };
+    let peers = f.dir.path().join("peers");
+    std::fs::write(&peers, format!("# the fleet\n{me}\n")).unwrap();
+    let peers_arg = peers.to_str().unwrap().to_string();
+    let host = f.host_with("h", me, &[], false, &f.token, &["--peers-file", &peers_arg]);
+    host.ready();
+    assert_eq!(
+        host.daemon.status()["p2p"]["members"],
+        serde_json::json!([me.to_string()])
+    );
+    std::fs::write(&peers, format!("{me}\n{other}  # joined\n")).unwrap();
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(host.daemon.child.id() as i32, libc::SIGHUP) };
+    let t = Instant::now();
+    while host.daemon.status()["p2p"]["members"].as_array().unwrap().len() != 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "SIGHUP did not re-read the peers file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -165,6 +165,10 @@ enum Key {
 /// What a flight ends with: for a loose chunk, its verified bytes.
 type Outcome = Option<Result<Option<Bytes>, Arc<FetchError>>>;
 
+/// Called with a loose chunk's verified bytes before its flight ends, so
+/// that whoever keeps them has them before a later want could start another fetch.
+pub type KeepLoose = Arc<dyn Fn(&Digest, &Bytes) + Send + Sync>;
+
 /// What a flight brings.
 enum Target {
     /// A chunk of an open image, into its cache.
@@ -173,7 +177,11 @@ enum Target {
     /// for a chunk of an image it does not have open): from the store only,
     /// so that hosts whose views of the membership differ cannot ask each
     /// other in a loop; its bytes go to the waiters, not to a cache.
-    Loose { entry: ChunkEntry, len: u64 },
+    Loose {
+        entry: ChunkEntry,
+        len: u64,
+        keep: KeepLoose,
+    },
 }
 
 impl Target {
@@ -184,7 +192,7 @@ impl Target {
                 let m = cache.manifest();
                 m.chunks[chunk.0 as usize].map(|e| (e, m.chunk_len(*chunk)))
             }
-            Target::Loose { entry, len } => Some((*entry, *len)),
+            Target::Loose { entry, len, .. } => Some((*entry, *len)),
         }
     }
 }
@@ -370,16 +378,18 @@ impl Fetcher {
     /// The verified bytes (plaintext) of a chunk known only by its entry,
     /// from the store, for a peer that asked this host (the chunk's home)
     /// for a chunk of an image it does not have open. Concurrent wants of
-    /// one digest share one fetch; nothing is cached here.
+    /// one digest share one fetch; nothing is cached here, but the flight
+    /// that fetches calls `keep` with the bytes before it ends.
     pub fn want_loose(
         &self,
         entry: ChunkEntry,
         len: u64,
         class: Class,
+        keep: KeepLoose,
     ) -> impl std::future::Future<Output = Result<Bytes, Arc<FetchError>>> + Send + 'static {
-        let rx = self
-            .inner
-            .join(Key::Loose(entry.digest), class, || Some(Target::Loose { entry, len }));
+        let rx = self.inner.join(Key::Loose(entry.digest), class, || {
+            Some(Target::Loose { entry, len, keep })
+        });
         async move {
             let Some(rx) = rx else {
                 unreachable!("a loose target is always made")
@@ -717,7 +727,10 @@ impl Inner {
                     .map_err(FetchError::WriteCache)?;
                 Ok(None)
             }
-            Target::Loose { .. } => Ok(Some(data)),
+            Target::Loose { entry, keep, .. } => {
+                keep(&entry.digest, &data);
+                Ok(Some(data))
+            }
         }
     }
 }
@@ -1156,13 +1169,22 @@ mod tests {
             zstd: false,
         };
         let fetcher = Fetcher::new(store, config(4), &tokio::runtime::Handle::current());
+        let kept = Arc::new(AtomicU64::new(0));
+        let k = kept.clone();
+        let keep: KeepLoose = Arc::new(move |_: &Digest, _: &Bytes| {
+            k.fetch_add(1, Ordering::Relaxed);
+        });
         let wants: Vec<_> = (0..10)
-            .map(|i| fetcher.want_loose(entry, 65536, if i % 2 == 0 { Class::Demand } else { Class::Background }))
+            .map(|i| {
+                let class = if i % 2 == 0 { Class::Demand } else { Class::Background };
+                fetcher.want_loose(entry, 65536, class, keep.clone())
+            })
             .collect();
         for got in futures::future::join_all(wants).await {
             assert_eq!(got.unwrap(), data);
         }
         assert_eq!(count(&fetcher.counters().store_chunks), 1);
+        assert_eq!(kept.load(Ordering::Relaxed), 1, "kept once, by the flight");
     }
 
     #[tokio::test(flavor = "current_thread")]

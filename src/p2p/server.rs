@@ -33,7 +33,7 @@ use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
 use super::slots::UploadSlots;
 use super::{Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
-use crate::fetch::{rate::Bucket, Class, Fetcher};
+use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, Digest};
 
 /// Connections served at once; more are closed at accept.
@@ -68,7 +68,11 @@ pub struct Server {
     index: Arc<ChunkIndex>,
     /// For chunks this host must fetch as a home; None without a store.
     fetcher: Mutex<Option<Fetcher>>,
-    loose: LooseChunks,
+    loose: Arc<LooseChunks>,
+    /// Held to look a loose chunk up and join (or start) its fetch, and to
+    /// keep one a fetch brought: a fetch ends only after its chunk is kept,
+    /// so a request never starts a second fetch of a chunk just fetched.
+    loose_gate: Arc<Mutex<()>>,
     /// Only members are recorded as holders.
     membership: Arc<Membership>,
     directory: Mutex<Directory>,
@@ -238,7 +242,8 @@ impl Server {
             token,
             index,
             fetcher: Mutex::new(None),
-            loose: LooseChunks::new(loose_cap),
+            loose: Arc::new(LooseChunks::new(loose_cap)),
+            loose_gate: Arc::default(),
             membership,
             directory: Mutex::default(),
             slots: UploadSlots::new(slots),
@@ -370,18 +375,24 @@ impl Server {
                 Err(e) => Err(crate::DisplayChain(&e).to_string()),
             };
         }
-        if let Some(data) = self.loose.get(&r.digest) {
-            return Ok(Some(data));
-        }
-        let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
-            return Ok(None);
+        let want = {
+            let _gate = lock(&self.loose_gate);
+            if let Some(data) = self.loose.get(&r.digest) {
+                return Ok(Some(data));
+            }
+            let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
+                return Ok(None);
+            };
+            let (loose, gate) = (self.loose.clone(), self.loose_gate.clone());
+            let keep: KeepLoose = Arc::new(move |d: &Digest, data: &Bytes| {
+                let _gate = lock(&gate);
+                loose.insert(*d, data.clone());
+            });
+            fetcher.want_loose(entry, len, r.class, keep)
         };
         self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(FETCH_WAIT, fetcher.want_loose(entry, len, r.class)).await {
-            Ok(Ok(data)) => {
-                self.loose.insert(r.digest, data.clone());
-                Ok(Some(data))
-            }
+        match tokio::time::timeout(FETCH_WAIT, want).await {
+            Ok(Ok(data)) => Ok(Some(data)),
             Ok(Err(e)) => Err(crate::DisplayChain(&*e).to_string()),
             Err(_) => Err("fetch timed out".into()),
         }
