@@ -88,7 +88,10 @@ impl PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout)
-            .pool_max_idle_per_host(16)
+            .pool_max_idle_per_host(8)
+            // Shorter than the server's idle limit (its head timeout, 10 s):
+            // a pooled connection is never reused just as the server drops it.
+            .pool_idle_timeout(Duration::from_secs(5))
             // A home's 307 names holders in a header; get_chunk follows it.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()

@@ -36,8 +36,9 @@ use super::{Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, Digest};
 
-/// Connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 128;
+/// Connections served at once; more are closed at accept. Idle ones close
+/// after [`HEAD_TIMEOUT`].
+const MAX_CONNECTIONS: usize = 256;
 /// Bytes of a request head hyper buffers (its minimum).
 const MAX_HEAD: usize = 8192;
 /// How long a client may take to send a request's head, or sit idle

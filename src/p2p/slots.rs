@@ -10,7 +10,8 @@ use tokio::sync::oneshot;
 use crate::fetch::Class;
 
 /// Waiters beyond this are refused at once (the requester asks elsewhere).
-pub const MAX_WAITING: usize = 256;
+/// Each holds its chunk's bytes: 16 MiB at the default chunk size.
+pub const MAX_WAITING: usize = 64;
 
 pub struct UploadSlots {
     total: usize,
