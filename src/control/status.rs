@@ -186,9 +186,12 @@ pub struct FetchStatus {
     pub guest_waits: u64,
     pub guest_wait_ms: u64,
     pub by_class: ByClass,
-    /// Fetch durations (retries included) by class; the source is the store.
+    /// Fetch durations (retries included) by class, of the fetches the
+    /// store served (or that failed), and of those a peer served.
     #[serde(default)]
     pub latency: LatencyByClass,
+    #[serde(default)]
+    pub peer_latency: LatencyByClass,
     /// How long each guest read that missed waited.
     #[serde(default)]
     pub guest_wait: HistogramSnapshot,
@@ -470,7 +473,7 @@ impl Status {
             &series,
         );
         if let Some(f) = &self.fetch {
-            let l = &f.latency;
+            let (l, p) = (&f.latency, &f.peer_latency);
             histogram(
                 &mut out,
                 "fetch_duration_seconds",
@@ -479,6 +482,9 @@ impl Status {
                     ("class=\"demand\",source=\"store\"", &l.demand),
                     ("class=\"profile\",source=\"store\"", &l.profile),
                     ("class=\"background\",source=\"store\"", &l.background),
+                    ("class=\"demand\",source=\"peer\"", &p.demand),
+                    ("class=\"profile\",source=\"peer\"", &p.profile),
+                    ("class=\"background\",source=\"peer\"", &p.background),
                 ],
             );
             histogram(

@@ -327,6 +327,11 @@ impl Images {
                     profile: n.latency[1].snapshot(),
                     demand: n.latency[2].snapshot(),
                 },
+                peer_latency: LatencyByClass {
+                    background: n.peer_latency[0].snapshot(),
+                    profile: n.peer_latency[1].snapshot(),
+                    demand: n.peer_latency[2].snapshot(),
+                },
                 guest_wait: n.demand_wait.snapshot(),
                 fill_rate_cap: f.rates().0,
                 profile_rate_cap: f.rates().1,

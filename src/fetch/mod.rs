@@ -144,8 +144,11 @@ pub struct FetchCounters {
     /// Chunks fetched per class (background, profile, demand) at the time they started.
     pub by_class: [AtomicU64; 3],
     /// Time from a fetch's start to its end (success or failure, retries
-    /// included, peers and store), per class at its start.
+    /// included), per class at its start, of the fetches the store served
+    /// or that failed.
     pub latency: [crate::metrics::Histogram; 3],
+    /// The same, for the fetches a peer served.
+    pub peer_latency: [crate::metrics::Histogram; 3],
     /// Time each guest read that missed waited for its chunks.
     pub demand_wait: crate::metrics::Histogram,
 }
@@ -604,6 +607,7 @@ impl Inner {
                         return Ok(Fetched {
                             bytes: bytes.len() as u64,
                             data,
+                            from_peer: false,
                         });
                     }
                     Err(why) => {
@@ -687,7 +691,13 @@ impl Inner {
     /// Ends a flight: its waiters get `result`, its slot is free.
     fn finish(&self, flight: &Flight, class: Class, result: Result<Fetched, Arc<FetchError>>) {
         let took = flight.taken_at.get().map_or(Duration::ZERO, |t| t.elapsed());
-        self.counters.latency[class as usize].observe(took);
+        let from_peer = result.as_ref().is_ok_and(|f| f.from_peer);
+        let latency = if from_peer {
+            &self.counters.peer_latency
+        } else {
+            &self.counters.latency
+        };
+        latency[class as usize].observe(took);
         self.log_fetch(class, took, result.as_ref().map_or(0, |f| f.bytes));
         {
             let mut s = self.lock();
@@ -742,6 +752,8 @@ struct Fetched {
     bytes: u64,
     /// A loose chunk's bytes.
     data: Option<Bytes>,
+    /// A peer sent it.
+    from_peer: bool,
 }
 
 async fn worker(strong: Arc<Inner>) {
@@ -800,10 +812,11 @@ async fn from_peers_or_requeue(
         return;
     };
     let n = data.len() as u64;
-    let result = inner
-        .deliver(&flight, data)
-        .await
-        .map(|data| Fetched { bytes: n, data });
+    let result = inner.deliver(&flight, data).await.map(|data| Fetched {
+        bytes: n,
+        data,
+        from_peer: true,
+    });
     if result.is_ok() {
         inner.counters.peer_chunks.fetch_add(1, Ordering::Relaxed);
         inner.counters.peer_bytes.fetch_add(n, Ordering::Relaxed);

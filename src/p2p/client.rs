@@ -155,8 +155,8 @@ impl PeerClient {
     }
 
     /// Asks the chunk's home; if it redirects, the holders it names (not
-    /// this host, not down, not bad for the chunk), then the home again,
-    /// told not to redirect. Returns who sent the bytes.
+    /// this host, not down, not bad for the chunk; least loaded first), then
+    /// the home again, told not to redirect. Returns who sent the bytes.
     async fn get_chunk(
         self,
         home: SocketAddr,
@@ -164,10 +164,13 @@ impl PeerClient {
         len: u64,
         class: Class,
     ) -> Result<(SocketAddr, Bytes), RequestError> {
-        let holders = match self.request(home, entry, len, class, Hop::Home).await? {
+        let mut holders = match self.request(home, entry, len, class, Hop::Home).await? {
             Answer::Chunk(b) => return Ok((home, b)),
             Answer::Redirect(holders) => holders,
         };
+        // The least loaded first, as their last answers said (stable: the
+        // home's turn order otherwise).
+        holders.sort_by_key(|h| self.stats(*h).queue.load(Ordering::Relaxed));
         self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
         let me = self.membership.self_addr();
         for h in holders {
