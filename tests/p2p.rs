@@ -568,3 +568,35 @@ fn sighup_rereads_the_peers_file() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn p2p_without_a_token_or_on_a_taken_port_does_not_start() {
+    let f = Fixture::new();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = serve_fails(&[
+        "--store".into(),
+        f.http.url.clone(),
+        "--p2p-listen".into(),
+        addr.clone(),
+    ]);
+    assert!(e.contains("p2p-token-file"), "{e}");
+    let e = serve_fails(&[
+        "--store".into(),
+        f.http.url.clone(),
+        "--p2p-listen".into(),
+        addr.clone(),
+        "--p2p-token-file".into(),
+        f.token.to_str().unwrap().into(),
+    ]);
+    assert!(e.contains(&format!("listen for peers on {addr}")), "{e}");
+    let short = f.dir.path().join("short-token");
+    std::fs::write(&short, "abc\n").unwrap();
+    let e = serve_fails(&[
+        "--peers".into(),
+        addr,
+        "--p2p-token-file".into(),
+        short.to_str().unwrap().into(),
+    ]);
+    assert!(e.contains("shorter than 16"), "{e}");
+}

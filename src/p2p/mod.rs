@@ -80,7 +80,11 @@ impl Token {
     /// space ignored), at least 16 characters.
     pub fn read(path: &Path) -> Result<Token, Error> {
         let err = |e| Error::ReadToken(path.to_path_buf(), e);
-        let len = std::fs::metadata(path).map_err(err)?.len();
+        let meta = std::fs::metadata(path).map_err(err)?;
+        let len = meta.len();
+        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "the cluster token file is readable by others than its owner");
+        }
         if len > MAX_TOKEN_BYTES {
             return Err(Error::BadToken(path.to_path_buf(), "larger than 4 KiB"));
         }
