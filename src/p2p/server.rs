@@ -47,6 +47,12 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a request may wait for a chunk to be fetched, and for an upload slot.
 const FETCH_WAIT: Duration = Duration::from_secs(30);
 const SLOT_WAIT: Duration = Duration::from_secs(10);
+/// A connection is asked to close after this long (when its request in
+/// flight is answered), and closed if that takes longer than
+/// [`CONN_DRAIN`]: a peer that stops reading holds a connection that long
+/// at most.
+const CONN_LIFETIME: Duration = Duration::from_secs(300);
+const CONN_DRAIN: Duration = Duration::from_secs(30);
 
 /// What the server has done, for `status`.
 #[derive(Debug, Default)]
@@ -460,12 +466,17 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .max_buf_size(MAX_HEAD)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(CONN_LIFETIME) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(CONN_DRAIN, conn).await;
         });
     }
 }
