@@ -279,6 +279,15 @@ fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
     if o.p2p_listen.is_none() && peers.is_empty() && o.peers_file.is_none() {
         return Ok(None);
     }
+    if let Some(listen) = o.p2p_listen.filter(|a| a.ip().is_unspecified() || a.port() == 0) {
+        // The peer list names this host by this address: it must be one
+        // that peers reach, or the host would ask itself for its own chunks.
+        return Err(ConfigError::Option(
+            "p2p-listen",
+            listen.to_string(),
+            "must be this host's address as the peer list names it (not 0.0.0.0, ::, or port 0)",
+        ));
+    }
     let token_file = o.p2p_token_file.clone().ok_or(ConfigError::Option(
         "p2p-token-file",
         String::new(),
@@ -670,6 +679,16 @@ base = "/images/b.raw"
         .unwrap_err()
         .to_string();
         assert!(e.contains("p2p-token-file"), "{e}");
+        for listen in ["0.0.0.0:7000", "[::]:7000", "127.0.0.1:0"] {
+            let e = Settings::try_from(&Options {
+                p2p_listen: Some(listen.parse().unwrap()),
+                p2p_token_file: Some("t".into()),
+                ..Options::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("p2p-listen"), "{listen}: {e}");
+        }
         for bad in ["p2p-upload-slots = 0\n", "p2p-upload-rate = -1\n"] {
             let text = format!("{bad}peers = \"127.0.0.1:1\"\np2p-token-file = \"t\"\n");
             let r = ConfigFile::parse(Path::new("f.toml"), &text).and_then(|f| Settings::try_from(&f.options));

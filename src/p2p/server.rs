@@ -89,6 +89,7 @@ pub struct Server {
     rate: Option<u64>,
     bucket: Mutex<Bucket>,
     pub counters: ServerCounters,
+    warned_self: std::sync::atomic::AtomicBool,
 }
 
 /// A request this server takes: a chunk by digest, the requester's class,
@@ -258,6 +259,7 @@ impl Server {
             rate,
             bucket: Mutex::new(Bucket::new(Instant::now())),
             counters: ServerCounters::default(),
+            warned_self: Default::default(),
         }
     }
 
@@ -291,6 +293,15 @@ impl Server {
                 return self.answer(refusal.status(), refusal.to_string());
             }
         };
+        if r.from.is_some() && r.from == self.membership.self_addr() {
+            // The peer list names this host by another address too: answer
+            // at once, or its fetch would wait on itself until it timed out.
+            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            if !self.warned_self.swap(true, Ordering::Relaxed) {
+                tracing::warn!("this host asked itself for a chunk: its peer list names it by another address too");
+            }
+            return self.answer(StatusCode::CONFLICT, "asked by itself".into());
+        }
         if let Some(resp) = self.redirect(&r) {
             return resp;
         }
