@@ -218,6 +218,8 @@ fn three_hosts_reading_one_image_make_the_store_serve_each_chunk_about_once() {
     assert_eq!(uploads, from_peers, "peers uploaded other than what was received");
     for h in &hosts {
         let s = h.daemon.status();
+        assert_eq!(s["p2p"]["peer_chunks"], s["fetch"]["peer_chunks"]);
+        assert!(s["p2p"]["peer_bytes"].as_u64().unwrap() > 0);
         assert_eq!(s["p2p"]["members"].as_array().unwrap().len(), 3);
         assert_eq!(s["p2p"]["is_member"], true);
         assert_eq!(s["fetch"]["bad_peer_chunks"], 0);

@@ -31,6 +31,12 @@ pub struct P2pStatus {
     pub is_member: bool,
     /// Every peer asked so far.
     pub peers: Vec<PeerStatus>,
+    /// Chunks (and their bytes) this host got from peers, verified: the
+    /// fetch scheduler's `peer_chunks` and `peer_bytes`.
+    #[serde(default)]
+    pub peer_chunks: u64,
+    #[serde(default)]
+    pub peer_bytes: u64,
     /// Chunks uploaded to peers, and their bytes.
     pub uploads: u64,
     pub upload_bytes: u64,

@@ -196,11 +196,18 @@ impl Daemon {
 
     pub fn status(&self) -> Status {
         let (images, fetch) = self.images.status();
+        let p2p = self.images.p2p().map(|p| {
+            let mut s = p.status();
+            if let Some(f) = &fetch {
+                (s.peer_chunks, s.peer_bytes) = (f.peer_chunks, f.peer_bytes);
+            }
+            s
+        });
         Status {
             disks: self.disk_statuses(),
             images,
             fetch,
-            p2p: self.images.p2p().map(|p| p.status()),
+            p2p,
         }
     }
 
