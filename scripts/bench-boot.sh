@@ -10,6 +10,10 @@
 #   copy     download the whole raw image over the link, then boot it like local
 #   lazy     streamblk, empty cache, no boot profile (demand fetching only)
 #   profile  streamblk, empty cache, the boot profile streamed ahead of the guest
+#   auto     streamblk with its defaults (adaptive fill, learning on), empty
+#            cache, no profile: what a new user's first boot of an image gets
+#   learned  streamblk with its defaults, empty chunk cache, the profile the
+#            auto run of the same rate learned (run auto first)
 # Time = from the start of the mode (daemon launch, or download start) to
 # BOOT-COMPLETE on the guest's console (systemd's boot job queue is empty).
 # Store bytes = bytes the store served before BOOT-COMPLETE (streamblk's
@@ -24,8 +28,9 @@
 # Settings (environment):
 #   BENCH_DIR=/var/tmp/streamblk-bench   work files (guest, store, per-run logs)
 #   BENCH_RATES="100mbit 1gbit"          BENCH_RUNS=3
-#   BENCH_MODES="local copy lazy profile"
-#   BENCH_FILL_RATE=0     streamblk --fill-rate (MB/s; 0 = no background fill)
+#   BENCH_MODES="local copy lazy profile auto learned"
+#   BENCH_FILL_RATE=0     streamblk --fill-rate of lazy and profile (MB/s; 0 =
+#                         no background fill); auto and learned use the default
 #   BENCH_DELAY_MS=1      store latency per request
 #   BENCH_BOOT_TIMEOUT=600  seconds one boot may take
 #   BENCH_SERVE_ARGS=""   extra `streamblk serve` arguments
@@ -37,7 +42,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${BENCH_DIR:-/var/tmp/streamblk-bench}
 RATES=${BENCH_RATES:-"100mbit 1gbit"}
 RUNS=${BENCH_RUNS:-3}
-MODES=${BENCH_MODES:-"local copy lazy profile"}
+MODES=${BENCH_MODES:-"local copy lazy profile auto learned"}
 FILL_RATE=${BENCH_FILL_RATE:-0}
 DELAY_MS=${BENCH_DELAY_MS:-1}
 BOOT_TIMEOUT=${BENCH_BOOT_TIMEOUT:-600}
@@ -183,10 +188,10 @@ finish_guest() { # the guest powers itself off; bound the wait
     kill_pid "$QEMU_PID" 5
 }
 
-# streamblk serve for one run; $1 = RUNDIR, $2 = extra disk spec fields
+# streamblk serve for one run; $1 = RUNDIR, $2 = extra disk spec fields, $3 = --fill-rate
 start_streamblk() {
     # shellcheck disable=SC2086
-    RUST_LOG=${RUST_LOG:-info} "$SBK" serve --store "$URL" --cache-dir "$1/cache" --fill-rate "$FILL_RATE" \
+    RUST_LOG=${RUST_LOG:-info} "$SBK" serve --store "$URL" --cache-dir "$1/cache" --fill-rate "${3:-$FILL_RATE}" \
         --control-socket "$1/control.sock" $SERVE_ARGS \
         --disk "name=vm,socket=$1/vm.sock,overlay=$1/overlay,image=$IMAGE$2" > "$1/streamblk.log" 2>&1 &
     DAEMON_PID=$!
@@ -194,7 +199,7 @@ start_streamblk() {
 }
 
 RESULTS=$WORK/results.tsv
-# mode rate run total_s qemu_s store_bytes server_bytes server_requests hits stalls streamed first_read_ms done_ms guest_wait_ms download_s qemu_cpu_s disk_server_cpu_s
+# mode rate run total_s qemu_s store_bytes server_bytes server_requests hits stalls streamed first_read_ms done_ms guest_wait_ms download_s qemu_cpu_s disk_server_cpu_s fill_after_boot_Bps
 run_one() {      # MODE RATE RUN
     local mode=$1 rate=$2 run=$3
     local dir=$WORK/runs/$mode-$rate-$run t0 tq tb dl=- store=0 st='{}'
@@ -222,6 +227,17 @@ run_one() {      # MODE RATE RUN
         t0=$(now)
         start_streamblk "$dir" ""
         ;;
+    auto)
+        t0=$(now)
+        start_streamblk "$dir" "" auto
+        ;;
+    learned)
+        [ -d "$WORK/learned-$rate" ] || die "no learned profile for $rate: run mode auto first"
+        mkdir -p "$dir/cache"
+        cp -a "$WORK/learned-$rate" "$dir/cache/profiles"
+        t0=$(now)
+        start_streamblk "$dir" "" auto
+        ;;
     esac
     wait_socket "$dir/vm.sock" "$DAEMON_PID"
     tq=$(now)
@@ -234,26 +250,43 @@ run_one() {      # MODE RATE RUN
     qcpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$QEMU_PID/stat")
     # The disk server's (streamblk's or qemu-storage-daemon's) CPU time so far.
     dcpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$DAEMON_PID/stat")
-    if [ "$mode" = lazy ] || [ "$mode" = profile ]; then
+    local fill=-
+    if [ "$mode" != local ] && [ "$mode" != copy ]; then
         st=$(timeout 10 "$SBK" status --control-socket "$dir/control.sock" --json) || st='{}'
     fi
     local srv; srv=$(ctl stats)
     echo "$st" > "$dir/status.json"; echo "$srv" > "$dir/server.json"
+
     finish_guest
+    if [ "$mode" = auto ] || [ "$mode" = learned ]; then
+        # The guest is gone, its disk still served: background fill should
+        # take the link now. Its rate over 5 s, against the link's.
+        local b0 b1
+        b0=$(ctl stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
+        sleep 5
+        b1=$(ctl stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
+        fill=$(( (b1 - b0) / 5 ))
+    fi
     kill_pid "$DAEMON_PID" 30
-    python3 - "$mode" "$rate" "$run" "$(elapsed "$t0" "$tb")" "$(elapsed "$tq" "$tb")" "$dl" "$dir" "$qcpu" "$dcpu" >> "$RESULTS" <<'EOF'
+    if [ "$mode" = auto ]; then
+        # What this first boot taught the daemon, for the learned run.
+        [ -d "$dir/cache/profiles" ] || die "the auto run learned no profile (see $dir/streamblk.log)"
+        rm -rf "$WORK/learned-$rate"
+        cp -a "$dir/cache/profiles" "$WORK/learned-$rate"
+    fi
+    python3 - "$mode" "$rate" "$run" "$(elapsed "$t0" "$tb")" "$(elapsed "$tq" "$tb")" "$dl" "$dir" "$qcpu" "$dcpu" "$fill" >> "$RESULTS" <<'EOF'
 import json, sys
-mode, rate, run, total, qemu, dl, d, qcpu, dcpu = sys.argv[1:]
+mode, rate, run, total, qemu, dl, d, qcpu, dcpu, fill = sys.argv[1:]
 st = json.load(open(d + "/status.json")) or {}
 srv = json.load(open(d + "/server.json"))
 f = st.get("fetch") or {}
 imgs = st.get("images") or [{}]
 p = (imgs[0] or {}).get("profile") or {}
-store = f.get("store_bytes", srv["bytes"]) if mode in ("lazy", "profile") else srv["bytes"]
+store = f.get("store_bytes", srv["bytes"]) if mode not in ("local", "copy") else srv["bytes"]
 g = lambda k, src=p: "-" if src.get(k) is None else str(src.get(k))
 print("\t".join([mode, rate, run, total, qemu, str(store), str(srv["bytes"]), str(srv["requests"]),
                  g("hits"), g("stalls"), g("streamed"), g("first_read_ms"), g("done_ms"),
-                 g("guest_wait_ms", f), dl, qcpu, dcpu]))
+                 g("guest_wait_ms", f), dl, qcpu, dcpu, fill]))
 EOF
     log "$mode $rate #$run: $(tail -n1 "$RESULTS" | cut -f4) s (qemu $(tail -n1 "$RESULTS" | cut -f5) s, qemu cpu $qcpu s, disk server cpu $dcpu s), store bytes $(tail -n1 "$RESULTS" | cut -f6)"
     rm -rf "$dir/disk.raw" "$dir/cache" "$dir/overlay" "$WORK/runs/current"
@@ -350,7 +383,7 @@ for mode in modes.split():
         b = med(mode, rate, 5)
         ratio = f"{t / loc:.2f}" if loc else "-"
         hs = "-"
-        if mode == "profile" and med(mode, rate, 8) is not None:
+        if mode in ("profile", "learned") and med(mode, rate, 8) is not None:
             hs = f"{med(mode, rate, 8):.0f} / {med(mode, rate, 9):.0f}"
         extra = ""
         if mode == "copy":
@@ -358,6 +391,21 @@ for mode in modes.split():
         w = med(mode, rate, 13)
         w = "-" if w is None else f"{w:.0f}"
         print(f"| {mode} | {rate} | {t:.1f}{extra} | {ratio} | {MiB(b)} | {b / ws_stored:.2f}x | {hs} | {w} | {cpu(mode, rate)} | {idle(mode, rate)} |")
+print()
+# The goals of the defaults: a first boot close to a fill-off one, a learned
+# profile as good as a hand-made one, little more than the working set read
+# before the boot completes, and the link used once the guest is idle.
+link = lambda r: float(r[:-4]) * (1e9 if r.endswith("gbit") else 1e6) / 8
+for rate in rates.split():
+    a, l, p, n = (med(m, rate, 3) for m in ("auto", "lazy", "profile", "learned"))
+    if a is not None and l is not None:
+        print(f"- {rate}: defaults, no profile / fill off: {a / l:.2f}x (goal <= 1.10x); "
+              f"store bytes before boot complete {med('auto', rate, 5) / ws_stored:.2f}x the working set (goal <= 1.2x)")
+    if n is not None and p is not None:
+        print(f"- {rate}: learned profile / hand-made profile: {n / p:.2f}x (goal <= 1.05x)")
+    f = med("auto", rate, 17)
+    if f is not None:
+        print(f"- {rate}: background fill after the boot: {f / 1e6:.1f} MB/s, {f / link(rate) * 100:.0f}% of the link (goal >= 80%)")
 print()
 print("QEMU CPU: CPU time QEMU used from its start to BOOT-COMPLETE (a TCG boot is CPU-bound); "
       "wall - CPU: the time the guest spent waiting (for its disk, or for a busy host).")
@@ -367,7 +415,8 @@ print(f"Boot working set: {MiB(ws_read)} read by the guest (distinct 4 KiB block
       f"{MiB(ws_stored)} as stored (zstd). Image: {MiB(raw)} raw.")
 print()
 print("Every run (results.tsv): mode rate run total_s qemu_s store_bytes server_bytes server_requests "
-      "hits stalls streamed first_read_ms done_ms guest_wait_ms download_s qemu_cpu_s disk_server_cpu_s")
+      "hits stalls streamed first_read_ms done_ms guest_wait_ms download_s qemu_cpu_s disk_server_cpu_s "
+      "fill_after_boot_Bps")
 EOF
 echo
 cat "$WORK/results.md"

@@ -40,7 +40,7 @@ impl Base for MemBase {
         dst.copy_from(&self.0[offset as usize..offset as usize + dst.len()]);
         Ok(true)
     }
-    fn fetch(&self, _: u64, _: u64) -> FetchFuture {
+    fn fetch(&self, _: u64, _: u64, _: std::time::Instant) -> FetchFuture {
         Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -68,7 +68,7 @@ impl Base for GatedBase {
         self.inner.read_local(offset, dst)
     }
 
-    fn fetch(&self, _offset: u64, _len: u64) -> FetchFuture {
+    fn fetch(&self, _offset: u64, _len: u64, _: std::time::Instant) -> FetchFuture {
         let mut rx = self.gate.subscribe();
         Box::pin(async move {
             let _ = rx.wait_for(|&open| open).await;

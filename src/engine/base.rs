@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use super::{Error, IoRange};
 
@@ -27,8 +28,9 @@ pub trait Base: Send + Sync {
     fn read_local(&self, offset: u64, dst: IoRange) -> Result<bool, Error>;
 
     /// Makes `offset..offset+len` local. Resolves once it is, or with the
-    /// error that stopped it.
-    fn fetch(&self, offset: u64, len: u64) -> FetchFuture;
+    /// error that stopped it; a base with a fetch deadline counts it from
+    /// `since`, when the guest asked.
+    fn fetch(&self, offset: u64, len: u64, since: Instant) -> FetchFuture;
 
     /// A guest attached to a disk over this base: its boot starts now.
     fn attach(&self) {}
@@ -84,7 +86,7 @@ impl Base for LocalBase {
         Ok(true)
     }
 
-    fn fetch(&self, _offset: u64, _len: u64) -> FetchFuture {
+    fn fetch(&self, _offset: u64, _len: u64, _since: Instant) -> FetchFuture {
         Box::pin(std::future::ready(Ok(())))
     }
 }

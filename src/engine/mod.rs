@@ -136,11 +136,14 @@ impl Disk {
         }
     }
 
-    /// Reads `dst.len()` bytes at `offset` into `dst`.
+    /// Reads `dst.len()` bytes at `offset` into `dst`. If some base data is
+    /// not local, the miss spans all of it, so that one fetch brings every
+    /// missing chunk of the read at once.
     pub fn read(&self, offset: u64, dst: IoRange) -> Result<Status, Error> {
         let len = dst.len() as u64;
         self.check_range(offset, len)?;
         let map = self.overlay.map();
+        let mut miss: Option<(u64, u64)> = None;
         let mut at = 0u64;
         while at < len {
             // The run of blocks from here that share one state.
@@ -153,17 +156,26 @@ impl Disk {
             let n = end.min(offset + len) - pos;
             let part = dst.sub(at as usize, n as usize);
             match state {
+                // After a miss the read is retried whole: only the rest of
+                // the missing base data still matters.
+                _ if miss.is_some() && state != BlockState::Base => {}
                 BlockState::Data => self.overlay.read(pos, part)?,
                 BlockState::Zero => part.fill_zero(),
                 BlockState::Base => {
                     if !self.base.read_local(pos, part)? {
-                        return Ok(Status::Miss { offset: pos, len: n });
+                        miss = Some((miss.map_or(pos, |(start, _)| start), pos + n));
                     }
                 }
             }
             at += n;
         }
-        Ok(Status::Done)
+        Ok(match miss {
+            Some((start, end)) => Status::Miss {
+                offset: start,
+                len: end - start,
+            },
+            None => Status::Done,
+        })
     }
 
     /// Writes `src` at `offset`; `offset` and the length are sector multiples.
@@ -197,9 +209,10 @@ impl Disk {
         Ok(self.overlay.flush()?)
     }
 
-    /// Makes the base data of a range local (see [`Status::Miss`]).
-    pub fn fetch(&self, offset: u64, len: u64) -> FetchFuture {
-        self.base.fetch(offset, len)
+    /// Makes the base data of a range local (see [`Status::Miss`]) for a
+    /// request the guest made at `since`.
+    pub fn fetch(&self, offset: u64, len: u64, since: std::time::Instant) -> FetchFuture {
+        self.base.fetch(offset, len, since)
     }
 
     fn write_with(&self, offset: u64, len: u64, src: Source) -> Result<Status, Error> {
@@ -332,6 +345,66 @@ mod tests {
         let mut buf = vec![0u8; SIZE];
         assert_eq!(d.read(0, IoRange::from_slice(&mut buf)).unwrap(), Status::Done);
         buf
+    }
+
+    /// A base of `blocks` 4 KiB blocks of which `missing` are not local.
+    struct Holes {
+        blocks: u64,
+        missing: Vec<u64>,
+    }
+
+    impl Base for Holes {
+        fn size(&self) -> u64 {
+            self.blocks * BLOCK_SIZE
+        }
+
+        fn id(&self) -> String {
+            "holes".into()
+        }
+
+        fn read_local(&self, offset: u64, dst: IoRange) -> Result<bool, Error> {
+            let blocks = offset / BLOCK_SIZE..(offset + dst.len() as u64).div_ceil(BLOCK_SIZE);
+            if self.missing.iter().any(|b| blocks.contains(b)) {
+                return Ok(false);
+            }
+            dst.fill_zero();
+            Ok(true)
+        }
+
+        fn fetch(&self, _: u64, _: u64, _: std::time::Instant) -> FetchFuture {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[test]
+    fn a_read_misses_all_its_missing_base_data_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Holes {
+            blocks: 16,
+            missing: vec![2, 9],
+        };
+        let disk = Disk::open(Arc::new(base), &dir.path().join("ov"), false).unwrap();
+        let mut block = vec![7u8; BLOCK_SIZE as usize];
+        assert_eq!(
+            disk.write(5 * BLOCK_SIZE, IoRange::from_slice(&mut block)).unwrap(),
+            Status::Done
+        );
+        let mut all = vec![0u8; 16 * BLOCK_SIZE as usize];
+        match disk.read(0, IoRange::from_slice(&mut all)).unwrap() {
+            // Both holes in one miss, whatever lies between them.
+            Status::Miss { offset, len } => assert!(
+                offset <= 2 * BLOCK_SIZE && offset + len >= 10 * BLOCK_SIZE && offset + len <= 16 * BLOCK_SIZE,
+                "miss {offset}+{len}"
+            ),
+            Status::Done => panic!("a read over missing base data completed"),
+        }
+        // Reads of local data and of the overlay complete.
+        let mut part = vec![0u8; 3 * BLOCK_SIZE as usize];
+        assert_eq!(
+            disk.read(3 * BLOCK_SIZE, IoRange::from_slice(&mut part)).unwrap(),
+            Status::Done
+        );
+        assert!(part[2 * BLOCK_SIZE as usize..].iter().all(|&b| b == 7));
     }
 
     proptest! {

@@ -51,17 +51,29 @@ impl Base for StreamedBase {
         }
     }
 
-    fn fetch(&self, offset: u64, len: u64) -> FetchFuture {
-        let wants: Vec<_> = self
-            .cache
-            .manifest()
-            .chunks_of(offset, len)
-            .map(|c| self.fetcher.want(&self.cache, ChunkIdx(c), Class::Demand))
-            .collect();
-        let fetcher = self.fetcher.clone();
+    /// Wants every chunk of the range at demand class, all at once. A
+    /// failed flight (one that started before this request, say) is wanted
+    /// again: the request fails only once its own deadline, counted from
+    /// `since`, has passed.
+    fn fetch(&self, offset: u64, len: u64, since: Instant) -> FetchFuture {
+        let (cache, fetcher) = (self.cache.clone(), self.fetcher.clone());
+        let chunks = cache.manifest().chunks_of(offset, len);
+        let by = tokio::time::Instant::from_std(since + fetcher.config().deadline);
         Box::pin(async move {
             let start = Instant::now();
-            let result = futures::future::try_join_all(wants).await;
+            let fetched = tokio::time::timeout_at(by, async {
+                loop {
+                    let wants = chunks.clone().map(|c| fetcher.want(&cache, ChunkIdx(c), Class::Demand));
+                    match futures::future::try_join_all(wants).await {
+                        Ok(_) => return Ok(()),
+                        Err(e) if e.is_transient() => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .await;
             let counters = fetcher.counters();
             let waited = start.elapsed();
             counters.demand_waits.fetch_add(1, Ordering::Relaxed);
@@ -69,10 +81,22 @@ impl Base for StreamedBase {
                 .demand_wait_us
                 .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
             counters.demand_wait.observe(waited);
-            result.map(|_| ()).map_err(|e| Error::FetchBase(Box::new(ArcError(e))))
+            match fetched {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Error::FetchBase(Box::new(ArcError(e)))),
+                Err(_) => Err(Error::FetchBase(Box::new(DeadlinePassed(since.elapsed())))),
+            }
         })
     }
 }
+
+/// Between a failed flight and wanting its chunk again.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A guest request's fetch deadline passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the fetch deadline passed {0:.1?} after the guest's request")]
+struct DeadlinePassed(std::time::Duration);
 
 /// An `Arc`ed error as a boxed error source.
 #[derive(Debug)]

@@ -123,6 +123,17 @@ pub enum FetchError {
     Abandoned,
 }
 
+impl FetchError {
+    /// Another try may succeed: the store or the chunk it sent failed, not
+    /// the cache or the scheduler.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            FetchError::FetchChunk { .. } | FetchError::Corrupt { .. } | FetchError::Timeout(_)
+        )
+    }
+}
+
 /// What the scheduler has done, for logs and `status`.
 #[derive(Debug, Default)]
 pub struct FetchCounters {
@@ -1279,6 +1290,60 @@ mod tests {
         assert!(matches!(*e, FetchError::FetchChunk { .. }), "{e}");
         assert!(t.elapsed() >= Duration::from_millis(100));
         assert!(!cache.is_ready(ChunkIdx(0)));
+    }
+
+    /// A guest request for chunk `c` of `cache`, made at `since`.
+    fn guest_read(
+        fetcher: &Fetcher,
+        cache: &Arc<ImageCache>,
+        c: u64,
+        since: std::time::Instant,
+    ) -> crate::engine::FetchFuture {
+        use crate::engine::Base;
+        StreamedBase::new(cache.clone(), fetcher.clone(), None).fetch(c * 65536, 1, since)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_request_fails_only_when_its_own_deadline_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(1, dir.path()).await;
+        let entry = cache.manifest().chunks[0].unwrap();
+        let data = store.chunk(&entry).await.unwrap();
+        let (store, cache) = (
+            ImageStore::with_backend(Arc::new(object_store::memory::InMemory::new()), "late"),
+            cache,
+        );
+        let cfg = FetchConfig {
+            deadline: Duration::from_secs(2),
+            ..config(1)
+        };
+        let fetcher = Fetcher::new(store.clone(), cfg, &tokio::runtime::Handle::current());
+        // A background flight starts while the store lacks the chunk; a
+        // guest asks half way through it.
+        let fill = fetcher.want(&cache, ChunkIdx(0), Class::Background);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let read = tokio::spawn(guest_read(&fetcher, &cache, 0, std::time::Instant::now()));
+        let e = fill.await.unwrap_err();
+        assert!(matches!(*e, FetchError::FetchChunk { .. }), "{e}");
+        // The flight failed before the guest's deadline: once the store has
+        // the chunk, the guest's read gets it.
+        store.put_chunk(&entry.digest, data).await.unwrap();
+        read.await
+            .unwrap()
+            .expect("the guest's read failed with its deadline not passed");
+        assert!(cache.is_ready(ChunkIdx(0)));
+
+        // A chunk the store never has (the store has chunk 0's bytes only):
+        // the read fails, not before its deadline.
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = ImageStore::with_backend(Arc::new(object_store::memory::InMemory::new()), "elsewhere");
+        let other = image(&elsewhere, 2, dir.path(), "other").await;
+        let asked = std::time::Instant::now();
+        let e = guest_read(&fetcher, &other, 1, asked).await.unwrap_err();
+        let waited = asked.elapsed();
+        let e = crate::DisplayChain(&e).to_string();
+        assert!(waited >= Duration::from_secs(2), "failed after {waited:?}: {e}");
+        assert!(e.contains("deadline passed"), "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

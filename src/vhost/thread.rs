@@ -305,7 +305,7 @@ async fn complete_pending(waiting: WaitingGuard, completions: Arc<Completions>, 
                     return completions.abandon();
                 }
                 tokio::select! {
-                    r = ctx.disk.fetch(offset, len) => if let Err(e) = r {
+                    r = ctx.disk.fetch(offset, len, p.started) => if let Err(e) = r {
                         tracing::warn!(offset, len, error = %DisplayChain(&e), "fetch for a guest request failed");
                         break STATUS_IOERR;
                     },

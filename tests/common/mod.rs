@@ -2,6 +2,7 @@
 //! client (libblkio's Rust crate) driving it.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod frontend;
 pub mod guest;
 pub mod httpstore;
@@ -33,9 +34,24 @@ fn control_socket() -> PathBuf {
 
 impl Daemon {
     pub fn start(args: &[String]) -> Daemon {
+        Daemon::start_in(None, args)
+    }
+
+    /// Starts the daemon inside network namespace `netns` (its sockets and
+    /// files are the host's; only its network is the namespace's).
+    pub fn start_in(netns: Option<&str>, args: &[String]) -> Daemon {
         let log = std::env::var("STREAMBLK_TEST_LOG").is_ok();
         let control = control_socket();
-        let child = Command::new(BIN)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the daemon: the child's pid is the daemon's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--control-socket")
             .arg(&control)

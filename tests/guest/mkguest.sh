@@ -10,7 +10,9 @@
 # Console markers: GUEST-BOOTED, GUEST-CHECK-OK|FAIL, GUEST-SEEN-WRITTEN: boot-N,
 #   GUEST-PREV-WRITE-OK|FAIL, GUEST-WRITE-OK, GUEST-DONE; any error: "GUEST-FAIL: reason".
 #   With sbk.pause on the kernel command line: GUEST-PAUSE, then after a console
-#   line GUEST-RECHECK-OK|FAIL and GUEST-RECONNECT-WRITE-OK.
+#   line GUEST-RECHECK-OK|FAIL and GUEST-RECONNECT-WRITE-OK. With sbk.readbulk:
+#   GUEST-READBULK-READY, then after a line GUEST-READBULK-OK|EIO and
+#   GUEST-ALIVE-OK|FAIL, then after another GUEST-READBULK-RETRY-OK|EIO.
 # Needs (Debian): linux-image-amd64, busybox-static, cpio, e2fsprogs, kmod, gzip. Run as root.
 set -euo pipefail
 
@@ -146,6 +148,22 @@ if grep -q sbk.pause /proc/cmdline; then
         echo GUEST-RECHECK-OK; else echo GUEST-RECHECK-FAIL; fi
     head -c 1048576 /dev/urandom > after-reconnect.bin && sync && echo GUEST-RECONNECT-WRITE-OK
 fi
+# With "sbk.readbulk": wait for a console line (the host makes the store
+# stop answering meanwhile), read the never-read bulk data, say whether the
+# read failed, show that cached data still reads, then wait for another line
+# (the store answers again) and read the bulk data once more.
+if grep -q sbk.readbulk /proc/cmdline; then
+    echo GUEST-READBULK-READY
+    read -r _go
+    if dd if=/bulk/unread.bin of=/dev/null bs=1M 2>/dev/null; then
+        echo GUEST-READBULK-OK; else echo GUEST-READBULK-EIO; fi
+    echo 3 > /proc/sys/vm/drop_caches
+    if sha256sum -c -s SHA256SUMS; then echo GUEST-ALIVE-OK; else echo GUEST-ALIVE-FAIL; fi
+    read -r _go
+    echo 3 > /proc/sys/vm/drop_caches
+    if dd if=/bulk/unread.bin of=/dev/null bs=1M 2>/dev/null; then
+        echo GUEST-READBULK-RETRY-OK; else echo GUEST-READBULK-RETRY-EIO; fi
+fi
 cd /
 mount -o remount,ro / || echo "warning: remount ro failed"   # leave ext4 clean
 echo GUEST-DONE
@@ -155,7 +173,12 @@ chmod 755 "$R/sbin/init-test"
 
 rm -f "$OUT/rootfs.img"
 truncate -s "${DISK_MB}M" "$OUT/rootfs.img"
-mkfs.ext4 -q -F -L streamblk-guest -d "$R" "$OUT/rootfs.img"
+# 4 KiB blocks keep a large file's extents in its inode (with 1 KiB blocks
+# the bulk file's extent tree lies in the never-read area, and the guest
+# re-reads that block for each page of the file). No lazy init: a guest
+# thread zeroing inode tables in the background would read and write the
+# disk behind the tests' backs, and retry forever while the store is down.
+mkfs.ext4 -q -F -b 4096 -L streamblk-guest -E lazy_itable_init=0,lazy_journal_init=0 -d "$R" "$OUT/rootfs.img"
 
 cp "$KERNEL" "$OUT/vmlinuz"
 echo "$STAMP" > "$OUT/.done"
