@@ -355,6 +355,11 @@ impl Fetcher {
         self.inner.effective[1].load(Ordering::Relaxed)
     }
 
+    /// Peers are asked before the store (P2P).
+    pub fn has_peers(&self) -> bool {
+        self.inner.peers.is_some()
+    }
+
     pub fn config(&self) -> &FetchConfig {
         &self.inner.config
     }
