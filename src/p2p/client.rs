@@ -137,8 +137,7 @@ impl PeerClient {
         hop: Hop,
     ) -> Result<Answer, RequestError> {
         let stats = self.stats(peer);
-        let me = self.membership.self_addr();
-        let r = Self::send(&self.http, &self.token, me, &stats, peer, entry, len, class, hop).await;
+        let r = self.send(&stats, peer, entry, len, class, hop).await;
         if let Err(e) = &r {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             let unreachable =
@@ -194,11 +193,8 @@ impl PeerClient {
     }
 
     /// One request and its answer.
-    #[allow(clippy::too_many_arguments)]
     async fn send(
-        http: &reqwest::Client,
-        token: &Token,
-        me: Option<SocketAddr>,
+        &self,
         stats: &PeerStats,
         peer: SocketAddr,
         entry: ChunkEntry,
@@ -214,11 +210,12 @@ impl PeerClient {
         );
         let send_err = |source| RequestError::Send { peer, digest, source };
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut req = http
+        let mut req = self
+            .http
             .get(url)
-            .header(reqwest::header::AUTHORIZATION, token.bearer())
+            .header(reqwest::header::AUTHORIZATION, self.token.bearer())
             .header(HEADER_CLASS, class.name());
-        if let Some(me) = me {
+        if let Some(me) = self.membership.self_addr() {
             req = req.header(HEADER_FROM, me.to_string());
         }
         if let Some(hop) = hop.name() {

@@ -90,6 +90,20 @@ pub struct Server {
     bucket: Mutex<Bucket>,
     pub counters: ServerCounters,
     warned_self: std::sync::atomic::AtomicBool,
+    /// Chunk requests being handled: reading, fetching, waiting for a slot
+    /// or uploading. The upload queue depth this server reports, and what
+    /// decides a redirect (counted on arrival, so that a burst of requests
+    /// does not all find the home idle).
+    active: AtomicU64,
+}
+
+/// A chunk request counted in [`Server::active`] until dropped.
+struct Active<'a>(&'a AtomicU64);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A request this server takes: a chunk by digest, the requester's class,
@@ -260,6 +274,7 @@ impl Server {
             bucket: Mutex::new(Bucket::new(Instant::now())),
             counters: ServerCounters::default(),
             warned_self: Default::default(),
+            active: AtomicU64::new(0),
         }
     }
 
@@ -268,9 +283,9 @@ impl Server {
         *self.fetcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
-    /// Uploads in progress and waiting for a slot.
+    /// Chunk requests being handled (see [`Server::active`]).
     pub fn queue_depth(&self) -> u64 {
-        self.slots.depth() as u64
+        self.active.load(Ordering::Relaxed)
     }
 
     pub fn loose_usage(&self) -> (usize, u64) {
@@ -302,7 +317,9 @@ impl Server {
             }
             return self.answer(StatusCode::CONFLICT, "asked by itself".into());
         }
-        if let Some(resp) = self.redirect(&r) {
+        let before = self.active.fetch_add(1, Ordering::Relaxed);
+        let _active = Active(&self.active);
+        if let Some(resp) = self.redirect(&r, before) {
             return resp;
         }
         let data = match self.chunk(&r).await {
@@ -348,10 +365,11 @@ impl Server {
         resp
     }
 
-    /// A 307 naming holders of the chunk, if every upload slot is busy and
-    /// the request came to this host as the chunk's home.
-    fn redirect(&self, r: &ChunkRequest) -> Option<Response<Body>> {
-        if r.hop != Hop::Home || self.slots.depth() < self.upload_slots {
+    /// A 307 naming holders of the chunk, if the request came to this host
+    /// as the chunk's home and found at least as many requests `before` it
+    /// as there are upload slots.
+    fn redirect(&self, r: &ChunkRequest, before: u64) -> Option<Response<Body>> {
+        if r.hop != Hop::Home || before < self.upload_slots as u64 {
             return None;
         }
         let holders = lock(&self.directory).pick(&r.digest, r.from, std::time::Instant::now());

@@ -14,6 +14,7 @@ use crate::fetch::Class;
 pub const MAX_WAITING: usize = 64;
 
 pub struct UploadSlots {
+    #[cfg(test)]
     total: usize,
     state: Mutex<State>,
 }
@@ -38,6 +39,7 @@ impl UploadSlots {
     pub fn new(total: usize) -> Arc<UploadSlots> {
         let total = total.max(1);
         Arc::new(UploadSlots {
+            #[cfg(test)]
             total,
             state: Mutex::new(State {
                 free: total,
@@ -74,6 +76,7 @@ impl UploadSlots {
     }
 
     /// Uploads holding a slot plus those waiting for one.
+    #[cfg(test)]
     pub fn depth(&self) -> usize {
         let s = self.lock();
         self.total - s.free
