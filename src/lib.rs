@@ -11,6 +11,7 @@ pub mod engine;
 pub(crate) mod fetch;
 pub(crate) mod metrics;
 pub mod overlay;
+pub(crate) mod p2p;
 pub mod profile;
 pub mod storage;
 pub mod store;

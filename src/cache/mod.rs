@@ -230,6 +230,19 @@ impl ImageCache {
         Ok(true)
     }
 
+    /// Chunk `c`'s bytes if it is present, for a peer; not counted as a
+    /// guest read. None if it is not present (an all-zero chunk never is).
+    pub fn read_chunk(&self, c: ChunkIdx) -> Result<Option<Vec<u8>>, Error> {
+        if self.manifest.chunks[c.0 as usize].is_none() || !self.present[c.0 as usize] {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; self.manifest.chunk_len(c) as usize];
+        self.data
+            .read_at(IoRange::from_slice(&mut buf), self.manifest.chunk_offset(c))
+            .map_err(Error::ReadCacheFile)?;
+        Ok(Some(buf))
+    }
+
     /// Stores a verified chunk and marks it present (durable at the next
     /// persist). Fails once the cache has stopped.
     pub fn write_chunk(&self, c: ChunkIdx, data: &[u8]) -> Result<(), Error> {

@@ -84,6 +84,28 @@ pub struct ServeArgs {
     /// manifest (its id does not change), for every host to use.
     #[arg(long)]
     pub publish_profiles: bool,
+    /// Serve the chunks of this host's Local Cache to peers over HTTP on
+    /// this address (P2P). Name the same address in the peer list.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub p2p_listen: Option<std::net::SocketAddr>,
+    /// The fleet's members, this host included or not: each chunk's home is
+    /// chosen among them by rendezvous hashing; every host should get the
+    /// same list.
+    #[arg(long, value_name = "ADDR:PORT,...")]
+    pub peers: Option<daemon::PeerList>,
+    /// More members, one ADDR:PORT a line (# comments); re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub peers_file: Option<PathBuf>,
+    /// The cluster token (one line, at least 16 characters) that peer
+    /// requests carry and the peer server requires. Needed for P2P.
+    #[arg(long, value_name = "FILE")]
+    pub p2p_token_file: Option<PathBuf>,
+    /// Cap on uploads to peers in MB/s (0: no cap) [default: 0].
+    #[arg(long, value_name = "MBPS")]
+    pub p2p_upload_rate: Option<f64>,
+    /// Uploads to peers at once; more wait, demand first [default: 4].
+    #[arg(long, value_name = "N")]
+    pub p2p_upload_slots: Option<usize>,
 }
 
 impl TryFrom<ServeArgs> for ServeRequest {
@@ -114,6 +136,12 @@ impl TryFrom<ServeArgs> for ServeRequest {
                 learn_boots: a.learn_boots,
                 learn_secs: a.learn_secs,
                 publish_profiles: a.publish_profiles.then_some(true),
+                p2p_listen: a.p2p_listen,
+                peers: a.peers,
+                peers_file: a.peers_file,
+                p2p_token_file: a.p2p_token_file,
+                p2p_upload_rate: a.p2p_upload_rate,
+                p2p_upload_slots: a.p2p_upload_slots,
             },
             disks,
             config: a.config,
@@ -169,6 +197,20 @@ mod tests {
             ),
             (Some(2), Some(5.0), Some(true))
         );
+        let p2p = ServeRequest::try_from(args(&[
+            "--p2p-listen",
+            "127.0.0.1:7000",
+            "--peers",
+            "127.0.0.1:7000,127.0.0.1:7001",
+            "--p2p-token-file",
+            "/t",
+            "--p2p-upload-rate",
+            "12.5",
+        ]))
+        .unwrap();
+        let p = p2p.resolve().unwrap().0.p2p.unwrap();
+        assert_eq!(p.peers.len(), 2);
+        assert_eq!(p.upload_rate, Some(12_500_000));
         let e = ServeRequest::try_from(args(&["--disk", "name=a"])).unwrap_err();
         assert!(format!("{e:#}").contains("needs socket="), "{e:#}");
         let e = ServeRequest::try_from(args(&["--disk", "name=a,socket=s1,overlay=o1,image=debian"]))

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::disk::ControlArgs;
-use crate::control::status::{FetchStatus, ProfileStatus};
+use crate::control::status::{FetchStatus, P2pStatus, PeerStatus, ProfileStatus};
 use crate::control::{DiskState, DiskStatus, ImageStatus, Op, Status};
 
 #[derive(Debug, Args)]
@@ -58,8 +58,59 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
             q(&f.guest_wait)
         );
         println!("  {}", rates_line(f));
+        if f.peer_chunks + f.peer_failures + f.bad_peer_chunks > 0 {
+            println!(
+                "  from peers: {} chunks, {}; {} peer failures, {} bad chunks from peers",
+                f.peer_chunks,
+                bytes(f.peer_bytes as f64),
+                f.peer_failures,
+                f.bad_peer_chunks
+            );
+        }
+    }
+    if let Some(p) = &s.p2p {
+        println!("{}", p2p_line(p));
+        for peer in &p.peers {
+            println!("  {}", peer_line(peer));
+        }
     }
     Ok(())
+}
+
+/// `p2p on 10.0.0.1:7000, member of 3: uploaded 120 chunks (30.0 MiB), queue 0, ...`
+pub fn p2p_line(p: &P2pStatus) -> String {
+    format!(
+        "p2p on {}, {} of {} members: uploaded {} chunks ({}), queue {}, {} fetched as home, {} kept in memory; \
+         refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
+        p.listen.as_deref().unwrap_or("(not serving)"),
+        if p.is_member { "one" } else { "not one" },
+        p.members.len(),
+        p.uploads,
+        bytes(p.upload_bytes as f64),
+        p.upload_queue,
+        p.home_fetches,
+        p.loose_chunks,
+        p.refused_unauthorized,
+        p.bad_requests,
+        p.not_found,
+        p.busy,
+        p.failed
+    )
+}
+
+/// `peer 10.0.0.2:7000: 80 chunks (20.0 MiB) of 82 requests, 2 failures, 0 bad, queue 1`
+pub fn peer_line(p: &PeerStatus) -> String {
+    format!(
+        "peer {}{}: {} chunks ({}) of {} requests, {} failures, {} bad, queue {}",
+        p.addr,
+        if p.down { " (down)" } else { "" },
+        p.served,
+        bytes(p.bytes as f64),
+        p.requests,
+        p.failures,
+        p.bad_chunks,
+        p.queue
+    )
 }
 
 /// `profile (learned) 118 chunks: ...` or `profile none; learning: 0 of 1 boots recorded, 1 recording`
@@ -271,5 +322,35 @@ mod tests {
             ..FetchStatus::default()
         };
         assert_eq!(rates_line(&f), "fill auto, now 2.0 MiB/s; profile stream now no limit");
+    }
+
+    #[test]
+    fn p2p_lines_show_the_membership_and_each_peer() {
+        let p = P2pStatus {
+            listen: Some("127.0.0.1:7000".into()),
+            members: vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()],
+            is_member: true,
+            uploads: 3,
+            upload_bytes: 3 << 20,
+            ..P2pStatus::default()
+        };
+        let l = p2p_line(&p);
+        assert!(
+            l.starts_with("p2p on 127.0.0.1:7000, one of 2 members: uploaded 3 chunks (3.0 MiB)"),
+            "{l}"
+        );
+        let peer = PeerStatus {
+            addr: "127.0.0.1:7001".into(),
+            served: 2,
+            requests: 3,
+            failures: 1,
+            bad_chunks: 1,
+            down: true,
+            ..PeerStatus::default()
+        };
+        assert_eq!(
+            peer_line(&peer),
+            "peer 127.0.0.1:7001 (down): 2 chunks (0.0 B) of 3 requests, 1 failures, 1 bad, queue 0"
+        );
     }
 }

@@ -14,6 +14,71 @@ pub struct Status {
     pub images: Vec<ImageStatus>,
     /// The fetch scheduler, once an image has been opened.
     pub fetch: Option<FetchStatus>,
+    /// P2P, if this daemon takes part in a fleet.
+    #[serde(default)]
+    pub p2p: Option<P2pStatus>,
+}
+
+/// This host in its fleet: its view of the membership, what it asked of
+/// each peer, and what it served.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct P2pStatus {
+    /// The address peers reach this host at (`--p2p-listen`), if it serves.
+    pub listen: Option<String>,
+    /// The members in force (the list may name this host).
+    pub members: Vec<String>,
+    /// This host is a member: it is home for some chunks.
+    pub is_member: bool,
+    /// Every peer asked so far.
+    pub peers: Vec<PeerStatus>,
+    /// Chunks (and their bytes) this host got from peers, verified: the
+    /// fetch scheduler's `peer_chunks` and `peer_bytes`.
+    #[serde(default)]
+    pub peer_chunks: u64,
+    #[serde(default)]
+    pub peer_bytes: u64,
+    /// Chunks uploaded to peers, and their bytes.
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    /// Uploads in progress and waiting for a slot now.
+    pub upload_queue: u64,
+    /// Peer requests for chunks this host did not hold, which it fetched as their home.
+    pub home_fetches: u64,
+    /// Peer requests sent on to other holders while the upload slots were busy.
+    #[serde(default)]
+    pub redirects: u64,
+    /// Peer requests refused: no or wrong token, malformed, unknown chunk,
+    /// too busy, a fetch that failed.
+    pub refused_unauthorized: u64,
+    pub bad_requests: u64,
+    pub not_found: u64,
+    pub busy: u64,
+    pub failed: u64,
+    /// Chunks held in memory for peers (of images this host has not open).
+    pub loose_chunks: u64,
+    pub loose_bytes: u64,
+    /// Distinct chunks of open images servable by digest.
+    pub indexed_chunks: u64,
+}
+
+/// One peer as this host sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub addr: String,
+    pub requests: u64,
+    /// Answers with a chunk, and their bytes (before verification).
+    pub served: u64,
+    pub bytes: u64,
+    pub failures: u64,
+    /// Chunks it sent that failed verification.
+    pub bad_chunks: u64,
+    /// Times it redirected this host to other holders.
+    #[serde(default)]
+    pub redirects: u64,
+    /// Its upload queue depth at its last answer.
+    pub queue: u64,
+    /// Unreachable lately: skipped for a few seconds.
+    pub down: bool,
 }
 
 /// Whether a disk is ready for, or serving, a frontend.
@@ -111,14 +176,28 @@ pub struct FetchStatus {
     pub store: String,
     pub store_chunks: u64,
     pub store_bytes: u64,
+    /// Chunks peers served (verified) and their bytes.
+    #[serde(default)]
+    pub peer_chunks: u64,
+    #[serde(default)]
+    pub peer_bytes: u64,
+    /// Peer requests that brought no chunk, and chunks from peers that
+    /// failed verification.
+    #[serde(default)]
+    pub peer_failures: u64,
+    #[serde(default)]
+    pub bad_peer_chunks: u64,
     pub corrupt_chunks: u64,
     pub failed_attempts: u64,
     pub guest_waits: u64,
     pub guest_wait_ms: u64,
     pub by_class: ByClass,
-    /// Fetch durations (retries included) by class; the source is the store.
+    /// Fetch durations (retries included) by class, of the fetches the
+    /// store served (or that failed), and of those a peer served.
     #[serde(default)]
     pub latency: LatencyByClass,
+    #[serde(default)]
+    pub peer_latency: LatencyByClass,
     /// How long each guest read that missed waited.
     #[serde(default)]
     pub guest_wait: HistogramSnapshot,
@@ -262,6 +341,36 @@ impl Status {
                 &one(f.store_bytes),
             );
             metric(
+                "source_chunks_total",
+                "Chunks fetched, by source (store or peers).",
+                "counter",
+                &[
+                    ("{source=\"store\"}".into(), f.store_chunks as f64),
+                    ("{source=\"peer\"}".into(), f.peer_chunks as f64),
+                ],
+            );
+            metric(
+                "source_bytes_total",
+                "Bytes fetched, by source (stored form from the store, plaintext from peers).",
+                "counter",
+                &[
+                    ("{source=\"store\"}".into(), f.store_bytes as f64),
+                    ("{source=\"peer\"}".into(), f.peer_bytes as f64),
+                ],
+            );
+            metric(
+                "bad_peer_chunks_total",
+                "Chunks from peers that failed verification (never cached).",
+                "counter",
+                &one(f.bad_peer_chunks),
+            );
+            metric(
+                "peer_failures_total",
+                "Peer requests that brought no chunk (unreachable, busy, refused, timed out).",
+                "counter",
+                &one(f.peer_failures),
+            );
+            metric(
                 "corrupt_chunks_total",
                 "Fetched chunks that failed verification.",
                 "counter",
@@ -295,6 +404,9 @@ impl Status {
                     ("{class=\"background\"}".into(), f.by_class.background as f64),
                 ],
             );
+        }
+        if let Some(p) = &self.p2p {
+            p2p_metrics(p, &mut metric);
         }
         let per_disk = |f: &dyn Fn(&DiskStatus) -> f64| -> Vec<(String, f64)> {
             self.disks
@@ -367,7 +479,7 @@ impl Status {
             &series,
         );
         if let Some(f) = &self.fetch {
-            let l = &f.latency;
+            let (l, p) = (&f.latency, &f.peer_latency);
             histogram(
                 &mut out,
                 "fetch_duration_seconds",
@@ -376,6 +488,9 @@ impl Status {
                     ("class=\"demand\",source=\"store\"", &l.demand),
                     ("class=\"profile\",source=\"store\"", &l.profile),
                     ("class=\"background\",source=\"store\"", &l.background),
+                    ("class=\"demand\",source=\"peer\"", &p.demand),
+                    ("class=\"profile\",source=\"peer\"", &p.profile),
+                    ("class=\"background\",source=\"peer\"", &p.background),
                 ],
             );
             histogram(
@@ -387,6 +502,98 @@ impl Status {
         }
         out
     }
+}
+
+/// The P2P families: membership, uploads, refusals, and per peer.
+/// Writes one metric family: name, help, type, samples (labels, value).
+type MetricFn<'a> = dyn FnMut(&str, &str, &str, &[(String, f64)]) + 'a;
+
+fn p2p_metrics(p: &P2pStatus, metric: &mut MetricFn<'_>) {
+    let one = |v: u64| [(String::new(), v as f64)];
+    metric(
+        "p2p_members",
+        "Members in this host's view of the fleet.",
+        "gauge",
+        &one(p.members.len() as u64),
+    );
+    metric(
+        "p2p_uploads_total",
+        "Chunks uploaded to peers.",
+        "counter",
+        &one(p.uploads),
+    );
+    metric(
+        "p2p_upload_bytes_total",
+        "Bytes uploaded to peers.",
+        "counter",
+        &one(p.upload_bytes),
+    );
+    metric(
+        "p2p_upload_queue",
+        "Uploads in progress and waiting for a slot.",
+        "gauge",
+        &one(p.upload_queue),
+    );
+    metric(
+        "p2p_redirects_total",
+        "Peer requests redirected to other holders while the upload slots were busy.",
+        "counter",
+        &one(p.redirects),
+    );
+    metric(
+        "p2p_home_fetches_total",
+        "Chunks fetched as their home to serve a peer.",
+        "counter",
+        &one(p.home_fetches),
+    );
+    metric(
+        "p2p_refused_total",
+        "Peer requests refused, by reason.",
+        "counter",
+        &[
+            ("{reason=\"unauthorized\"}".into(), p.refused_unauthorized as f64),
+            ("{reason=\"bad_request\"}".into(), p.bad_requests as f64),
+            ("{reason=\"not_found\"}".into(), p.not_found as f64),
+            ("{reason=\"busy\"}".into(), p.busy as f64),
+            ("{reason=\"failed\"}".into(), p.failed as f64),
+        ],
+    );
+    let per_peer = |f: &dyn Fn(&PeerStatus) -> u64| -> Vec<(String, f64)> {
+        p.peers
+            .iter()
+            .map(|s| (format!("{{peer=\"{}\"}}", label(&s.addr)), f(s) as f64))
+            .collect()
+    };
+    metric(
+        "peer_chunks_total",
+        "Chunks a peer sent this host (before verification).",
+        "counter",
+        &per_peer(&|s| s.served),
+    );
+    metric(
+        "peer_bytes_total",
+        "Bytes a peer sent this host.",
+        "counter",
+        &per_peer(&|s| s.bytes),
+    );
+    metric(
+        "peer_request_failures_total",
+        "Requests to a peer that brought no chunk.",
+        "counter",
+        &per_peer(&|s| s.failures),
+    );
+    metric(
+        "peer_bad_chunks_total",
+        "Chunks a peer sent that failed verification.",
+        "counter",
+        &per_peer(&|s| s.bad_chunks),
+    );
+    metric(
+        "peer_down",
+        "1 while a peer is skipped as unreachable.",
+        "gauge",
+        &per_peer(&|s| u64::from(s.down)),
+    );
 }
 
 /// Appends a histogram family, one series per `(labels, snapshot)`.
@@ -433,7 +640,18 @@ mod tests {
             fetch: Some(FetchStatus {
                 fill_auto: true,
                 fill_rate_now: Some(12_500_000),
+                peer_chunks: 7,
                 ..FetchStatus::default()
+            }),
+            p2p: Some(P2pStatus {
+                members: vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()],
+                uploads: 5,
+                peers: vec![PeerStatus {
+                    addr: "127.0.0.1:7001".into(),
+                    bad_chunks: 2,
+                    ..PeerStatus::default()
+                }],
+                ..P2pStatus::default()
             }),
         };
         let text = s.prometheus();
@@ -446,6 +664,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("streamblk_fill_auto 1\n"), "{text}");
+        assert!(
+            text.contains("streamblk_source_chunks_total{source=\"peer\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("streamblk_p2p_members 2\n"), "{text}");
+        assert!(text.contains("streamblk_p2p_uploads_total 5\n"), "{text}");
+        assert!(
+            text.contains("streamblk_peer_bad_chunks_total{peer=\"127.0.0.1:7001\"} 2\n"),
+            "{text}"
+        );
         assert!(
             text.contains("streamblk_profile_rate_bytes_per_second +Inf\n"),
             "no limit: {text}"

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::learn::{LearnConfig, LEARN_MAX_BYTES};
 use super::spec::{DiskSource, DiskSpec, Scalar};
 use crate::fetch::{FetchConfig, FillRate};
+use crate::p2p::P2pConfig;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/streamblk";
@@ -58,6 +59,41 @@ pub struct Options {
     pub learn_boots: Option<u32>,
     pub learn_secs: Option<f64>,
     pub publish_profiles: Option<bool>,
+    pub p2p_listen: Option<SocketAddr>,
+    pub peers: Option<PeerList>,
+    pub peers_file: Option<PathBuf>,
+    pub p2p_token_file: Option<PathBuf>,
+    pub p2p_upload_rate: Option<f64>,
+    pub p2p_upload_slots: Option<usize>,
+}
+
+/// `--peers ADDR:PORT,...`: on the command line and in the config file a
+/// comma-separated string; in the config file also an array of strings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerList(pub Vec<SocketAddr>);
+
+impl std::str::FromStr for PeerList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::p2p::membership::parse_list(s).map(PeerList)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::One(s) => s,
+            Raw::Many(v) => v.join(","),
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Options {
@@ -83,7 +119,13 @@ impl Options {
             profile_window_mib,
             learn_boots,
             learn_secs,
-            publish_profiles
+            publish_profiles,
+            p2p_listen,
+            peers,
+            peers_file,
+            p2p_token_file,
+            p2p_upload_rate,
+            p2p_upload_slots
         )
     }
 }
@@ -112,7 +154,13 @@ impl Options {
             profile_window_mib => "profile-window-mib",
             learn_boots => "learn-boots",
             learn_secs => "learn-secs",
-            publish_profiles => "publish-profiles"
+            publish_profiles => "publish-profiles",
+            p2p_listen => "p2p-listen",
+            peers => "peers",
+            peers_file => "peers-file",
+            p2p_token_file => "p2p-token-file",
+            p2p_upload_rate => "p2p-upload-rate",
+            p2p_upload_slots => "p2p-upload-slots"
         );
         keys
     }
@@ -134,6 +182,8 @@ pub struct Settings {
     pub socket_group: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub poll: Duration,
+    /// P2P, if on (`--p2p-listen`, `--peers` or `--peers-file`).
+    pub p2p: Option<P2pConfig>,
 }
 
 impl TryFrom<&Options> for Settings {
@@ -199,6 +249,7 @@ impl TryFrom<&Options> for Settings {
             publish: o.publish_profiles.unwrap_or(false),
         };
         let cache_size = o.cache_size_mib.unwrap_or(0);
+        let p2p = p2p_config(o)?;
         Ok(Settings {
             store: o.store.clone(),
             cache_dir: o.cache_dir.clone().unwrap_or_else(|| DEFAULT_CACHE_DIR.into()),
@@ -214,8 +265,58 @@ impl TryFrom<&Options> for Settings {
             socket_group: o.socket_group.clone(),
             metrics_listen: o.metrics_listen,
             poll: Duration::from_micros(poll_us),
+            p2p,
         })
     }
+}
+
+/// Most upload slots `p2p-upload-slots` may ask for.
+const MAX_UPLOAD_SLOTS: usize = 64;
+
+/// The P2P settings, if any P2P option is set: a fleet needs its token.
+fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
+    let peers = o.peers.clone().unwrap_or_default().0;
+    if o.p2p_listen.is_none() && peers.is_empty() && o.peers_file.is_none() {
+        return Ok(None);
+    }
+    if let Some(listen) = o.p2p_listen.filter(|a| a.ip().is_unspecified() || a.port() == 0) {
+        // The peer list names this host by this address: it must be one
+        // that peers reach, or the host would ask itself for its own chunks.
+        return Err(ConfigError::Option(
+            "p2p-listen",
+            listen.to_string(),
+            "must be this host's address as the peer list names it (not 0.0.0.0, ::, or port 0)",
+        ));
+    }
+    let token_file = o.p2p_token_file.clone().ok_or(ConfigError::Option(
+        "p2p-token-file",
+        String::new(),
+        "is needed with --p2p-listen, --peers or --peers-file (peers refuse requests without the cluster token)",
+    ))?;
+    let rate = o.p2p_upload_rate.unwrap_or(0.0);
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err(ConfigError::Option(
+            "p2p-upload-rate",
+            rate.to_string(),
+            "must be a number of MB/s, 0 (no cap) or more",
+        ));
+    }
+    let slots = o.p2p_upload_slots.unwrap_or(4);
+    if slots == 0 || slots > MAX_UPLOAD_SLOTS {
+        return Err(ConfigError::Option(
+            "p2p-upload-slots",
+            slots.to_string(),
+            "must be from 1 to 64",
+        ));
+    }
+    Ok(Some(P2pConfig {
+        listen: o.p2p_listen,
+        peers,
+        peers_file: o.peers_file.clone(),
+        token_file,
+        upload_rate: (rate > 0.0).then_some((rate * 1e6) as u64),
+        upload_slots: slots,
+    }))
 }
 
 /// A parsed config file.
@@ -246,7 +347,7 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
         // serde's flatten loses deny_unknown_fields' line: check the
         // top-level keys here, with the line of each.
-        const KEYS: [&str; 18] = [
+        const KEYS: [&str; 24] = [
             "store",
             "cache-dir",
             "cache-size-mib",
@@ -264,6 +365,12 @@ impl ConfigFile {
             "learn-boots",
             "learn-secs",
             "publish-profiles",
+            "p2p-listen",
+            "peers",
+            "peers-file",
+            "p2p-token-file",
+            "p2p-upload-rate",
+            "p2p-upload-slots",
             "disk",
         ];
         for key in options.keys() {
@@ -539,6 +646,53 @@ base = "/images/b.raw"
         ] {
             let e = Settings::try_from(&o).unwrap_err().to_string();
             assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn p2p_keys_parse_and_a_fleet_needs_its_token() {
+        let f = ConfigFile::parse(
+            Path::new("f.toml"),
+            "p2p-listen = \"127.0.0.1:7000\"\npeers = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]\n\
+             peers-file = \"/etc/streamblk/peers\"\np2p-token-file = \"/etc/streamblk/token\"\n\
+             p2p-upload-rate = 50\np2p-upload-slots = 2\n",
+        )
+        .unwrap();
+        let p = Settings::try_from(&f.options).unwrap().p2p.unwrap();
+        assert_eq!(p.listen, Some("127.0.0.1:7000".parse().unwrap()));
+        assert_eq!(p.peers.len(), 2);
+        assert_eq!(p.peers_file.as_deref(), Some(Path::new("/etc/streamblk/peers")));
+        assert_eq!((p.upload_rate, p.upload_slots), (Some(50_000_000), 2));
+        // A string, as on the command line.
+        let one = ConfigFile::parse(Path::new("f.toml"), "peers = \"127.0.0.1:1,127.0.0.1:2\"\n").unwrap();
+        assert_eq!(one.options.peers.unwrap().0.len(), 2);
+        let e = ConfigFile::parse(Path::new("f.toml"), "peers = \"nohost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("peers") && e.contains("line 1"), "{e}");
+        // No P2P option: no P2P.
+        assert!(Settings::try_from(&Options::default()).unwrap().p2p.is_none());
+        let e = Settings::try_from(&Options {
+            p2p_listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Options::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("p2p-token-file"), "{e}");
+        for listen in ["0.0.0.0:7000", "[::]:7000", "127.0.0.1:0"] {
+            let e = Settings::try_from(&Options {
+                p2p_listen: Some(listen.parse().unwrap()),
+                p2p_token_file: Some("t".into()),
+                ..Options::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("p2p-listen"), "{listen}: {e}");
+        }
+        for bad in ["p2p-upload-slots = 0\n", "p2p-upload-rate = -1\n"] {
+            let text = format!("{bad}peers = \"127.0.0.1:1\"\np2p-token-file = \"t\"\n");
+            let r = ConfigFile::parse(Path::new("f.toml"), &text).and_then(|f| Settings::try_from(&f.options));
+            assert!(r.is_err(), "{bad}");
         }
     }
 

@@ -14,6 +14,7 @@ use crate::cache::{self, ImageCache};
 use crate::control::status::{ByClass, FetchStatus, ImageStatus, LatencyByClass, ProfileStatus};
 use crate::engine::Base;
 use crate::fetch::{BootWatch, FetchConfig, Fetcher, ProfileReplay, StreamedBase};
+use crate::p2p::P2p;
 use crate::profile::Profile;
 use crate::profile::TraceRecorder;
 use crate::store::{ImageId, ImageStore};
@@ -127,12 +128,19 @@ pub(crate) struct Images {
     learn: LearnConfig,
     learning: LearnWorker,
     runtime: tokio::runtime::Handle,
+    /// The fleet, if P2P is on: a source for the fetcher, and the server
+    /// that serves the open images' chunks.
+    p2p: Option<Arc<P2p>>,
     /// Held while an image opens: opening is rare and short next to a boot.
     state: Mutex<State>,
 }
 
 impl Images {
-    pub(crate) fn new(settings: &super::Settings, runtime: tokio::runtime::Handle) -> Arc<Images> {
+    pub(crate) fn new(
+        settings: &super::Settings,
+        runtime: tokio::runtime::Handle,
+        p2p: Option<Arc<P2p>>,
+    ) -> Result<Arc<Images>, Error> {
         let images = Arc::new(Images {
             store: settings.store.clone(),
             cache_dir: settings.cache_dir.clone(),
@@ -141,12 +149,34 @@ impl Images {
             learn: settings.learn.clone(),
             learning: LearnWorker::start(&runtime),
             runtime,
+            p2p,
             state: Mutex::default(),
         });
         if let Some(limit) = settings.cache_limit {
             images.start_eviction(limit);
         }
-        images
+        // A home fetches chunks for its peers whether or not it has their
+        // image open: its fetcher exists from the start.
+        if images.p2p.is_some() && images.store.is_some() {
+            images.fetcher(&mut lock(&images.state))?;
+        }
+        Ok(images)
+    }
+
+    /// The fetcher, made (with the peers as a source, if any) on first use.
+    fn fetcher(&self, s: &mut State) -> Result<Fetcher, Error> {
+        if let Some(f) = &s.store {
+            return Ok(f.clone());
+        }
+        let location = self.store.as_ref().ok_or(Error::NoStore)?;
+        let store = ImageStore::open(location, false).map_err(|e| Error::OpenStore(DisplayChain(&e).to_string()))?;
+        let config = lock(&self.fetch).clone();
+        let f = Fetcher::with_peers(store, self.p2p.as_ref().map(|p| p.peers()), config, &self.runtime);
+        if let Some(p) = &self.p2p {
+            p.set_fetcher(f.clone());
+        }
+        s.store = Some(f.clone());
+        Ok(f)
     }
 
     /// The image `name` (a name or an id in the store), opened if no disk
@@ -158,18 +188,7 @@ impl Images {
             return Ok(img);
         }
         let fail = |e: &dyn std::error::Error| Error::OpenImage(name.to_string(), DisplayChain(e).to_string());
-        let fetcher = match &s.store {
-            Some(f) => f.clone(),
-            None => {
-                let location = self.store.as_ref().ok_or(Error::NoStore)?;
-                let store =
-                    ImageStore::open(location, false).map_err(|e| Error::OpenStore(DisplayChain(&e).to_string()))?;
-                let config = lock(&self.fetch).clone();
-                let f = Fetcher::new(store, config, &self.runtime);
-                s.store = Some(f.clone());
-                f
-            }
-        };
+        let fetcher = self.fetcher(&mut s)?;
         let (id, manifest) = self
             .runtime
             .block_on(fetcher.store().manifest(name))
@@ -228,6 +247,9 @@ impl Images {
             profile = profile_source.name(),
             "opened; cache has {have}/{all} chunks"
         );
+        if let Some(p) = &self.p2p {
+            p.add_image(&cache);
+        }
         let window = (self.profile_window / cache.manifest().chunk_size as u64).max(1) as u32;
         let boot = Arc::new(BootWatch::default());
         fetcher.start_fill(&cache, replay.clone(), boot.clone(), window, &self.runtime);
@@ -279,6 +301,10 @@ impl Images {
             .collect()
     }
 
+    pub(crate) fn p2p(&self) -> Option<&Arc<P2p>> {
+        self.p2p.as_ref()
+    }
+
     pub(crate) fn status(&self) -> (Vec<ImageStatus>, Option<FetchStatus>) {
         let mut images: Vec<ImageStatus> = self.open_images().iter().map(|(img, n)| img.status(*n)).collect();
         images.sort_by(|a, b| a.id.cmp(&b.id));
@@ -288,6 +314,10 @@ impl Images {
                 store: f.store().url().to_string(),
                 store_chunks: n.store_chunks.load(Ordering::Relaxed),
                 store_bytes: n.store_bytes.load(Ordering::Relaxed),
+                peer_chunks: n.peer_chunks.load(Ordering::Relaxed),
+                peer_bytes: n.peer_bytes.load(Ordering::Relaxed),
+                peer_failures: n.peer_failures.load(Ordering::Relaxed),
+                bad_peer_chunks: n.bad_peer_chunks.load(Ordering::Relaxed),
                 corrupt_chunks: n.corrupt_chunks.load(Ordering::Relaxed),
                 failed_attempts: n.failed_attempts.load(Ordering::Relaxed),
                 guest_waits: n.demand_waits.load(Ordering::Relaxed),
@@ -301,6 +331,11 @@ impl Images {
                     background: n.latency[0].snapshot(),
                     profile: n.latency[1].snapshot(),
                     demand: n.latency[2].snapshot(),
+                },
+                peer_latency: LatencyByClass {
+                    background: n.peer_latency[0].snapshot(),
+                    profile: n.peer_latency[1].snapshot(),
+                    demand: n.peer_latency[2].snapshot(),
                 },
                 guest_wait: n.demand_wait.snapshot(),
                 fill_rate_cap: f.rates().0,

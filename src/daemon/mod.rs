@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-pub use config::{ConfigError, ConfigFile, Options, Settings, DEFAULT_CONTROL_SOCKET};
+pub use config::{ConfigError, ConfigFile, Options, PeerList, Settings, DEFAULT_CONTROL_SOCKET};
 use disk::{DiskEnv, Origin, ServedDisk};
 use images::Images;
 pub use spec::DiskSpec;
@@ -49,6 +49,8 @@ pub enum Error {
     SocketPermissions(PathBuf, #[source] std::io::Error),
     #[error("start a disk thread")]
     Thread(#[source] std::io::Error),
+    #[error("start P2P")]
+    P2p(#[source] crate::p2p::Error),
     #[error("start the I/O runtime")]
     Runtime(#[source] std::io::Error),
     #[error("install signal handlers")]
@@ -194,10 +196,18 @@ impl Daemon {
 
     pub fn status(&self) -> Status {
         let (images, fetch) = self.images.status();
+        let p2p = self.images.p2p().map(|p| {
+            let mut s = p.status();
+            if let Some(f) = &fetch {
+                (s.peer_chunks, s.peer_bytes) = (f.peer_chunks, f.peer_bytes);
+            }
+            s
+        });
         Status {
             disks: self.disk_statuses(),
             images,
             fetch,
+            p2p,
         }
     }
 
@@ -341,8 +351,14 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
         .build()
         .map_err(Error::Runtime)?;
     let (failed, mut failures) = tokio::sync::mpsc::unbounded_channel();
+    let p2p = match &settings.p2p {
+        Some(c) => Some(Arc::new(
+            crate::p2p::P2p::start(c, settings.fetch.attempt_timeout, runtime.handle()).map_err(Error::P2p)?,
+        )),
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
-        images: Images::new(&settings, runtime.handle().clone()),
+        images: Images::new(&settings, runtime.handle().clone(), p2p)?,
         settings: settings.clone(),
         runtime: runtime.handle().clone(),
         bases: LocalBases::default(),
@@ -405,6 +421,9 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
             Event::Tick => daemon.images.log_stats(),
             Event::Reload => {
                 notify::notify("RELOADING=1");
+                if let Some(p) = daemon.images.p2p() {
+                    p.reload();
+                }
                 match &request.config {
                     Some(path) => {
                         tracing::info!(config = %path.display(), "SIGHUP: re-reading the config file");

@@ -4,20 +4,25 @@
 //! timeouts, retries with backoff up to a deadline, rates for the low
 //! classes (adaptive or fixed, see `rate`) that a flight passes before it
 //! takes a slot, and digest verification before a chunk enters a cache.
+//! Sources: the chunk's peers (P2P, see `peers`) if any, then the store.
 
 mod base;
 mod boot;
+mod peers;
 pub mod rate;
 mod replay;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 pub use base::StreamedBase;
 pub use boot::BootWatch;
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+pub use peers::{PeerError, Peers};
 pub use rate::FillRate;
 pub use replay::ProfileReplay;
 use tokio::sync::{watch, Notify};
@@ -25,10 +30,10 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::cache::ImageCache;
-use crate::store::{self, verify_chunk, ChunkIdx, ImageId, ImageStore};
+use crate::store::{self, verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, ImageId, ImageStore};
 
 /// Why a chunk is wanted, in priority order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum Class {
     /// The rest of the image, filled at a capped rate.
@@ -37,6 +42,31 @@ pub enum Class {
     Profile = 1,
     /// A guest is waiting.
     Demand = 2,
+}
+
+impl Class {
+    pub const ALL: [Class; 3] = [Class::Background, Class::Profile, Class::Demand];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Background => "background",
+            Class::Profile => "profile",
+            Class::Demand => "demand",
+        }
+    }
+
+    /// The class stored as `c as u8`.
+    fn of(c: u8) -> Class {
+        match c {
+            2 => Class::Demand,
+            1 => Class::Profile,
+            _ => Class::Background,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Class> {
+        Class::ALL.into_iter().find(|c| c.name() == name)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -111,6 +141,14 @@ impl FetchError {
 pub struct FetchCounters {
     pub store_chunks: AtomicU64,
     pub store_bytes: AtomicU64,
+    /// Chunks (and their bytes) that peers served, verified.
+    pub peer_chunks: AtomicU64,
+    pub peer_bytes: AtomicU64,
+    /// Peer answers that were not a chunk (down, busy, timeout, refused).
+    pub peer_failures: AtomicU64,
+    /// Chunks from peers that failed verification (never cached).
+    pub bad_peer_chunks: AtomicU64,
+    /// Chunks from the store that failed verification.
     pub corrupt_chunks: AtomicU64,
     pub failed_attempts: AtomicU64,
     /// Guest reads that waited on a fetch, and the time they waited.
@@ -119,8 +157,11 @@ pub struct FetchCounters {
     /// Chunks fetched per class (background, profile, demand) at the time they started.
     pub by_class: [AtomicU64; 3],
     /// Time from a fetch's start to its end (success or failure, retries
-    /// included), per class at its start. The only source is the store.
+    /// included), per class at its start, of the fetches the store served
+    /// or that failed.
     pub latency: [crate::metrics::Histogram; 3],
+    /// The same, for the fetches a peer served.
+    pub peer_latency: [crate::metrics::Histogram; 3],
     /// Time each guest read that missed waited for its chunks.
     pub demand_wait: crate::metrics::Histogram,
 }
@@ -130,14 +171,57 @@ const NO_CAP: u64 = u64::MAX;
 /// The background rate that says "adaptive".
 const AUTO: u64 = u64::MAX - 1;
 
-type Key = (ImageId, u32);
-type Outcome = Option<Result<(), Arc<FetchError>>>;
+/// A flight's key: one per chunk of an image, or per digest for a loose chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Cached(ImageId, u32),
+    Loose(Digest),
+}
+
+/// What a flight ends with: for a loose chunk, its verified bytes.
+type Outcome = Option<Result<Option<Bytes>, Arc<FetchError>>>;
+
+/// Called with a loose chunk's verified bytes before its flight ends, so
+/// that whoever keeps them has them before a later want could start another fetch.
+pub type KeepLoose = Arc<dyn Fn(&Digest, &Bytes) + Send + Sync>;
+
+/// What a flight brings.
+enum Target {
+    /// A chunk of an open image, into its cache.
+    Cached { cache: Arc<ImageCache>, chunk: ChunkIdx },
+    /// A chunk known only by its entry (a peer asked this host, its home,
+    /// for a chunk of an image it does not have open): from the store only,
+    /// so that hosts whose views of the membership differ cannot ask each
+    /// other in a loop; its bytes go to the waiters, not to a cache.
+    Loose {
+        entry: ChunkEntry,
+        len: u64,
+        keep: KeepLoose,
+    },
+}
+
+impl Target {
+    /// The chunk's entry and length; None for an all-zero chunk.
+    fn entry(&self) -> Option<(ChunkEntry, u64)> {
+        match self {
+            Target::Cached { cache, chunk } => {
+                let m = cache.manifest();
+                m.chunks[chunk.0 as usize].map(|e| (e, m.chunk_len(*chunk)))
+            }
+            Target::Loose { entry, len, .. } => Some((*entry, *len)),
+        }
+    }
+}
 
 struct Flight {
-    cache: Arc<ImageCache>,
-    chunk: ChunkIdx,
+    key: Key,
+    target: Target,
     class: AtomicU8,
     started: AtomicBool,
+    /// Its peers were asked (it is queued again, or taken, for the store).
+    peers_tried: AtomicBool,
+    /// When a worker first took it.
+    taken_at: std::sync::OnceLock<Instant>,
     tx: watch::Sender<Outcome>,
 }
 
@@ -164,6 +248,8 @@ const MAX_SAMPLES: usize = 1024;
 
 struct Inner {
     store: ImageStore,
+    /// Asked before the store, if set.
+    peers: Option<Arc<dyn Peers>>,
     config: FetchConfig,
     state: Mutex<State>,
     wake: Notify,
@@ -189,10 +275,23 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// Starts the scheduler's workers on `runtime`.
+    /// Starts the scheduler's workers on `runtime`, with the store as the only source.
+    #[cfg(test)]
     pub fn new(store: ImageStore, config: FetchConfig, runtime: &tokio::runtime::Handle) -> Fetcher {
+        Self::with_peers(store, None, config, runtime)
+    }
+
+    /// Starts the scheduler's workers on `runtime`; chunks of open images
+    /// are asked of `peers` (if any) before the store.
+    pub fn with_peers(
+        store: ImageStore,
+        peers: Option<Arc<dyn Peers>>,
+        config: FetchConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Fetcher {
         let inner = Arc::new(Inner {
             store,
+            peers,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             buckets: [
@@ -258,6 +357,11 @@ impl Fetcher {
         self.inner.effective[1].load(Ordering::Relaxed)
     }
 
+    /// Peers are asked before the store (P2P).
+    pub fn has_peers(&self) -> bool {
+        self.inner.peers.is_some()
+    }
+
     pub fn config(&self) -> &FetchConfig {
         &self.inner.config
     }
@@ -277,51 +381,44 @@ impl Fetcher {
         let rx = if cache.is_ready(c) {
             None
         } else {
-            let key = (*cache.id(), c.0);
-            let mut s = self.inner.lock();
-            match s.flights.get(&key).cloned() {
-                Some(f) => {
-                    // A higher class overtakes the queue if not started yet.
-                    let prev = f.class.fetch_max(class as u8, Ordering::AcqRel);
-                    if class == Class::Demand && prev < Class::Demand as u8 {
-                        s.demand_pending += 1;
-                    }
-                    if (class as u8) > prev && !f.started.load(Ordering::Acquire) {
-                        push(&mut s, class, key);
-                        self.inner.wake.notify_one();
-                    }
-                    Some(f.tx.subscribe())
-                }
-                // Checked again under the lock: a fetch may just have finished.
-                None if cache.is_ready(c) => None,
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    s.flights.insert(
-                        key,
-                        Arc::new(Flight {
-                            cache: cache.clone(),
-                            chunk: c,
-                            class: AtomicU8::new(class as u8),
-                            started: AtomicBool::new(false),
-                            tx,
-                        }),
-                    );
-                    if class == Class::Demand {
-                        s.demand_pending += 1;
-                    }
-                    push(&mut s, class, key);
-                    self.inner.wake.notify_one();
-                    Some(rx)
-                }
-            }
+            let key = Key::Cached(*cache.id(), c.0);
+            // Checked again under the lock: a fetch may just have finished.
+            self.inner.join(key, class, || {
+                (!cache.is_ready(c)).then(|| Target::Cached {
+                    cache: cache.clone(),
+                    chunk: c,
+                })
+            })
         };
         async move {
-            let Some(mut rx) = rx else { return Ok(()) };
-            let outcome = match rx.wait_for(|v| v.is_some()).await {
-                Ok(v) => v.clone().expect("checked by wait_for"),
-                Err(_) => Err(Arc::new(FetchError::Abandoned)),
+            let Some(rx) = rx else { return Ok(()) };
+            wait(rx).await.map(|_| ())
+        }
+    }
+
+    /// The verified bytes (plaintext) of a chunk known only by its entry,
+    /// from the store, for a peer that asked this host (the chunk's home)
+    /// for a chunk of an image it does not have open. Concurrent wants of
+    /// one digest share one fetch; nothing is cached here, but the flight
+    /// that fetches calls `keep` with the bytes before it ends.
+    pub fn want_loose(
+        &self,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+        keep: KeepLoose,
+    ) -> impl std::future::Future<Output = Result<Bytes, Arc<FetchError>>> + Send + 'static {
+        let rx = self.inner.join(Key::Loose(entry.digest), class, || {
+            Some(Target::Loose { entry, len, keep })
+        });
+        async move {
+            let Some(rx) = rx else {
+                unreachable!("a loose target is always made")
             };
-            outcome
+            match wait(rx).await? {
+                Some(bytes) => Ok(bytes),
+                None => Err(Arc::new(FetchError::Abandoned)),
+            }
         }
     }
 
@@ -365,9 +462,56 @@ fn push(s: &mut State, class: Class, key: Key) {
     s.queues[class as usize].push_back(key);
 }
 
+/// Waits for a flight's outcome.
+async fn wait(mut rx: watch::Receiver<Outcome>) -> Result<Option<Bytes>, Arc<FetchError>> {
+    let outcome = match rx.wait_for(|v| v.is_some()).await {
+        Ok(v) => v.clone().expect("checked by wait_for"),
+        Err(_) => Err(Arc::new(FetchError::Abandoned)),
+    };
+    outcome
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins the flight of `key` at `class`, or starts one for the target
+    /// `make` gives (None: nothing to fetch).
+    fn join(&self, key: Key, class: Class, make: impl FnOnce() -> Option<Target>) -> Option<watch::Receiver<Outcome>> {
+        let mut s = self.lock();
+        if let Some(f) = s.flights.get(&key).cloned() {
+            // A higher class overtakes the queue if not started yet.
+            let prev = f.class.fetch_max(class as u8, Ordering::AcqRel);
+            if class == Class::Demand && prev < Class::Demand as u8 {
+                s.demand_pending += 1;
+            }
+            if (class as u8) > prev && !f.started.load(Ordering::Acquire) {
+                push(&mut s, class, key);
+                self.wake.notify_one();
+            }
+            return Some(f.tx.subscribe());
+        }
+        let target = make()?;
+        let (tx, rx) = watch::channel(None);
+        s.flights.insert(
+            key,
+            Arc::new(Flight {
+                key,
+                target,
+                class: AtomicU8::new(class as u8),
+                started: AtomicBool::new(false),
+                peers_tried: AtomicBool::new(false),
+                taken_at: std::sync::OnceLock::new(),
+                tx,
+            }),
+        );
+        if class == Class::Demand {
+            s.demand_pending += 1;
+        }
+        push(&mut s, class, key);
+        self.wake.notify_one();
+        Some(rx)
     }
 
     /// Takes the next flight this worker may start: the oldest of the
@@ -395,8 +539,7 @@ impl Inner {
                 if class < Class::Demand {
                     // The rate is passed before the slot is taken: a flight
                     // waiting for its rate holds no slot.
-                    let bytes =
-                        flight.cache.manifest().chunks[flight.chunk.0 as usize].map_or(0, |e| e.stored_len as u64);
+                    let bytes = flight.target.entry().map_or(0, |(e, _)| e.stored_len as u64);
                     if let Err(at) = self.pass_rate(class, bytes) {
                         retry = Some(retry.map_or(at, |r| r.min(at)));
                         break;
@@ -405,9 +548,15 @@ impl Inner {
                 }
                 s.queues[class as usize].pop_front();
                 flight.started.store(true, Ordering::Release);
-                self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+                if !flight.peers_tried.load(Ordering::Acquire) {
+                    // Counted once, not again when its peers failed it.
+                    self.counters.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+                }
                 #[cfg(test)]
-                self.taken.lock().unwrap().push(flight.chunk.0);
+                self.taken.lock().unwrap().push(match flight.target {
+                    Target::Cached { chunk, .. } => chunk.0,
+                    Target::Loose { .. } => u32::MAX,
+                });
                 if s.queues.iter().any(|q| !q.is_empty()) {
                     // Let another worker look at the rest.
                     self.wake.notify_one();
@@ -465,14 +614,11 @@ impl Inner {
         }
     }
 
-    /// Fetches, verifies and caches the flight's chunk; returns the stored bytes fetched.
-    async fn fetch(&self, flight: &Flight) -> Result<u64, FetchError> {
-        let cache = &flight.cache;
-        let m = cache.manifest();
-        let Some(entry) = m.chunks[flight.chunk.0 as usize] else {
-            return Ok(0);
+    /// Fetches the flight's chunk from the store, verifies and delivers it.
+    async fn fetch(&self, flight: &Flight) -> Result<Fetched, FetchError> {
+        let Some((entry, len)) = flight.target.entry() else {
+            return Ok(Fetched::default());
         };
-        let len = m.chunk_len(flight.chunk);
         let deadline = Instant::now() + self.config.deadline;
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
@@ -481,17 +627,16 @@ impl Inner {
             let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry)).await {
                 Ok(Ok(bytes)) => match verify_chunk(&entry, len, &bytes) {
                     Ok(data) => {
-                        let cache = cache.clone();
-                        let c = flight.chunk;
-                        tokio::task::spawn_blocking(move || cache.write_chunk(c, &data))
-                            .await
-                            .map_err(|_| FetchError::Abandoned)?
-                            .map_err(FetchError::WriteCache)?;
+                        let data = self.deliver(flight, Bytes::from(data)).await?;
                         self.counters.store_chunks.fetch_add(1, Ordering::Relaxed);
                         self.counters
                             .store_bytes
                             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        return Ok(bytes.len() as u64);
+                        return Ok(Fetched {
+                            bytes: bytes.len() as u64,
+                            data,
+                            from_peer: false,
+                        });
                     }
                     Err(why) => {
                         self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
@@ -522,6 +667,121 @@ impl Inner {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
+
+    /// The peers to ask for a flight's chunk before the store, if any: a
+    /// chunk of an open image, not asked of its peers yet, that this host
+    /// is not the home of. Marks the flight as asked.
+    fn peer_candidates(&self, flight: &Flight) -> Option<(Vec<SocketAddr>, ChunkEntry, u64)> {
+        let peers = self.peers.as_ref()?;
+        if !matches!(flight.target, Target::Cached { .. }) || flight.peers_tried.load(Ordering::Acquire) {
+            return None;
+        }
+        let (entry, len) = flight.target.entry()?;
+        flight.peers_tried.store(true, Ordering::Release);
+        let candidates = peers.candidates(&entry.digest);
+        (!candidates.is_empty()).then_some((candidates, entry, len))
+    }
+
+    /// The chunk from the first of `candidates` that sends it intact; None
+    /// if none does (the store is asked then). A peer's bytes are checked
+    /// against the manifest's digest here, before anything caches them.
+    async fn ask_peers(
+        &self,
+        candidates: Vec<SocketAddr>,
+        entry: &ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> Option<Bytes> {
+        let peers = self.peers.as_ref()?;
+        for peer in candidates {
+            let got = tokio::time::timeout(self.config.attempt_timeout, peers.get(peer, *entry, len, class)).await;
+            match got {
+                Ok(Ok((sender, data))) => match verify_plain(entry, len, &data) {
+                    Ok(()) => return Some(data),
+                    Err(why) => {
+                        self.counters.bad_peer_chunks.fetch_add(1, Ordering::Relaxed);
+                        peers.bad_chunk(sender, &entry.digest, &why.to_string());
+                    }
+                },
+                Ok(Err(e)) => {
+                    self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, digest = %entry.digest, "peer did not serve the chunk: {e}");
+                }
+                Err(_) => {
+                    self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, digest = %entry.digest, "peer timed out");
+                }
+            }
+        }
+        None
+    }
+
+    /// Ends a flight: its waiters get `result`, its slot is free.
+    fn finish(&self, flight: &Flight, class: Class, result: Result<Fetched, Arc<FetchError>>) {
+        let took = flight.taken_at.get().map_or(Duration::ZERO, |t| t.elapsed());
+        let from_peer = result.as_ref().is_ok_and(|f| f.from_peer);
+        let latency = if from_peer {
+            &self.counters.peer_latency
+        } else {
+            &self.counters.latency
+        };
+        latency[class as usize].observe(took);
+        self.log_fetch(class, took, result.as_ref().map_or(0, |f| f.bytes));
+        {
+            let mut s = self.lock();
+            s.flights.remove(&flight.key);
+            if class < Class::Demand {
+                s.running_low -= 1;
+            }
+            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
+                s.demand_pending -= 1;
+            }
+        }
+        flight.tx.send_replace(Some(result.map(|f| f.data)));
+        self.wake.notify_one();
+    }
+
+    /// Puts a flight its peers did not serve back at the head of its
+    /// class's queue (the class it has now), for a worker to fetch from the store.
+    fn requeue(&self, flight: &Flight, taken_as: Class) {
+        let mut s = self.lock();
+        if taken_as < Class::Demand {
+            s.running_low -= 1;
+        }
+        flight.started.store(false, Ordering::Release);
+        let class = Class::of(flight.class.load(Ordering::Acquire));
+        s.queues[class as usize].push_front(flight.key);
+        self.wake.notify_one();
+    }
+
+    /// Writes a verified chunk to its cache, or hands a loose chunk's bytes back.
+    async fn deliver(&self, flight: &Flight, data: Bytes) -> Result<Option<Bytes>, FetchError> {
+        match &flight.target {
+            Target::Cached { cache, chunk } => {
+                let (cache, c) = (cache.clone(), *chunk);
+                tokio::task::spawn_blocking(move || cache.write_chunk(c, &data))
+                    .await
+                    .map_err(|_| FetchError::Abandoned)?
+                    .map_err(FetchError::WriteCache)?;
+                Ok(None)
+            }
+            Target::Loose { entry, keep, .. } => {
+                keep(&entry.digest, &data);
+                Ok(Some(data))
+            }
+        }
+    }
+}
+
+/// What a finished fetch brought.
+#[derive(Default)]
+struct Fetched {
+    /// Bytes moved (stored form from the store, plaintext from a peer).
+    bytes: u64,
+    /// A loose chunk's bytes.
+    data: Option<Bytes>,
+    /// A peer sent it.
+    from_peer: bool,
 }
 
 async fn worker(strong: Arc<Inner>) {
@@ -543,24 +803,53 @@ async fn worker(strong: Arc<Inner>) {
                 continue;
             }
         };
-        let started = Instant::now();
-        let result = strong.fetch(&flight).await.map_err(Arc::new);
-        let took = started.elapsed();
-        strong.counters.latency[class as usize].observe(took);
-        strong.log_fetch(class, took, *result.as_ref().unwrap_or(&0));
-        {
-            let mut s = strong.lock();
-            s.flights.remove(&(*flight.cache.id(), flight.chunk.0));
-            if class < Class::Demand {
-                s.running_low -= 1;
-            }
-            if flight.class.load(Ordering::Acquire) == Class::Demand as u8 {
-                s.demand_pending -= 1;
-            }
+        flight.taken_at.get_or_init(Instant::now);
+        // A flight waiting on peers holds no worker: workers only wait on
+        // the store, so a home's store fetches never queue behind requests
+        // to peers that may be waiting on this host (a cycle).
+        if let Some((candidates, entry, len)) = strong.peer_candidates(&flight) {
+            tokio::spawn(from_peers_or_requeue(
+                strong.clone(),
+                flight,
+                class,
+                candidates,
+                entry,
+                len,
+            ));
+            continue;
         }
-        flight.tx.send_replace(Some(result.map(|_| ())));
-        strong.wake.notify_one();
+        let result = strong.fetch(&flight).await.map_err(Arc::new);
+        strong.finish(&flight, class, result);
     }
+}
+
+/// Asks a flight's peers; ends the flight with what one sent, or queues it
+/// again for the store if none did.
+async fn from_peers_or_requeue(
+    inner: Arc<Inner>,
+    flight: Arc<Flight>,
+    class: Class,
+    candidates: Vec<SocketAddr>,
+    entry: ChunkEntry,
+    len: u64,
+) {
+    // The class it is wanted at now: a guest may have come to wait for it.
+    let now = Class::of(flight.class.load(Ordering::Acquire));
+    let Some(data) = inner.ask_peers(candidates, &entry, len, now).await else {
+        inner.requeue(&flight, class);
+        return;
+    };
+    let n = data.len() as u64;
+    let result = inner.deliver(&flight, data).await.map(|data| Fetched {
+        bytes: n,
+        data,
+        from_peer: true,
+    });
+    if result.is_ok() {
+        inner.counters.peer_chunks.fetch_add(1, Ordering::Relaxed);
+        inner.counters.peer_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    inner.finish(&flight, class, result.map_err(Arc::new));
 }
 
 /// Every tick, feeds what the fetches saw to the rate controller and
@@ -733,6 +1022,210 @@ mod tests {
             background_fill: false,
             ..Default::default()
         }
+    }
+
+    /// How a fake peer answers.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Peer {
+        Good,
+        /// Sends the chunk with a byte flipped.
+        Liar,
+        /// Cannot be reached.
+        Down,
+        /// Answers nothing for a long while, then fails.
+        Hangs,
+    }
+
+    /// Peers for the tests: chunk digests map to their candidates.
+    struct FakePeers {
+        data: HashMap<Digest, Vec<u8>>,
+        candidates: HashMap<Digest, Vec<(SocketAddr, Peer)>>,
+        asked: Mutex<Vec<SocketAddr>>,
+        bad: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl FakePeers {
+        /// Every chunk of `n` (as `image` makes them) has `peers` as candidates.
+        fn new(n: u32, peers: &[Peer]) -> FakePeers {
+            let mut fake = FakePeers {
+                data: HashMap::new(),
+                candidates: HashMap::new(),
+                asked: Mutex::default(),
+                bad: Mutex::default(),
+            };
+            for i in 0..n {
+                let data = vec![(i % 251) as u8 + 1; 65536];
+                let d = Digest::of(&data);
+                let list = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| (SocketAddr::from(([127, 0, 0, 1], 7000 + k as u16)), *p))
+                    .collect();
+                fake.candidates.insert(d, list);
+                fake.data.insert(d, data);
+            }
+            fake
+        }
+
+        fn kind(&self, peer: SocketAddr) -> Peer {
+            self.candidates
+                .values()
+                .flatten()
+                .find(|(a, _)| *a == peer)
+                .map_or(Peer::Down, |p| p.1)
+        }
+    }
+
+    impl Peers for FakePeers {
+        fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
+            self.candidates
+                .get(digest)
+                .map_or(Vec::new(), |v| v.iter().map(|p| p.0).collect())
+        }
+
+        fn get(
+            &self,
+            peer: SocketAddr,
+            entry: ChunkEntry,
+            _len: u64,
+            _class: Class,
+        ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
+            self.asked.lock().unwrap().push(peer);
+            let data = self.data.get(&entry.digest).cloned();
+            let kind = self.kind(peer);
+            Box::pin(async move {
+                let mut data = data.ok_or("unknown chunk")?;
+                match kind {
+                    Peer::Good => {}
+                    Peer::Liar => data[100] ^= 1,
+                    Peer::Down => return Err("connection refused".into()),
+                    Peer::Hangs => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        return Err("timed out".into());
+                    }
+                }
+                Ok((peer, Bytes::from(data)))
+            })
+        }
+
+        fn bad_chunk(&self, peer: SocketAddr, _digest: &Digest, _why: &str) {
+            self.bad.lock().unwrap().push(peer);
+        }
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_chunk_from_a_peer_is_never_cached_and_the_next_source_serves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Liar, Peer::Good]));
+        let fetcher = Fetcher::with_peers(
+            store.clone(),
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(1), Class::Demand).await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        assert!(cache.read(65536, crate::engine::IoRange::from_slice(&mut buf)).unwrap());
+        assert!(buf.iter().all(|&b| b == 2), "a peer's bad byte reached the cache");
+        let n = fetcher.counters();
+        assert_eq!(
+            (count(&n.bad_peer_chunks), count(&n.peer_chunks), count(&n.store_chunks)),
+            (1, 1, 0)
+        );
+        assert_eq!(peers.bad.lock().unwrap().len(), 1, "the liar was not reported");
+
+        // Every peer failing: the store serves.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = image(&store, 2, dir.path(), "img2").await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Liar, Peer::Down]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(0), Class::Demand).await.unwrap();
+        let n = fetcher.counters();
+        assert_eq!(
+            (
+                count(&n.bad_peer_chunks),
+                count(&n.peer_failures),
+                count(&n.peer_chunks),
+                count(&n.store_chunks)
+            ),
+            (1, 1, 0, 1)
+        );
+        assert_eq!(
+            peers.asked.lock().unwrap().len(),
+            2,
+            "a peer was asked twice, or not at all"
+        );
+        assert_eq!(
+            count(&n.by_class[Class::Demand as usize]),
+            1,
+            "the store retake was counted again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flight_waiting_on_a_peer_holds_no_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        // Chunk 0's home hangs; chunk 1's home is this host (no candidates).
+        let mut peers = FakePeers::new(2, &[Peer::Hangs]);
+        peers.candidates.retain(|d, _| *d == Digest::of(&[1u8; 65536]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(Arc::new(peers)),
+            config(1),
+            &tokio::runtime::Handle::current(),
+        );
+        let hanging = fetcher.want(&cache, ChunkIdx(0), Class::Demand);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // One worker, and it is not stuck behind the hanging peer.
+        tokio::time::timeout(Duration::from_secs(1), fetcher.want(&cache, ChunkIdx(1), Class::Demand))
+            .await
+            .expect("the only worker waited on a peer")
+            .unwrap();
+        // The hanging peer fails at last and the store serves chunk 0.
+        hanging.await.unwrap();
+        assert_eq!(count(&fetcher.counters().store_chunks), 2);
+        assert_eq!(count(&fetcher.counters().peer_failures), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loose_wants_of_one_digest_share_one_store_fetch() {
+        let store = slow_store(Duration::from_millis(50));
+        let data = vec![9u8; 65536];
+        let d = Digest::of(&data);
+        store.put_chunk(&d, Bytes::from(data.clone())).await.unwrap();
+        let entry = ChunkEntry {
+            digest: d,
+            stored_len: 65536,
+            zstd: false,
+        };
+        let fetcher = Fetcher::new(store, config(4), &tokio::runtime::Handle::current());
+        let kept = Arc::new(AtomicU64::new(0));
+        let k = kept.clone();
+        let keep: KeepLoose = Arc::new(move |_: &Digest, _: &Bytes| {
+            k.fetch_add(1, Ordering::Relaxed);
+        });
+        let wants: Vec<_> = (0..10)
+            .map(|i| {
+                let class = if i % 2 == 0 { Class::Demand } else { Class::Background };
+                fetcher.want_loose(entry, 65536, class, keep.clone())
+            })
+            .collect();
+        for got in futures::future::join_all(wants).await {
+            assert_eq!(got.unwrap(), data);
+        }
+        assert_eq!(count(&fetcher.counters().store_chunks), 1);
+        assert_eq!(kept.load(Ordering::Relaxed), 1, "kept once, by the flight");
     }
 
     #[tokio::test(flavor = "current_thread")]

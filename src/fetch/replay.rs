@@ -4,7 +4,10 @@
 //! through the profile and the boot clock, which starts at the first guest
 //! attach: with the recorded boot's length, the profile is spread evenly
 //! over it; without, the clock moves at the profile's rate. Replay ends at
-//! the profile's end whatever the guests read.
+//! the profile's end whatever the guests read. With peers, each host
+//! streams every block of the profile in an order of its own after the
+//! block's head (`fleet_order`), so hosts booting together do not all ask
+//! the same home for the same chunk at the same moment.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Weak;
@@ -206,6 +209,44 @@ impl BootClock {
 
 /// How often the boot clock moves the window while nothing else happens.
 const CLOCK_STEP: Duration = Duration::from_millis(100);
+/// With peers: profile positions are shuffled within blocks of this many,
+/// after the first [`BLOCK_HEAD`] of each, which keep their order.
+const BLOCK: usize = 64;
+const BLOCK_HEAD: usize = 8;
+
+/// The order to stream `n` profile positions in, with peers: each block of
+/// [`BLOCK`] keeps its head in order and shuffles the rest by `seed` (one
+/// per host), so no position moves out of its block.
+fn fleet_order(n: usize, seed: u64) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for block in order.chunks_mut(BLOCK) {
+        if block.len() <= BLOCK_HEAD {
+            continue;
+        }
+        let tail = &mut block[BLOCK_HEAD..];
+        // Fisher-Yates.
+        for i in (1..tail.len()).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            tail.swap(i, j);
+        }
+    }
+    order
+}
+
+/// A seed that differs between hosts and runs.
+fn host_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
 
 /// Streams the profile, `window` chunks ahead of the boot (see the module's
 /// documentation), until its end.
@@ -216,6 +257,8 @@ pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: 
         Some(c) => BootClock::new(replay, &c),
         None => return,
     };
+    // Positions in streaming order: the profile's, or per host with peers.
+    let order = fetcher.has_peers().then(|| fleet_order(n as usize, host_seed()));
     let mut next = 0u32;
     let mut running = FuturesUnordered::new();
     loop {
@@ -228,7 +271,8 @@ pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: 
         ));
         while running.len() < per_pass && next < n && next < boot.saturating_add(window) {
             let Some(c) = cache.upgrade() else { return };
-            let chunk = ChunkIdx(replay.profile.chunks[next as usize]);
+            let at = order.as_ref().map_or(next, |o| o[next as usize]);
+            let chunk = ChunkIdx(replay.profile.chunks[at as usize]);
             if !c.is_ready(chunk) {
                 let want = fetcher.want(&c, chunk, Class::Profile);
                 running.push(async move { want.await.is_ok() });
@@ -256,4 +300,32 @@ pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: 
         streamed = replay.counters.streamed.load(Ordering::Relaxed),
         "boot profile streamed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_order_shuffles_each_block_after_its_head_and_keeps_every_position() {
+        let n = 3 * BLOCK + 20;
+        let a = fleet_order(n, 1);
+        let b = fleet_order(n, 2);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (0..n as u32).collect::<Vec<_>>(),
+            "a position was lost or doubled"
+        );
+        for (i, &p) in a.iter().enumerate() {
+            assert_eq!(p as usize / BLOCK, i / BLOCK, "position {p} left its block");
+            if i % BLOCK < BLOCK_HEAD {
+                assert_eq!(p as usize, i, "a block's head moved");
+            }
+        }
+        assert_ne!(a, b, "two hosts stream in the same order");
+        assert_ne!(a, (0..n as u32).collect::<Vec<_>>());
+        assert_eq!(fleet_order(5, 9), vec![0, 1, 2, 3, 4]);
+    }
 }

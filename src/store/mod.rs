@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use import::{import, ImportReport};
-pub use manifest::{verify_chunk, ChunkEntry, ChunkIdx, Digest, Manifest};
+pub use manifest::{verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, Manifest};
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 

@@ -1,0 +1,36 @@
+//! Chunk sources in front of the store: other hosts (P2P). The scheduler
+//! owns the order (peers, then the store) and the verification of every
+//! byte; a source only places chunks and moves bytes.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use super::Class;
+use crate::store::{ChunkEntry, Digest};
+
+/// Why a peer did not serve a chunk (it is asked no more for this fetch).
+pub type PeerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Other hosts that may serve a chunk.
+pub trait Peers: Send + Sync {
+    /// The peers to ask for a chunk, best first. Empty when this host
+    /// should fetch it from the store itself (it is the chunk's home, or
+    /// every peer before it is down or known bad for the chunk).
+    fn candidates(&self, digest: &Digest) -> Vec<SocketAddr>;
+
+    /// The chunk's bytes (its plaintext), unverified, asked of `peer`, and
+    /// the peer that sent them: `peer`, or a holder it redirected to.
+    fn get(
+        &self,
+        peer: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>>;
+
+    /// `peer` sent bytes for `digest` that failed verification: count it,
+    /// log it, and ask that peer no more for the chunk.
+    fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str);
+}

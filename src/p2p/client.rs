@@ -1,0 +1,323 @@
+//! The peer client: which peers to ask for a chunk (its home by HRW, then
+//! the failover candidates, up to this host), and the request itself,
+//! following a busy home's redirect to holders (and back to the home, told
+//! not to redirect, if none of them serves: never to the store). A
+//! peer that cannot be reached is skipped for a few seconds, so a dead
+//! home costs one failed connect, not one per chunk; a peer that sent a
+//! bad chunk is not asked for that chunk again for a while.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+
+use super::membership::Membership;
+use super::server::Hop;
+use super::{hrw, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
+use crate::fetch::{Class, PeerError, Peers};
+use crate::store::{ChunkEntry, Digest};
+
+/// Members examined per chunk: its home and two failover candidates.
+pub const CANDIDATES: usize = 3;
+/// How long a peer that could not be reached is skipped.
+const DOWN_FOR: Duration = Duration::from_secs(5);
+/// How long a peer that sent a bad chunk is not asked for it again.
+const BAD_FOR: Duration = Duration::from_secs(300);
+/// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
+const MAX_BAD: usize = 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request chunk {digest} from peer {peer}")]
+    Send {
+        peer: SocketAddr,
+        digest: Digest,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("peer {peer} answered {status} for chunk {digest}")]
+    Status {
+        peer: SocketAddr,
+        digest: Digest,
+        status: reqwest::StatusCode,
+    },
+    #[error("peer {peer} sent more than the {len} bytes of chunk {digest}")]
+    TooLong { peer: SocketAddr, digest: Digest, len: u64 },
+}
+
+/// One peer as this host sees it.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub requests: AtomicU64,
+    /// Answers with a chunk (verified or not) and their bytes.
+    pub served: AtomicU64,
+    pub bytes: AtomicU64,
+    pub failures: AtomicU64,
+    /// Chunks it sent that failed verification.
+    pub bad_chunks: AtomicU64,
+    /// Times it redirected this host to holders.
+    pub redirects: AtomicU64,
+    /// Its upload queue depth at its last answer.
+    pub queue: AtomicU64,
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl PeerStats {
+    pub fn is_down(&self) -> bool {
+        lock(&self.down_until).is_some_and(|t| t > Instant::now())
+    }
+}
+
+/// Cheap to clone: a request in flight holds its own.
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    token: Arc<Token>,
+    membership: Arc<Membership>,
+    peers: Arc<Mutex<HashMap<SocketAddr, Arc<PeerStats>>>>,
+    bad: Arc<Mutex<HashMap<(SocketAddr, Digest), Instant>>>,
+}
+
+impl PeerClient {
+    pub fn new(token: Arc<Token>, membership: Arc<Membership>, timeout: Duration) -> Result<Self, super::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(timeout)
+            .pool_max_idle_per_host(8)
+            // Shorter than the server's idle limit (its head timeout, 10 s):
+            // a pooled connection is never reused just as the server drops it.
+            .pool_idle_timeout(Duration::from_secs(5))
+            // A home's 307 names holders in a header; get_chunk follows it.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(super::Error::HttpClient)?;
+        Ok(PeerClient {
+            http,
+            token,
+            membership,
+            peers: Arc::default(),
+            bad: Arc::default(),
+        })
+    }
+
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+
+    pub fn stats(&self, peer: SocketAddr) -> Arc<PeerStats> {
+        lock(&self.peers).entry(peer).or_default().clone()
+    }
+
+    /// Every peer asked so far, with its numbers.
+    pub fn all_stats(&self) -> Vec<(SocketAddr, Arc<PeerStats>)> {
+        let mut v: Vec<_> = lock(&self.peers).iter().map(|(a, s)| (*a, s.clone())).collect();
+        v.sort_by_key(|(a, _)| *a);
+        v
+    }
+
+    fn is_bad(&self, peer: SocketAddr, digest: &Digest) -> bool {
+        lock(&self.bad)
+            .get(&(peer, *digest))
+            .is_some_and(|t| t.elapsed() < BAD_FOR)
+    }
+
+    /// Asks `peer` for the chunk: its bytes, or the holders it redirects to.
+    async fn request(
+        &self,
+        peer: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+        hop: Hop,
+    ) -> Result<Answer, RequestError> {
+        let stats = self.stats(peer);
+        let r = self.send(&stats, peer, entry, len, class, hop).await;
+        if let Err(e) = &r {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            let unreachable =
+                matches!(e, RequestError::Send { source, .. } if source.is_connect() || source.is_timeout());
+            if unreachable {
+                let mut down = lock(&stats.down_until);
+                if !down.is_some_and(|t| t > Instant::now()) {
+                    tracing::warn!(%peer, "peer unreachable, skipped for {DOWN_FOR:?}: {}", crate::DisplayChain(e));
+                }
+                *down = Some(Instant::now() + DOWN_FOR);
+            }
+        }
+        r
+    }
+
+    /// Asks the chunk's home; if it redirects, the holders it names (not
+    /// this host, not down, not bad for the chunk; least loaded first), then
+    /// the home again, told not to redirect. Returns who sent the bytes.
+    async fn get_chunk(
+        self,
+        home: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> Result<(SocketAddr, Bytes), RequestError> {
+        let mut holders = match self.request(home, entry, len, class, Hop::Home).await? {
+            Answer::Chunk(b) => return Ok((home, b)),
+            Answer::Redirect(holders) => holders,
+        };
+        // The least loaded first, as their last answers said (stable: the
+        // home's turn order otherwise).
+        holders.sort_by_key(|h| self.stats(*h).queue.load(Ordering::Relaxed));
+        self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
+        let me = self.membership.self_addr();
+        for h in holders {
+            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &entry.digest) {
+                continue;
+            }
+            match self.request(h, entry, len, class, Hop::Redirected).await {
+                Ok(Answer::Chunk(b)) => return Ok((h, b)),
+                Ok(Answer::Redirect(_)) => {}
+                Err(e) => tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e)),
+            }
+        }
+        match self.request(home, entry, len, class, Hop::Direct).await? {
+            Answer::Chunk(b) => Ok((home, b)),
+            Answer::Redirect(_) => Err(RequestError::Status {
+                peer: home,
+                digest: entry.digest,
+                status: reqwest::StatusCode::TEMPORARY_REDIRECT,
+            }),
+        }
+    }
+
+    /// One request and its answer.
+    async fn send(
+        &self,
+        stats: &PeerStats,
+        peer: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+        hop: Hop,
+    ) -> Result<Answer, RequestError> {
+        let digest = entry.digest;
+        let url = format!(
+            "http://{peer}/chunks/{digest}?len={len}&stored={}&zstd={}",
+            entry.stored_len,
+            u8::from(entry.zstd)
+        );
+        let send_err = |source| RequestError::Send { peer, digest, source };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut req = self
+            .http
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, self.token.bearer())
+            .header(HEADER_CLASS, class.name());
+        if let Some(me) = self.membership.self_addr() {
+            req = req.header(HEADER_FROM, me.to_string());
+        }
+        if let Some(hop) = hop.name() {
+            req = req.header(HEADER_HOP, hop);
+        }
+        let resp = req.send().await.map_err(send_err)?;
+        if let Some(q) = resp
+            .headers()
+            .get(HEADER_QUEUE)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            stats.queue.store(q, Ordering::Relaxed);
+        }
+        let status = resp.status();
+        if status == reqwest::StatusCode::TEMPORARY_REDIRECT && hop == Hop::Home {
+            let holders = resp
+                .headers()
+                .get(HEADER_HOLDERS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| super::membership::parse_list(v).ok())
+                .unwrap_or_default();
+            return Ok(Answer::Redirect(holders));
+        }
+        if status != reqwest::StatusCode::OK {
+            return Err(RequestError::Status { peer, digest, status });
+        }
+        let too_long = || RequestError::TooLong { peer, digest, len };
+        if resp.content_length().is_some_and(|n| n > len) {
+            return Err(too_long());
+        }
+        // Count as it comes: a peer may send more than it announced.
+        let mut resp = resp;
+        let mut buf = BytesMut::with_capacity(len as usize);
+        while let Some(part) = resp.chunk().await.map_err(send_err)? {
+            if (buf.len() + part.len()) as u64 > len {
+                return Err(too_long());
+            }
+            buf.extend_from_slice(&part);
+        }
+        stats.served.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(Answer::Chunk(buf.freeze()))
+    }
+}
+
+/// What a peer answered.
+enum Answer {
+    Chunk(Bytes),
+    /// A busy home named holders of the chunk.
+    Redirect(Vec<SocketAddr>),
+}
+
+impl Peers for PeerClient {
+    fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
+        let members = self.membership.members();
+        let me = self.membership.self_addr();
+        let mut out = Vec::new();
+        for m in hrw::ranked(digest, &members, CANDIDATES) {
+            if Some(m) == me {
+                // This host is the chunk's (acting) home: it fetches it.
+                break;
+            }
+            // A peer down or bad for the chunk: the next one acts as home.
+            if self.stats(m).is_down() || self.is_bad(m, digest) {
+                continue;
+            }
+            out.push(m);
+        }
+        out
+    }
+
+    fn get(
+        &self,
+        peer: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            this.get_chunk(peer, entry, len, class)
+                .await
+                .map_err(|e| Box::new(e) as PeerError)
+        })
+    }
+
+    fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str) {
+        self.stats(peer).bad_chunks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, %digest, "peer sent a bad chunk ({why}); not asked for it again, fetching elsewhere");
+        let mut bad = lock(&self.bad);
+        if bad.len() >= MAX_BAD {
+            bad.retain(|_, t| t.elapsed() < BAD_FOR);
+            if bad.len() >= MAX_BAD {
+                if let Some(oldest) = bad.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) {
+                    bad.remove(&oldest);
+                }
+            }
+        }
+        bad.insert((peer, *digest), Instant::now());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,285 @@
+//! P2P: hosts serve each other the chunks their Local Caches hold, so N
+//! hosts booting one image make the store serve each chunk about once.
+//! Each chunk has a home, chosen by rendezvous hashing of its digest over
+//! the membership (`hrw`); a host that misses a chunk asks its home, which
+//! serves it from its cache or fetches it from the store once (single
+//! flight) and serves every requester from that copy. A home that cannot
+//! be reached is replaced by the next candidate; if no peer serves, the
+//! store does. This module owns the peer server and client, the membership
+//! and the digest index; the fetch scheduler decides when peers are asked
+//! and verifies every byte they send. It knows nothing of virtio.
+
+mod client;
+mod directory;
+pub mod hrw;
+mod index;
+pub mod membership;
+mod server;
+mod slots;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use client::PeerClient;
+pub use index::ChunkIndex;
+pub use server::Server;
+
+use crate::cache::ImageCache;
+use crate::control::status::{P2pStatus, PeerStatus};
+use crate::fetch::{Fetcher, Peers};
+
+/// The requester's class: demand, profile or background.
+pub const HEADER_CLASS: &str = "x-streamblk-class";
+/// The server's upload queue depth (uploads in progress and waiting).
+pub const HEADER_QUEUE: &str = "x-streamblk-queue";
+/// The requester's own `--p2p-listen` address: the home records it as a
+/// holder of the chunk it serves it.
+pub const HEADER_FROM: &str = "x-streamblk-from";
+/// How far a request has gone: absent (to the home, which may redirect),
+/// `redirected` (to a holder: serve only a chunk held, never redirect),
+/// `direct` (to the home again after the holders failed: never redirect).
+pub const HEADER_HOP: &str = "x-streamblk-hop";
+/// In a 307 answer: the holders to ask, comma-separated.
+pub const HEADER_HOLDERS: &str = "x-streamblk-holders";
+/// Largest token file read.
+const MAX_TOKEN_BYTES: u64 = 4096;
+/// Bytes of chunks a home keeps in memory for images it does not have open.
+pub const LOOSE_CACHE_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("read token file {0}")]
+    ReadToken(PathBuf, #[source] std::io::Error),
+    #[error("token file {0}: {1}")]
+    BadToken(PathBuf, &'static str),
+    #[error("read peers file {0}")]
+    ReadPeersFile(PathBuf, #[source] std::io::Error),
+    #[error("peers file {path}, line {line}: {why}")]
+    PeersFile { path: PathBuf, line: usize, why: String },
+    #[error("{0} members, more than {max}", max = membership::MAX_MEMBERS)]
+    TooManyMembers(usize),
+    #[error("listen for peers on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    #[error("make the peer HTTP client")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+/// The cluster token every peer request carries.
+pub struct Token(Vec<u8>);
+
+impl Token {
+    #[cfg(test)]
+    pub fn new(bytes: Vec<u8>) -> Token {
+        Token(bytes)
+    }
+
+    /// Reads a token file: one line of visible ASCII (surrounding white
+    /// space ignored), at least 16 characters.
+    pub fn read(path: &Path) -> Result<Token, Error> {
+        let err = |e| Error::ReadToken(path.to_path_buf(), e);
+        let meta = std::fs::metadata(path).map_err(err)?;
+        let len = meta.len();
+        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "the cluster token file is readable by others than its owner");
+        }
+        if len > MAX_TOKEN_BYTES {
+            return Err(Error::BadToken(path.to_path_buf(), "larger than 4 KiB"));
+        }
+        let text = std::fs::read(path).map_err(err)?;
+        let token = text.trim_ascii();
+        if token.len() < 16 {
+            return Err(Error::BadToken(path.to_path_buf(), "shorter than 16 characters"));
+        }
+        if !token.iter().all(u8::is_ascii_graphic) {
+            return Err(Error::BadToken(
+                path.to_path_buf(),
+                "not one line of visible ASCII characters",
+            ));
+        }
+        Ok(Token(token.to_vec()))
+    }
+
+    /// Compares in constant time: the digests of both sides are compared,
+    /// and blake3's `Hash` equality is constant-time (so neither the
+    /// token's bytes nor its length leak through timing).
+    pub fn matches(&self, given: &[u8]) -> bool {
+        blake3::hash(&self.0) == blake3::hash(given)
+    }
+
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// The P2P settings (`--p2p-listen`, `--peers`, `--peers-file`,
+/// `--p2p-token-file`, `--p2p-upload-rate`, `--p2p-upload-slots`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct P2pConfig {
+    pub listen: Option<SocketAddr>,
+    pub peers: Vec<SocketAddr>,
+    pub peers_file: Option<PathBuf>,
+    pub token_file: PathBuf,
+    /// Upload cap, bytes per second (None: no cap).
+    pub upload_rate: Option<u64>,
+    pub upload_slots: usize,
+}
+
+/// A running P2P node: client, server (if listening), index.
+pub struct P2p {
+    client: Arc<PeerClient>,
+    server: Option<Arc<Server>>,
+    index: Arc<ChunkIndex>,
+    listen: Option<SocketAddr>,
+}
+
+impl P2p {
+    /// Reads the token and the peers file, and starts the server (if
+    /// `listen` is set) on `runtime`. `timeout` bounds one peer request.
+    pub fn start(config: &P2pConfig, timeout: Duration, runtime: &tokio::runtime::Handle) -> Result<P2p, Error> {
+        let token = Arc::new(Token::read(&config.token_file)?);
+        let membership = Arc::new(membership::Membership::new(
+            config.peers.clone(),
+            config.peers_file.clone(),
+            config.listen,
+        )?);
+        let client = Arc::new(PeerClient::new(token.clone(), membership.clone(), timeout)?);
+        let index = Arc::new(ChunkIndex::default());
+        let server = match config.listen {
+            Some(addr) => {
+                let std = std::net::TcpListener::bind(addr).map_err(|e| Error::Listen(addr, e))?;
+                std.set_nonblocking(true).map_err(|e| Error::Listen(addr, e))?;
+                let listener = {
+                    let _guard = runtime.enter();
+                    tokio::net::TcpListener::from_std(std).map_err(|e| Error::Listen(addr, e))?
+                };
+                let server = Arc::new(Server::new(
+                    token,
+                    index.clone(),
+                    membership.clone(),
+                    config.upload_slots,
+                    config.upload_rate,
+                    LOOSE_CACHE_BYTES,
+                ));
+                runtime.spawn(server::serve(listener, server.clone()));
+                Some(server)
+            }
+            None => None,
+        };
+        let members = membership.members();
+        let is_member = config.listen.is_some_and(|a| members.contains(&a));
+        tracing::info!(
+            listen = ?config.listen,
+            members = members.len(),
+            is_member,
+            "P2P on"
+        );
+        if config.listen.is_some() && !is_member {
+            tracing::warn!("this host's --p2p-listen address is not in the peer list: it is home for no chunk");
+        }
+        Ok(P2p {
+            client,
+            server,
+            index,
+            listen: config.listen,
+        })
+    }
+
+    /// The peers, as a source for the fetch scheduler.
+    pub fn peers(&self) -> Arc<dyn Peers> {
+        self.client.clone()
+    }
+
+    /// The scheduler this host fetches chunks it is home for through.
+    pub fn set_fetcher(&self, fetcher: Fetcher) {
+        if let Some(s) = &self.server {
+            s.set_fetcher(fetcher);
+        }
+    }
+
+    /// Makes an opened image's chunks servable by digest.
+    pub fn add_image(&self, cache: &Arc<ImageCache>) {
+        self.index.add(cache);
+    }
+
+    /// Re-reads the peers file (SIGHUP).
+    pub fn reload(&self) {
+        let m = self.client.membership();
+        if m.file().is_none() {
+            return;
+        }
+        match m.reload() {
+            Ok(n) => tracing::info!(members = n, "peers file re-read"),
+            Err(e) => tracing::error!("peers file not re-read, members unchanged: {}", crate::DisplayChain(&e)),
+        }
+    }
+
+    pub fn status(&self) -> P2pStatus {
+        let members = self.client.membership().members();
+        let peers = self
+            .client
+            .all_stats()
+            .into_iter()
+            .map(|(addr, s)| PeerStatus {
+                addr: addr.to_string(),
+                requests: s.requests.load(Ordering::Relaxed),
+                served: s.served.load(Ordering::Relaxed),
+                bytes: s.bytes.load(Ordering::Relaxed),
+                failures: s.failures.load(Ordering::Relaxed),
+                bad_chunks: s.bad_chunks.load(Ordering::Relaxed),
+                redirects: s.redirects.load(Ordering::Relaxed),
+                queue: s.queue.load(Ordering::Relaxed),
+                down: s.is_down(),
+            })
+            .collect();
+        let mut st = P2pStatus {
+            listen: self.listen.map(|a| a.to_string()),
+            members: members.iter().map(ToString::to_string).collect(),
+            is_member: self.listen.is_some_and(|a| members.contains(&a)),
+            peers,
+            indexed_chunks: self.index.len() as u64,
+            ..P2pStatus::default()
+        };
+        if let Some(s) = &self.server {
+            let c = &s.counters;
+            st.uploads = c.uploads.load(Ordering::Relaxed);
+            st.upload_bytes = c.upload_bytes.load(Ordering::Relaxed);
+            st.upload_queue = s.queue_depth();
+            st.home_fetches = c.home_fetches.load(Ordering::Relaxed);
+            st.redirects = c.redirects.load(Ordering::Relaxed);
+            st.refused_unauthorized = c.unauthorized.load(Ordering::Relaxed);
+            st.bad_requests = c.bad_requests.load(Ordering::Relaxed);
+            st.not_found = c.not_found.load(Ordering::Relaxed);
+            st.busy = c.busy.load(Ordering::Relaxed);
+            st.failed = c.failed.load(Ordering::Relaxed);
+            let (n, bytes) = s.loose_usage();
+            st.loose_chunks = n as u64;
+            st.loose_bytes = bytes;
+        }
+        st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_read_trimmed_and_compared_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "  0123456789abcdef-xyz\n").unwrap();
+        let t = Token::read(&f).unwrap();
+        assert!(t.matches(b"0123456789abcdef-xyz"));
+        assert!(!t.matches(b"0123456789abcdef-xy"));
+        assert!(!t.matches(b""));
+        assert_eq!(t.bearer(), "Bearer 0123456789abcdef-xyz");
+        for bad in ["short\n", "0123456789abcdef with space\n", ""] {
+            std::fs::write(&f, bad).unwrap();
+            assert!(Token::read(&f).is_err(), "{bad:?}");
+        }
+        assert!(Token::read(&dir.path().join("missing")).is_err());
+    }
+}

@@ -1,0 +1,623 @@
+//! The peer server: `GET /chunks/<digest>` over HTTP/1.1 for members that
+//! carry the cluster token. It serves a chunk its open images' caches hold;
+//! as the chunk's home it fetches a chunk it does not hold once (single
+//! flight, through the fetch scheduler) and serves every requester from
+//! that copy. Uploads take a slot, demand before profile before
+//! background, and are paced to `--p2p-upload-rate`. When every slot is
+//! busy, a home redirects a requester to members it served the chunk to
+//! (`directory`), so a chunk fans out instead of queueing at its home.
+//! Everything is bounded: connections, a request's head, waiting uploads, time.
+//!
+//! Wire form: the chunk's plaintext, the bytes its digest is of, so a
+//! requester checks it with one blake3 and nothing else; a home serves
+//! cached chunks with a pread and no recompression (the cache holds
+//! plaintext). The cost is bytes on the wire for compressible chunks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::directory::Directory;
+use super::index::{ChunkIndex, LooseChunks};
+use super::membership::Membership;
+use super::slots::UploadSlots;
+use super::{Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
+use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
+use crate::store::{manifest, ChunkEntry, Digest};
+
+/// Connections served at once; more are closed at accept. Idle ones close
+/// after [`HEAD_TIMEOUT`].
+const MAX_CONNECTIONS: usize = 256;
+/// Bytes of a request head hyper buffers (its minimum).
+const MAX_HEAD: usize = 8192;
+/// How long a client may take to send a request's head, or sit idle
+/// between requests.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a request may wait for a chunk to be fetched, and for an upload slot.
+const FETCH_WAIT: Duration = Duration::from_secs(30);
+const SLOT_WAIT: Duration = Duration::from_secs(10);
+/// A connection is asked to close after this long (when its request in
+/// flight is answered), and closed if that takes longer than
+/// [`CONN_DRAIN`]: a peer that stops reading holds a connection that long
+/// at most.
+const CONN_LIFETIME: Duration = Duration::from_secs(300);
+const CONN_DRAIN: Duration = Duration::from_secs(30);
+
+/// What the server has done, for `status`.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    pub uploads: AtomicU64,
+    pub upload_bytes: AtomicU64,
+    /// Chunks this host fetched (as a home) to serve a peer.
+    pub home_fetches: AtomicU64,
+    pub redirects: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub not_found: AtomicU64,
+    /// Refused: too many uploads waiting, or a fetch failed.
+    pub busy: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+pub struct Server {
+    token: Arc<Token>,
+    index: Arc<ChunkIndex>,
+    /// For chunks this host must fetch as a home; None without a store.
+    fetcher: Mutex<Option<Fetcher>>,
+    loose: Arc<LooseChunks>,
+    /// Held to look a loose chunk up and join (or start) its fetch, and to
+    /// keep one a fetch brought: a fetch ends only after its chunk is kept,
+    /// so a request never starts a second fetch of a chunk just fetched.
+    loose_gate: Arc<Mutex<()>>,
+    /// Only members are recorded as holders.
+    membership: Arc<Membership>,
+    directory: Mutex<Directory>,
+    slots: Arc<UploadSlots>,
+    upload_slots: usize,
+    /// Upload cap in bytes per second (None: no cap), and its bucket.
+    rate: Option<u64>,
+    bucket: Mutex<Bucket>,
+    pub counters: ServerCounters,
+    warned_self: std::sync::atomic::AtomicBool,
+    /// Chunk requests being handled: reading, fetching, waiting for a slot
+    /// or uploading. The upload queue depth this server reports, and what
+    /// decides a redirect (counted on arrival, so that a burst of requests
+    /// does not all find the home idle).
+    active: AtomicU64,
+}
+
+/// A chunk request counted in [`Server::active`] until dropped.
+struct Active<'a>(&'a AtomicU64);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request this server takes: a chunk by digest, the requester's class,
+/// and the chunk's entry if the requester sent it (a home needs it to
+/// fetch a chunk of an image it does not have open).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkRequest {
+    pub digest: Digest,
+    pub class: Class,
+    pub entry: Option<(ChunkEntry, u64)>,
+    /// The requester's peer address, if it serves.
+    pub from: Option<SocketAddr>,
+    pub hop: Hop,
+}
+
+/// How far a request has gone (see [`HEADER_HOP`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// To the chunk's home: it may fetch the chunk, or redirect.
+    Home,
+    /// To a holder the home named: only a chunk held is served.
+    Redirected,
+    /// To the home again, the holders having failed: it serves or queues.
+    Direct,
+}
+
+impl Hop {
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Hop::Home => None,
+            Hop::Redirected => Some("redirected"),
+            Hop::Direct => Some("direct"),
+        }
+    }
+}
+
+/// Why a request is refused, and its status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no cluster token")]
+    NoToken,
+    #[error("wrong cluster token")]
+    WrongToken,
+    #[error("only GET")]
+    Method,
+    #[error("bad request: {0}")]
+    Bad(String),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NoToken => StatusCode::UNAUTHORIZED,
+            Refusal::WrongToken => StatusCode::FORBIDDEN,
+            Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::Bad(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Checks the token, then parses the request. Pure: unit-tested below.
+pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<ChunkRequest, Refusal> {
+    let auth = headers.get(AUTHORIZATION).ok_or(Refusal::NoToken)?;
+    let given = auth
+        .to_str()
+        .ok()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .ok_or(Refusal::NoToken)?;
+    if !token.matches(given.trim().as_bytes()) {
+        return Err(Refusal::WrongToken);
+    }
+    if method != Method::GET {
+        return Err(Refusal::Method);
+    }
+    let bad = |why: &str| Refusal::Bad(why.to_string());
+    let hex = uri
+        .path()
+        .strip_prefix("/chunks/")
+        .ok_or_else(|| bad("path is not /chunks/<digest>"))?;
+    let digest = (hex.len() == 64)
+        .then(|| Digest::from_hex(hex))
+        .flatten()
+        .ok_or_else(|| bad("digest is not 64 hex digits"))?;
+    let class = match headers.get(HEADER_CLASS) {
+        None => Class::Background,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(Class::from_name)
+            .ok_or_else(|| bad("class is not demand, profile or background"))?,
+    };
+    let from = match headers.get(HEADER_FROM) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<SocketAddr>().ok())
+                .ok_or_else(|| bad("from is not ADDR:PORT"))?,
+        ),
+    };
+    let hop = match headers.get(HEADER_HOP).map(|v| v.to_str().unwrap_or("")) {
+        None => Hop::Home,
+        Some("redirected") => Hop::Redirected,
+        Some("direct") => Hop::Direct,
+        Some(_) => return Err(bad("hop is not redirected or direct")),
+    };
+    let (mut len, mut stored, mut zstd) = (None, None, None);
+    for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| bad("query is not key=value"))?;
+        let n = || v.parse::<u64>().map_err(|_| bad("query value is not a number"));
+        match k {
+            "len" => len = Some(n()?),
+            "stored" => stored = Some(n()?),
+            "zstd" => zstd = Some(n()? != 0),
+            _ => return Err(bad("unknown query key")),
+        }
+    }
+    let entry = match (len, stored, zstd) {
+        (None, None, None) => None,
+        (Some(len), Some(stored), Some(zstd)) => {
+            let max_stored = zstd::zstd_safe::compress_bound(manifest::MAX_CHUNK as usize) as u64;
+            if len == 0 || len > manifest::MAX_CHUNK as u64 || stored == 0 || stored > max_stored {
+                return Err(bad("chunk length out of range"));
+            }
+            if !zstd && stored != len {
+                return Err(bad("an uncompressed chunk's stored length is its length"));
+            }
+            let entry = ChunkEntry {
+                digest,
+                stored_len: stored as u32,
+                zstd,
+            };
+            Some((entry, len))
+        }
+        _ => return Err(bad("give len, stored and zstd together")),
+    };
+    Ok(ChunkRequest {
+        digest,
+        class,
+        entry,
+        from,
+        hop,
+    })
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+impl Server {
+    pub fn new(
+        token: Arc<Token>,
+        index: Arc<ChunkIndex>,
+        membership: Arc<Membership>,
+        slots: usize,
+        rate: Option<u64>,
+        loose_cap: u64,
+    ) -> Self {
+        Server {
+            token,
+            index,
+            fetcher: Mutex::new(None),
+            loose: Arc::new(LooseChunks::new(loose_cap)),
+            loose_gate: Arc::default(),
+            membership,
+            directory: Mutex::default(),
+            slots: UploadSlots::new(slots),
+            upload_slots: slots.max(1),
+            rate,
+            bucket: Mutex::new(Bucket::new(Instant::now())),
+            counters: ServerCounters::default(),
+            warned_self: Default::default(),
+            active: AtomicU64::new(0),
+        }
+    }
+
+    /// Lets the server fetch chunks it is home for from the store.
+    pub fn set_fetcher(&self, f: Fetcher) {
+        *self.fetcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// Chunk requests being handled (see [`Server::active`]).
+    pub fn queue_depth(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn loose_usage(&self) -> (usize, u64) {
+        self.loose.usage()
+    }
+
+    fn fetcher(&self) -> Option<Fetcher> {
+        self.fetcher.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let r = match parse_request(&self.token, req.method(), req.uri(), req.headers()) {
+            Ok(r) => r,
+            Err(refusal) => {
+                let counter = match refusal {
+                    Refusal::NoToken | Refusal::WrongToken => &self.counters.unauthorized,
+                    _ => &self.counters.bad_requests,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                return self.answer(refusal.status(), refusal.to_string());
+            }
+        };
+        if r.from.is_some() && r.from == self.membership.self_addr() {
+            // The peer list names this host by another address too: answer
+            // at once, or its fetch would wait on itself until it timed out.
+            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            if !self.warned_self.swap(true, Ordering::Relaxed) {
+                tracing::warn!("this host asked itself for a chunk: its peer list names it by another address too");
+            }
+            return self.answer(StatusCode::CONFLICT, "asked by itself".into());
+        }
+        let before = self.active.fetch_add(1, Ordering::Relaxed);
+        let _active = Active(&self.active);
+        if let Some(resp) = self.redirect(&r, before) {
+            return resp;
+        }
+        let data = match self.chunk(&r).await {
+            Ok(Some(data)) => data,
+            Ok(None) => {
+                self.counters.not_found.fetch_add(1, Ordering::Relaxed);
+                return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
+            }
+            Err(why) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(digest = %r.digest, "peer request failed: {why}");
+                return self.answer(StatusCode::BAD_GATEWAY, why);
+            }
+        };
+        let Ok(Ok(slot)) = tokio::time::timeout(SLOT_WAIT, self.slots.acquire(r.class)).await else {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload queue full".into());
+        };
+        self.pace(data.len() as u64).await;
+        self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+        // The requester holds the chunk once it has checked it: a home
+        // names it to later requesters when its slots are busy.
+        if let Some(from) = r.from.filter(|f| self.membership.members().contains(f)) {
+            lock(&self.directory).record(r.digest, from, std::time::Instant::now());
+        }
+        self.counters
+            .upload_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let len = data.len();
+        // The slot is held until the body is dropped: sent, or abandoned.
+        let body = Full::new(data)
+            .map_frame(move |f| {
+                let _held = &slot;
+                f
+            })
+            .boxed();
+        let mut resp = Response::new(body);
+        self.headers(&mut resp);
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        // The wrapper hides the body's size from hyper: say it, or it would chunk.
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        resp
+    }
+
+    /// A 307 naming holders of the chunk, if the request came to this host
+    /// as the chunk's home and found at least as many requests `before` it
+    /// as there are upload slots.
+    fn redirect(&self, r: &ChunkRequest, before: u64) -> Option<Response<Body>> {
+        if r.hop != Hop::Home || before < self.upload_slots as u64 {
+            return None;
+        }
+        let holders = lock(&self.directory).pick(&r.digest, r.from, std::time::Instant::now());
+        if holders.is_empty() {
+            return None;
+        }
+        self.counters.redirects.fetch_add(1, Ordering::Relaxed);
+        let list: Vec<String> = holders.iter().map(ToString::to_string).collect();
+        let mut resp = self.answer(StatusCode::TEMPORARY_REDIRECT, String::new());
+        if let Ok(v) = HeaderValue::from_str(&list.join(",")) {
+            resp.headers_mut().insert(HEADER_HOLDERS, v);
+        }
+        Some(resp)
+    }
+
+    /// The chunk's plaintext: from an open image's cache, from the loose
+    /// chunks, or fetched (a chunk this host is asked for as its home; not
+    /// when a home redirected the request here). None: not here, and not
+    /// fetchable.
+    async fn chunk(&self, r: &ChunkRequest) -> Result<Option<Bytes>, String> {
+        if let Some((cache, c, ready)) = self.index.find(&r.digest) {
+            if !ready {
+                if r.hop == Hop::Redirected {
+                    return Ok(None);
+                }
+                let Some(fetcher) = self.fetcher() else { return Ok(None) };
+                self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout(FETCH_WAIT, fetcher.want(&cache, c, r.class)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(crate::DisplayChain(&*e).to_string()),
+                    Err(_) => return Err("fetch timed out".into()),
+                }
+            }
+            let read = tokio::task::spawn_blocking(move || cache.read_chunk(c))
+                .await
+                .map_err(|e| e.to_string())?;
+            return match read {
+                Ok(data) => Ok(data.map(Bytes::from)),
+                Err(e) => Err(crate::DisplayChain(&e).to_string()),
+            };
+        }
+        let want = {
+            let _gate = lock(&self.loose_gate);
+            if let Some(data) = self.loose.get(&r.digest) {
+                return Ok(Some(data));
+            }
+            let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
+                return Ok(None);
+            };
+            let (loose, gate) = (self.loose.clone(), self.loose_gate.clone());
+            let keep: KeepLoose = Arc::new(move |d: &Digest, data: &Bytes| {
+                let _gate = lock(&gate);
+                loose.insert(*d, data.clone());
+            });
+            fetcher.want_loose(entry, len, r.class, keep)
+        };
+        self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(FETCH_WAIT, want).await {
+            Ok(Ok(data)) => Ok(Some(data)),
+            Ok(Err(e)) => Err(crate::DisplayChain(&*e).to_string()),
+            Err(_) => Err("fetch timed out".into()),
+        }
+    }
+
+    /// Waits until the upload cap lets `bytes` go.
+    async fn pace(&self, bytes: u64) {
+        let Some(rate) = self.rate else { return };
+        loop {
+            let at = {
+                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                match b.try_take(bytes, rate as f64, Instant::now()) {
+                    Ok(()) => return,
+                    Err(at) => at,
+                }
+            };
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
+    fn headers(&self, resp: &mut Response<Body>) {
+        resp.headers_mut()
+            .insert(HEADER_QUEUE, HeaderValue::from(self.queue_depth()));
+    }
+
+    fn answer(&self, status: StatusCode, why: String) -> Response<Body> {
+        let mut resp = Response::new(Full::new(Bytes::from(why)).boxed());
+        *resp.status_mut() = status;
+        self.headers(&mut resp);
+        resp
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serves peers on `listener` until the runtime stops.
+pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
+    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_error: Option<Instant> = None;
+    loop {
+        let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: say so now and then, and breathe.
+                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!("accepting a peer connection failed: {e}");
+                    last_error = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            server.counters.busy.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(CONN_LIFETIME) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(CONN_DRAIN, conn).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> Token {
+        Token::new(b"s3cret-token".to_vec())
+    }
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Result<ChunkRequest, Refusal> {
+        req_with(Method::GET, uri, headers)
+    }
+
+    fn req_with(method: Method, uri: &str, headers: &[(&str, &str)]) -> Result<ChunkRequest, Refusal> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        parse_request(&token(), &method, &uri.parse().unwrap(), &h)
+    }
+
+    const AUTH: (&str, &str) = ("authorization", "Bearer s3cret-token");
+
+    #[test]
+    fn requests_without_the_right_token_are_refused_before_anything_else() {
+        let d = Digest::of(b"c");
+        let path = format!("/chunks/{d}");
+        assert_eq!(req(&path, &[]), Err(Refusal::NoToken));
+        assert_eq!(req(&path, &[("authorization", "Basic abc")]), Err(Refusal::NoToken));
+        assert_eq!(
+            req(&path, &[("authorization", "Bearer s3cret-tokeN")]),
+            Err(Refusal::WrongToken)
+        );
+        assert_eq!(req("/../etc/passwd", &[]), Err(Refusal::NoToken));
+        assert_eq!(Refusal::NoToken.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(Refusal::WrongToken.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn a_chunk_request_parses_with_its_class_and_entry() {
+        let d = Digest::of(b"c");
+        let r = req(
+            &format!("/chunks/{d}?len=65536&stored=1200&zstd=1"),
+            &[AUTH, ("x-streamblk-class", "demand")],
+        )
+        .unwrap();
+        assert_eq!(r.digest, d);
+        assert_eq!(r.class, Class::Demand);
+        assert_eq!(
+            r.entry,
+            Some((
+                ChunkEntry {
+                    digest: d,
+                    stored_len: 1200,
+                    zstd: true
+                },
+                65536
+            ))
+        );
+        assert_eq!((r.from, r.hop), (None, Hop::Home));
+        let plain = req(&format!("/chunks/{d}"), &[AUTH]).unwrap();
+        assert_eq!((plain.class, plain.entry), (Class::Background, None));
+        let hop = req(
+            &format!("/chunks/{d}"),
+            &[
+                AUTH,
+                ("x-streamblk-hop", "redirected"),
+                ("x-streamblk-from", "127.0.0.1:7001"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (hop.from, hop.hop),
+            (Some("127.0.0.1:7001".parse().unwrap()), Hop::Redirected)
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_bad_requests() {
+        let d = Digest::of(b"c");
+        for uri in [
+            "/".to_string(),
+            "/chunks/".to_string(),
+            "/chunks/xyz".to_string(),
+            format!("/chunks/{d}/more"),
+            format!("/chunks/{}", &d.to_hex()[..63]),
+            format!("/blobs/{d}"),
+            format!("/chunks/{d}?len=10"),
+            format!("/chunks/{d}?len=0&stored=1&zstd=1"),
+            format!("/chunks/{d}?len=65536&stored=99&zstd=0"),
+            format!("/chunks/{d}?len=99999999&stored=10&zstd=1"),
+            format!("/chunks/{d}?len=-1&stored=10&zstd=1"),
+            format!("/chunks/{d}?colour=red"),
+            format!("/chunks/{d}?len"),
+        ] {
+            let r = req(&uri, &[AUTH]);
+            assert!(matches!(r, Err(Refusal::Bad(_))), "{uri}: {r:?}");
+            assert_eq!(r.unwrap_err().status(), StatusCode::BAD_REQUEST);
+        }
+        let r = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-class", "urgent")]);
+        assert!(matches!(r, Err(Refusal::Bad(_))), "{r:?}");
+        for h in [("x-streamblk-hop", "sideways"), ("x-streamblk-from", "somewhere")] {
+            let r = req(&format!("/chunks/{d}"), &[AUTH, h]);
+            assert!(matches!(r, Err(Refusal::Bad(_))), "{h:?}: {r:?}");
+        }
+        let r = req_with(Method::POST, &format!("/chunks/{d}"), &[AUTH]);
+        assert_eq!(r, Err(Refusal::Method));
+    }
+}
