@@ -350,6 +350,13 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
+    // Handlers first: a SIGTERM that arrives once a disk's socket exists
+    // must drain and flush, not kill the daemon with the default action.
+    let _guard = runtime.enter();
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
     let (failed, mut failures) = tokio::sync::mpsc::unbounded_channel();
     let p2p = match &settings.p2p {
         Some(c) => Some(Arc::new(
@@ -396,11 +403,6 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
         Failed(String),
         Tick,
     }
-    let _guard = runtime.enter();
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
     let mut tick = tokio::time::interval(STATS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     notify::notify("READY=1");
