@@ -28,7 +28,7 @@ pub struct BootWatch {
     /// Microseconds from `start` to the first attach.
     attach_us: AtomicU64,
     /// Microseconds from `start` to the latest guest read (to the
-    /// millisecond), UNSET before the first.
+    /// millisecond); meaningful once `reads` is not 0.
     read_us: AtomicU64,
     /// Reads so far, counted up to [`BOOT_READS`].
     reads: AtomicU64,
@@ -42,7 +42,7 @@ impl Default for BootWatch {
         BootWatch {
             start: Instant::now(),
             attach_us: AtomicU64::new(UNSET),
-            read_us: AtomicU64::new(UNSET),
+            read_us: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             attached: Notify::new(),
             ended: AtomicBool::new(false),
@@ -67,25 +67,17 @@ impl BootWatch {
         }
     }
 
-    /// A guest read the image. Cheap enough for every read: a clock read
-    /// and a load, a store at most once a millisecond.
+    /// A guest read the image (the first read is an attach). Cheap enough
+    /// for every read: a clock read and two loads, an add for the first
+    /// [`BOOT_READS`] reads, a store at most once a millisecond.
     pub fn note_read(&self) {
-        if self.reads.load(Ordering::Relaxed) < BOOT_READS {
-            self.reads.fetch_add(1, Ordering::Relaxed);
+        if self.reads.load(Ordering::Relaxed) < BOOT_READS && self.reads.fetch_add(1, Ordering::Relaxed) == 0 {
+            // A read is an attach, whether or not one was reported.
+            self.note_attach();
         }
         let now = self.now_us();
-        let last = self.read_us.load(Ordering::Relaxed);
-        if last == UNSET || now >= last + 1000 {
-            if last == UNSET {
-                let _ = self
-                    .read_us
-                    .compare_exchange(UNSET, now, Ordering::Relaxed, Ordering::Relaxed);
-            }
+        if now >= self.read_us.load(Ordering::Relaxed) + 1000 {
             self.read_us.fetch_max(now, Ordering::Relaxed);
-            if self.attach_us.load(Ordering::Relaxed) == UNSET {
-                // A read is an attach, whether or not one was reported.
-                self.note_attach();
-            }
         }
     }
 
@@ -119,10 +111,9 @@ impl BootWatch {
         let at = |us: u64| self.start + Duration::from_micros(us);
         let cap = at(attach) + BOOT_MAX;
         loop {
-            let over = match self.read_us.load(Ordering::Relaxed) {
-                _ if self.reads.load(Ordering::Relaxed) < BOOT_READS => cap,
-                UNSET => cap,
-                us => (at(us) + QUIET).min(cap),
+            let over = match self.reads.load(Ordering::Relaxed) {
+                n if n < BOOT_READS => cap,
+                _ => (at(self.read_us.load(Ordering::Relaxed)) + QUIET).min(cap),
             };
             let now = Instant::now();
             if now >= over {
