@@ -35,6 +35,17 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
             println!("  {}", profile_line(p));
         }
     }
+    if let Some(c) = &s.cache {
+        let limit = c.limit.map_or("no cap".to_string(), |l| format!("cap {} MiB", l >> 20));
+        println!(
+            "cache {}: {} chunks, {} MiB ({limit}); {} written, {} evicted",
+            c.dir.display(),
+            c.chunks,
+            c.bytes >> 20,
+            c.inserted,
+            c.evicted
+        );
+    }
     if let Some(f) = &s.fetch {
         println!(
             "store {}: {} chunks, {} fetched; {} corrupt, {} failed attempts; guests waited {} times, {} ms",

@@ -17,6 +17,24 @@ pub struct Status {
     /// P2P, if this daemon takes part in a fleet.
     #[serde(default)]
     pub p2p: Option<P2pStatus>,
+    /// The host's chunk store, once an image has been opened.
+    #[serde(default)]
+    pub cache: Option<CacheStatus>,
+}
+
+/// The host's chunk store: each chunk once, whichever images hold it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub dir: PathBuf,
+    pub chunks: u64,
+    /// Bytes of the slots that hold chunks.
+    pub bytes: u64,
+    /// `--cache-size-mib` in bytes; None: no cap.
+    pub limit: Option<u64>,
+    /// Chunks written since the daemon started.
+    pub inserted: u64,
+    /// Chunks evicted to stay under the cap since the daemon started.
+    pub evicted: u64,
 }
 
 /// This host in its fleet: its view of the membership, what it asked of
@@ -307,6 +325,39 @@ impl Status {
             "counter",
             &per_image(&|i| i.misses as f64),
         );
+        if let Some(c) = &self.cache {
+            let one = |v: u64| [(String::new(), v as f64)];
+            metric(
+                "cache_chunks",
+                "Chunks in the host's chunk store (each once, whichever images hold it).",
+                "gauge",
+                &one(c.chunks),
+            );
+            metric(
+                "cache_bytes",
+                "Bytes of the chunk store's slots that hold chunks.",
+                "gauge",
+                &one(c.bytes),
+            );
+            metric(
+                "cache_limit_bytes",
+                "The chunk store's size cap (+Inf: none).",
+                "gauge",
+                &[(String::new(), c.limit.map_or(f64::INFINITY, |v| v as f64))],
+            );
+            metric(
+                "cache_inserted_chunks_total",
+                "Chunks written to the chunk store.",
+                "counter",
+                &one(c.inserted),
+            );
+            metric(
+                "cache_evicted_chunks_total",
+                "Chunks evicted, least recently used first, to stay under the cap.",
+                "counter",
+                &one(c.evicted),
+            );
+        }
         if let Some(f) = &self.fetch {
             let one = |v: u64| [(String::new(), v as f64)];
             let rate = |v: Option<u64>| [(String::new(), v.map_or(f64::INFINITY, |v| v as f64))];
@@ -642,6 +693,14 @@ mod tests {
                 fill_rate_now: Some(12_500_000),
                 peer_chunks: 7,
                 ..FetchStatus::default()
+            }),
+            cache: Some(CacheStatus {
+                dir: PathBuf::from("/var/cache/streamblk"),
+                chunks: 3,
+                bytes: 3 << 18,
+                limit: Some(1 << 30),
+                inserted: 5,
+                evicted: 2,
             }),
             p2p: Some(P2pStatus {
                 members: vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()],

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::learn::{LearnConfig, LearnWorker, Learner, ProfileSource};
 use super::Error;
-use crate::cache::{self, ImageCache};
-use crate::control::status::{ByClass, FetchStatus, ImageStatus, LatencyByClass, ProfileStatus};
+use crate::cache::{self, ChunkStore, ImageCache};
+use crate::control::status::{ByClass, CacheStatus, FetchStatus, ImageStatus, LatencyByClass, ProfileStatus};
 use crate::engine::Base;
 use crate::fetch::{BootWatch, FetchConfig, Fetcher, ProfileReplay, StreamedBase};
 use crate::p2p::P2p;
@@ -44,10 +44,6 @@ impl OpenImage {
             self.replay.clone(),
             self.boot.clone(),
         ))
-    }
-
-    pub(crate) fn id(&self) -> &ImageId {
-        self.cache.id()
     }
 
     /// A recorder for a disk's first boot, if the image's profile is being
@@ -115,6 +111,8 @@ impl Drop for OpenImage {
 struct State {
     /// Opened lazily by the first image= disk.
     store: Option<Fetcher>,
+    /// Opened by the first image= disk.
+    chunks: Option<Arc<ChunkStore>>,
     by_name: HashMap<String, Weak<OpenImage>>,
     by_id: HashMap<ImageId, Weak<OpenImage>>,
 }
@@ -122,6 +120,8 @@ struct State {
 pub(crate) struct Images {
     store: Option<String>,
     cache_dir: PathBuf,
+    /// The chunk store's size cap, bytes.
+    cache_limit: Option<u64>,
     /// For the fetcher, made when the first image opens; its rates change on reload.
     fetch: Mutex<FetchConfig>,
     profile_window: u64,
@@ -144,6 +144,7 @@ impl Images {
         let images = Arc::new(Images {
             store: settings.store.clone(),
             cache_dir: settings.cache_dir.clone(),
+            cache_limit: settings.cache_limit,
             fetch: Mutex::new(settings.fetch.clone()),
             profile_window: settings.profile_window,
             learn: settings.learn.clone(),
@@ -152,9 +153,6 @@ impl Images {
             p2p,
             state: Mutex::default(),
         });
-        if let Some(limit) = settings.cache_limit {
-            images.start_eviction(limit);
-        }
         // A home fetches chunks for its peers whether or not it has their
         // image open: its fetcher exists from the start.
         if images.p2p.is_some() && images.store.is_some() {
@@ -177,6 +175,33 @@ impl Images {
         }
         s.store = Some(f.clone());
         Ok(f)
+    }
+
+    /// The host's chunk store, opened on first use.
+    fn chunks(&self, s: &mut State) -> Result<Arc<ChunkStore>, Error> {
+        if let Some(c) = &s.chunks {
+            return Ok(c.clone());
+        }
+        let fail = |e: cache::Error| Error::OpenCache(self.cache_dir.clone(), DisplayChain(&e).to_string());
+        let chunks = ChunkStore::open(&self.cache_dir, self.cache_limit).map_err(fail)?;
+        let usage = chunks.usage();
+        tracing::info!(
+            dir = %self.cache_dir.display(),
+            chunks = usage.chunks,
+            mib = usage.bytes >> 20,
+            limit_mib = self.cache_limit.map(|l| l >> 20),
+            "chunk store opened"
+        );
+        let old = cache::old_images(&**chunks.storage(), &self.cache_dir);
+        if !old.is_empty() {
+            tracing::info!(
+                "{} image caches of the old per-image layout remain in {}: each moves into the chunk store when its image is next opened",
+                old.len(),
+                self.cache_dir.display()
+            );
+        }
+        s.chunks = Some(chunks.clone());
+        Ok(chunks)
     }
 
     /// The image `name` (a name or an id in the store), opened if no disk
@@ -237,8 +262,8 @@ impl Images {
             },
         };
         let replay = profile.map(|p| Arc::new(ProfileReplay::new(p, manifest.chunk_count())));
-        std::fs::create_dir_all(&self.cache_dir).map_err(|e| Error::CacheDir(self.cache_dir.clone(), e))?;
-        let cache = Arc::new(ImageCache::open(&self.cache_dir, id, Arc::new(manifest)).map_err(|e| fail(&e))?);
+        let chunks = self.chunks(&mut s)?;
+        let cache = Arc::new(ImageCache::open(&chunks, id, Arc::new(manifest)).map_err(|e| fail(&e))?);
         let (have, all) = cache.fill();
         tracing::info!(
             image = %name,
@@ -303,6 +328,20 @@ impl Images {
 
     pub(crate) fn p2p(&self) -> Option<&Arc<P2p>> {
         self.p2p.as_ref()
+    }
+
+    /// The chunk store's use, once it is open.
+    pub(crate) fn cache_status(&self) -> Option<CacheStatus> {
+        let chunks = lock(&self.state).chunks.clone()?;
+        let u = chunks.usage();
+        Some(CacheStatus {
+            dir: self.cache_dir.clone(),
+            chunks: u.chunks,
+            bytes: u.bytes,
+            limit: u.limit,
+            inserted: chunks.counters.inserted.load(Ordering::Relaxed),
+            evicted: chunks.counters.evicted.load(Ordering::Relaxed),
+        })
     }
 
     pub(crate) fn status(&self) -> (Vec<ImageStatus>, Option<FetchStatus>) {
@@ -375,27 +414,6 @@ impl Images {
                 f.store
             );
         }
-    }
-
-    /// Every minute, evicts least recently used images no disk uses
-    /// beyond `limit` bytes.
-    fn start_eviction(self: &Arc<Self>, limit: u64) {
-        let weak = Arc::downgrade(self);
-        let root = self.cache_dir.clone();
-        self.runtime.spawn(async move {
-            loop {
-                let Some(images) = weak.upgrade() else { return };
-                let in_use: HashSet<ImageId> = images.open_images().iter().map(|(i, _)| *i.id()).collect();
-                drop(images);
-                let root = root.clone();
-                if let Ok(removed) = tokio::task::spawn_blocking(move || cache::evict(&root, limit, &in_use)).await {
-                    for r in removed {
-                        tracing::info!(image = %r, "evicted from the cache");
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(60)).await;
-            }
-        });
     }
 }
 

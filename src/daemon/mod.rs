@@ -39,8 +39,8 @@ pub enum Error {
     OpenStore(String),
     #[error("image {0}: {1}")]
     OpenImage(String, String),
-    #[error("create cache directory {0}")]
-    CacheDir(PathBuf, #[source] std::io::Error),
+    #[error("cache {0}: {1}")]
+    OpenCache(PathBuf, String),
     #[error("disk {0}: {1}")]
     OpenDisk(String, String),
     #[error("disk {0}: base size {1} is not a positive multiple of 512")]
@@ -208,6 +208,7 @@ impl Daemon {
             images,
             fetch,
             p2p,
+            cache: self.images.cache_status(),
         }
     }
 

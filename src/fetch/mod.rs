@@ -30,7 +30,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::cache::ImageCache;
-use crate::store::{self, verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, ImageId, ImageStore};
+use crate::store::{self, verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, ImageStore};
 
 /// Why a chunk is wanted, in priority order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,7 +174,9 @@ const AUTO: u64 = u64::MAX - 1;
 /// A flight's key: one per chunk of an image, or per digest for a loose chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Key {
-    Cached(ImageId, u32),
+    /// A chunk for the host's chunk store: one flight per digest, whichever
+    /// images want it (the store keeps it once for all of them).
+    Cached(Digest),
     Loose(Digest),
 }
 
@@ -381,7 +383,11 @@ impl Fetcher {
         let rx = if cache.is_ready(c) {
             None
         } else {
-            let key = Key::Cached(*cache.id(), c.0);
+            let digest = cache.manifest().chunks[c.0 as usize]
+                .as_ref()
+                .expect("a chunk that is not ready is not all zeros")
+                .digest;
+            let key = Key::Cached(digest);
             // Checked again under the lock: a fetch may just have finished.
             self.inner.join(key, class, || {
                 (!cache.is_ready(c)).then(|| Target::Cached {
@@ -912,6 +918,12 @@ async fn fill_loop(fetcher: Fetcher, cache: Weak<ImageCache>) {
         loop {
             while running.len() < per_pass && next < n {
                 let Some(c) = cache.upgrade() else { return };
+                if !c.has_room() {
+                    // Fill never evicts: what guests read stays.
+                    let (have, all) = c.fill();
+                    tracing::info!(image = %id, "cache full: background fill stops at {have}/{all} chunks");
+                    return;
+                }
                 if !c.is_ready(ChunkIdx(next)) {
                     running.push(fetcher.want(&c, ChunkIdx(next), Class::Background));
                 }
@@ -968,11 +980,21 @@ mod tests {
         (store, cache)
     }
 
-    /// Puts an image of `n` 64 KiB chunks in `store`; its cache, in `dir`.
+    /// Puts an image of `n` 64 KiB chunks in `store`; its cache, in a
+    /// chunk store of its own under `dir`. Chunk `i` of "img" and "img2" is
+    /// `i % 251 + 1` repeated (from 251 on, starting with `i`); other
+    /// names' chunks start with the name.
     async fn image(store: &ImageStore, n: u32, dir: &std::path::Path, name: &str) -> Arc<ImageCache> {
         let mut chunks = Vec::new();
         for i in 0..n {
-            let data = vec![(i % 251) as u8 + 1; 65536];
+            let mut data = vec![(i % 251) as u8 + 1; 65536];
+            if i >= 251 {
+                // Every chunk distinct: the cache keeps equal chunks once.
+                data[..4].copy_from_slice(&i.to_le_bytes());
+            }
+            if !name.starts_with("img") {
+                data[..name.len()].copy_from_slice(name.as_bytes());
+            }
             let d = Digest::of(&data);
             store.put_chunk(&d, Bytes::from(data)).await.unwrap();
             chunks.push(Some(ChunkEntry {
@@ -987,7 +1009,8 @@ mod tests {
             chunk_size: 65536,
             chunks,
         };
-        Arc::new(ImageCache::open(dir, Digest::of(name.as_bytes()), Arc::new(m)).unwrap())
+        let chunks = crate::cache::ChunkStore::open(&dir.join(name), None).unwrap();
+        Arc::new(ImageCache::open(&chunks, Digest::of(name.as_bytes()), Arc::new(m)).unwrap())
     }
 
     /// A store whose every GET takes `latency` (requests do not queue on each other).
