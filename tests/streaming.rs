@@ -485,3 +485,101 @@ fn metrics_endpoint_reports_fetches_and_cache_hits() {
     );
     assert!(m.contains("streamblk_disk_attached{disk=\"a\"} 1\n"), "{m}");
 }
+
+/// Two disks of two 32 MiB images (no chunk in common) on a host whose
+/// cache is capped at 16 MiB: both read their whole disk, twice, in
+/// scattered order, at once. Every byte read is right, the chunk store
+/// never holds more than the cap (in the daemon's status and on disk),
+/// chunks are evicted and fetched again, and a restart keeps the cap.
+#[test]
+fn the_cache_stays_under_its_cap_while_two_disks_read_images_larger_than_it() {
+    const IMAGE: usize = 32 * MIB;
+    const CAP_MIB: u64 = 16;
+    let dir = tmpdir();
+    let store_dir = dir.path().join("store");
+    let images: Vec<Vec<u8>> = (0..2)
+        .map(|i| {
+            let path = dir.path().join(format!("image{i}.raw"));
+            let data = random_bytes(IMAGE, 100 + i);
+            std::fs::write(&path, &data).unwrap();
+            import(&path, &store_dir, &format!("img{i}"), 256 << 10);
+            data
+        })
+        .collect();
+    let http = HttpStore::start(store_dir);
+    let cache = dir.path().join("cache");
+    let disks = [
+        image_disk("a", dir.path(), "img0", ""),
+        image_disk("b", dir.path(), "img1", ""),
+    ];
+    let cap = ["--cache-size-mib", &CAP_MIB.to_string()];
+    let args = serve_args(&http.url, &cache, &disks, &cap);
+    let mut daemon = Daemon::start(&args);
+    let cap_bytes = CAP_MIB << 20;
+    let slab = cache.join("chunks").join(format!("slab.{}", 256 << 10));
+    let on_disk = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map_or(0, |m| m.blocks() * 512)
+    };
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (max_status, max_disk) = std::thread::scope(|s| {
+        let readers: Vec<_> = ["a", "b"]
+            .iter()
+            .zip(&images)
+            .enumerate()
+            .map(|(i, (name, image))| {
+                let sock = dir.path().join(format!("{name}.sock"));
+                s.spawn(move || {
+                    let mut c = Client::connect(&sock, 1, MIB);
+                    for pass in 0..2u64 {
+                        // 1 MiB reads in a scattered order, a different one each pass.
+                        for k in 0..32u64 {
+                            let at = ((k * 13 + pass * 7 + i as u64 * 3) % 32) as usize * MIB;
+                            let got = c.read(at as u64, MIB);
+                            assert!(got == image[at..at + MIB], "disk {name} pass {pass}: wrong data at {at}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        let watcher = s.spawn(|| {
+            let (mut max_status, mut max_disk) = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let st = daemon.status();
+                max_status = max_status.max(st["cache"]["bytes"].as_u64().unwrap_or(0));
+                max_disk = max_disk.max(on_disk(&slab));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (max_status, max_disk)
+        });
+        for r in readers {
+            r.join().expect("a reader failed");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    let st = daemon.status();
+    let evicted = st["cache"]["evicted"].as_u64().unwrap();
+    let fetched = st["fetch"]["store_bytes"].as_u64().unwrap();
+    eprintln!(
+        "cap {cap_bytes}: status peak {max_status}, slab on disk peak {max_disk}; {evicted} chunks evicted; store sent {fetched} bytes for {} bytes of images",
+        2 * IMAGE
+    );
+    assert!(max_status > 0 && max_status <= cap_bytes, "status peak {max_status} over the cap");
+    // On disk: the cap plus the slots being written or released at that instant.
+    assert!(max_disk <= cap_bytes + (4 << 20), "{max_disk} bytes on disk");
+    assert_eq!(st["cache"]["limit"].as_u64(), Some(cap_bytes));
+    assert!(evicted >= 128, "only {evicted} chunks evicted for 64 MiB read through a 16 MiB cache");
+    assert!(fetched as usize >= 3 * IMAGE, "evicted chunks were not fetched again: {fetched}");
+
+    // Restarted, the daemon keeps what is there, within the cap.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(daemon.terminate().success());
+    let daemon = Daemon::start(&args);
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, MIB);
+    assert!(a.read(0, MIB) == images[0][..MIB]);
+    let st = daemon.status();
+    let bytes = st["cache"]["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes <= cap_bytes, "{bytes} bytes after a restart");
+}
