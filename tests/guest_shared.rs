@@ -39,7 +39,11 @@ fn a_second_image_sharing_most_chunks_fetches_only_what_the_host_lacks() {
         .arg(&b_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let store = dir.path().join("store");
     import(&a_path, &store, "base", CHUNK as u64);

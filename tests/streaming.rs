@@ -537,7 +537,10 @@ fn the_cache_stays_under_its_cap_while_two_disks_read_images_larger_than_it() {
                         for k in 0..32u64 {
                             let at = ((k * 13 + pass * 7 + i as u64 * 3) % 32) as usize * MIB;
                             let got = c.read(at as u64, MIB);
-                            assert!(got == image[at..at + MIB], "disk {name} pass {pass}: wrong data at {at}");
+                            assert!(
+                                got == image[at..at + MIB],
+                                "disk {name} pass {pass}: wrong data at {at}"
+                            );
                         }
                     }
                 })
@@ -566,12 +569,21 @@ fn the_cache_stays_under_its_cap_while_two_disks_read_images_larger_than_it() {
         "cap {cap_bytes}: status peak {max_status}, slab on disk peak {max_disk}; {evicted} chunks evicted; store sent {fetched} bytes for {} bytes of images",
         2 * IMAGE
     );
-    assert!(max_status > 0 && max_status <= cap_bytes, "status peak {max_status} over the cap");
+    assert!(
+        max_status > 0 && max_status <= cap_bytes,
+        "status peak {max_status} over the cap"
+    );
     // On disk: the cap plus the slots being written or released at that instant.
     assert!(max_disk <= cap_bytes + (4 << 20), "{max_disk} bytes on disk");
     assert_eq!(st["cache"]["limit"].as_u64(), Some(cap_bytes));
-    assert!(evicted >= 128, "only {evicted} chunks evicted for 64 MiB read through a 16 MiB cache");
-    assert!(fetched as usize >= 3 * IMAGE, "evicted chunks were not fetched again: {fetched}");
+    assert!(
+        evicted >= 128,
+        "only {evicted} chunks evicted for 64 MiB read through a 16 MiB cache"
+    );
+    assert!(
+        fetched as usize >= 3 * IMAGE,
+        "evicted chunks were not fetched again: {fetched}"
+    );
 
     // Restarted, the daemon keeps what is there, within the cap.
     std::thread::sleep(Duration::from_millis(600));
@@ -582,4 +594,62 @@ fn the_cache_stays_under_its_cap_while_two_disks_read_images_larger_than_it() {
     let st = daemon.status();
     let bytes = st["cache"]["bytes"].as_u64().unwrap();
     assert!(bytes > 0 && bytes <= cap_bytes, "{bytes} bytes after a restart");
+}
+
+/// `--store-proxy`: every store request goes through the site's proxy (a
+/// forward proxy the test runs), and the guest reads the right data; a
+/// proxy that is down is a clear error at start; a proxy for a local
+/// directory store is refused.
+#[test]
+fn store_requests_go_through_the_store_proxy() {
+    use common::httpstore::ForwardProxy;
+    let dir = tmpdir();
+    let image = make_image(&dir.path().join("image.raw"));
+    let store_dir = dir.path().join("store");
+    import(&dir.path().join("image.raw"), &store_dir, "img", CHUNK);
+    let http = HttpStore::start(store_dir.clone());
+    let proxy = ForwardProxy::start();
+    let cache = dir.path().join("cache");
+    let disks = [image_disk("a", dir.path(), "img", "")];
+    let args = serve_args(
+        &http.url,
+        &cache,
+        &disks,
+        &["--fill-rate", "0", "--store-proxy", &proxy.url],
+    );
+    let mut daemon = Daemon::start(&args);
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, 16 * MIB);
+    assert!(a.read(0, 16 * MIB) == image, "wrong data through the proxy");
+    drop(a);
+    assert!(daemon.terminate().success());
+    let relayed = proxy.relayed();
+    let served = http.chunk_requests();
+    let relayed_chunks: std::collections::HashMap<_, _> = relayed
+        .iter()
+        .filter(|(p, _)| p.starts_with("/chunks/"))
+        .map(|(p, n)| (p.clone(), *n))
+        .collect();
+    assert!(!served.is_empty());
+    assert_eq!(relayed_chunks, served, "a chunk request bypassed the proxy");
+    assert!(
+        relayed.keys().any(|p| p.contains("manifest")),
+        "the manifest bypassed the proxy: {relayed:?}"
+    );
+
+    // A proxy that is down: the image cannot open, and the error says so.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let cache2 = dir.path().join("cache2");
+    let e = serve_fails(&serve_args(&http.url, &cache2, &disks, &["--store-proxy", &down]));
+    assert!(e.contains("image img") || e.contains("store"), "{e}");
+    // A proxy for a local directory store makes no sense.
+    let e = serve_fails(&serve_args(
+        store_dir.to_str().unwrap(),
+        &cache2,
+        &disks,
+        &["--store-proxy", &proxy.url],
+    ));
+    assert!(e.contains("--store-proxy") && e.contains("needs an http(s)"), "{e}");
 }

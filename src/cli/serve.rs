@@ -22,11 +22,16 @@ pub struct ServeArgs {
     /// The image store for image= disks: a directory, file://, http(s):// or s3://bucket/prefix.
     #[arg(long)]
     pub store: Option<String>,
-    /// Where the Local Caches of images live [default: /var/cache/streamblk].
+    /// An HTTP proxy for every store request (a site's P2P proxy such as
+    /// Dragonfly's dfdaemon, or a caching proxy), for http(s):// and s3:// stores.
+    #[arg(long, value_name = "URL")]
+    pub store_proxy: Option<String>,
+    /// The Local Cache: the host's chunk store, every chunk once whichever
+    /// images hold it [default: /var/cache/streamblk].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Cache directory size limit in MiB: least recently used images that
-    /// no disk uses are evicted beyond it (0: no limit) [default: 0].
+    /// The chunk store's cap in MiB: beyond it the least recently used
+    /// chunks are evicted, whichever images hold them (0: no cap) [default: 0].
     #[arg(long)]
     pub cache_size_mib: Option<u64>,
     /// Background fill rate: auto (use the link only while guests are not
@@ -120,6 +125,7 @@ impl TryFrom<ServeArgs> for ServeRequest {
         Ok(ServeRequest {
             options: Options {
                 store: a.store,
+                store_proxy: a.store_proxy,
                 cache_dir: a.cache_dir,
                 cache_size_mib: a.cache_size_mib,
                 fill_rate: a.fill_rate,

@@ -43,6 +43,7 @@ pub enum ConfigError {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Options {
     pub store: Option<String>,
+    pub store_proxy: Option<String>,
     pub cache_dir: Option<PathBuf>,
     pub cache_size_mib: Option<u64>,
     pub fill_rate: Option<FillRate>,
@@ -104,6 +105,7 @@ impl Options {
         }
         pick!(
             store,
+            store_proxy,
             cache_dir,
             cache_size_mib,
             fill_rate,
@@ -139,6 +141,7 @@ impl Options {
         }
         cmp!(
             store => "store",
+            store_proxy => "store-proxy",
             cache_dir => "cache-dir",
             cache_size_mib => "cache-size-mib",
             fill_rate => "fill-rate",
@@ -170,6 +173,8 @@ impl Options {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub store: Option<String>,
+    /// An HTTP proxy every store request goes through.
+    pub store_proxy: Option<String>,
     pub cache_dir: PathBuf,
     pub cache_limit: Option<u64>,
     pub fetch: FetchConfig,
@@ -250,8 +255,29 @@ impl TryFrom<&Options> for Settings {
         };
         let cache_size = o.cache_size_mib.unwrap_or(0);
         let p2p = p2p_config(o)?;
+        if let Some(proxy) = &o.store_proxy {
+            if !(proxy.starts_with("http://") || proxy.starts_with("https://")) {
+                return Err(ConfigError::Option(
+                    "store-proxy",
+                    proxy.clone(),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            let remote = o
+                .store
+                .as_deref()
+                .is_some_and(|s| ["http://", "https://", "s3://"].iter().any(|p| s.starts_with(p)));
+            if !remote {
+                return Err(ConfigError::Option(
+                    "store-proxy",
+                    proxy.clone(),
+                    "needs an http(s):// or s3:// --store",
+                ));
+            }
+        }
         Ok(Settings {
             store: o.store.clone(),
+            store_proxy: o.store_proxy.clone(),
             cache_dir: o.cache_dir.clone().unwrap_or_else(|| DEFAULT_CACHE_DIR.into()),
             cache_limit: (cache_size > 0).then_some(cache_size << 20),
             fetch,
@@ -347,8 +373,9 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
         // serde's flatten loses deny_unknown_fields' line: check the
         // top-level keys here, with the line of each.
-        const KEYS: [&str; 24] = [
+        const KEYS: [&str; 25] = [
             "store",
+            "store-proxy",
             "cache-dir",
             "cache-size-mib",
             "fill-rate",

@@ -119,6 +119,7 @@ struct State {
 
 pub(crate) struct Images {
     store: Option<String>,
+    store_proxy: Option<String>,
     cache_dir: PathBuf,
     /// The chunk store's size cap, bytes.
     cache_limit: Option<u64>,
@@ -143,6 +144,7 @@ impl Images {
     ) -> Result<Arc<Images>, Error> {
         let images = Arc::new(Images {
             store: settings.store.clone(),
+            store_proxy: settings.store_proxy.clone(),
             cache_dir: settings.cache_dir.clone(),
             cache_limit: settings.cache_limit,
             fetch: Mutex::new(settings.fetch.clone()),
@@ -167,7 +169,8 @@ impl Images {
             return Ok(f.clone());
         }
         let location = self.store.as_ref().ok_or(Error::NoStore)?;
-        let store = ImageStore::open(location, false).map_err(|e| Error::OpenStore(DisplayChain(&e).to_string()))?;
+        let store = ImageStore::open_via(location, false, self.store_proxy.as_deref())
+            .map_err(|e| Error::OpenStore(DisplayChain(&e).to_string()))?;
         let config = lock(&self.fetch).clone();
         let f = Fetcher::with_peers(store, self.p2p.as_ref().map(|p| p.peers()), config, &self.runtime);
         if let Some(p) = &self.p2p {

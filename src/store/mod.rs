@@ -78,11 +78,20 @@ impl ImageStore {
     /// URL, or `s3://bucket/prefix` (credentials and region from the usual
     /// AWS environment variables). `create` makes a missing directory.
     pub fn open(location: &str, create: bool) -> Result<Self, Error> {
+        Self::open_via(location, create, None)
+    }
+
+    /// Opens `location` as [`open`](Self::open) does; an http(s):// or
+    /// s3:// store's requests go through HTTP proxy `proxy`, if given.
+    pub fn open_via(location: &str, create: bool, proxy: Option<&str>) -> Result<Self, Error> {
         let bad = |why: &str| Error::Location(location.to_string(), why.to_string());
-        let client = ClientOptions::new()
+        let mut client = ClientOptions::new()
             .with_allow_http(true)
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(Duration::from_secs(5));
+        if let Some(proxy) = proxy {
+            client = client.with_proxy_url(proxy);
+        }
         // The fetch scheduler retries with its own deadlines and failover.
         let retry = RetryConfig {
             max_retries: 0,

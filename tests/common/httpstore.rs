@@ -174,3 +174,108 @@ fn serve(conn: TcpStream, s: &State) {
         }
     }
 }
+
+/// A forward HTTP proxy, as a site's P2P or caching proxy would be: it
+/// takes absolute-form requests (`GET http://host:port/path`), sends each
+/// to its origin on a connection of its own, and relays the answer.
+/// Counts the requests it relayed, per origin-form path. Loopback only.
+pub struct ForwardProxy {
+    pub url: String,
+    relayed: Arc<Mutex<HashMap<String, u64>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ForwardProxy {
+    pub fn start() -> ForwardProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let relayed = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, st) = (relayed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let r = r.clone();
+                std::thread::spawn(move || relay(conn, &r));
+            }
+        });
+        ForwardProxy { url, relayed, stop }
+    }
+
+    /// Requests relayed, per path.
+    pub fn relayed(&self) -> HashMap<String, u64> {
+        self.relayed.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ForwardProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.url.trim_start_matches("http://"));
+    }
+}
+
+fn relay(conn: TcpStream, relayed: &Mutex<HashMap<String, u64>>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let Some((origin, path)) = target
+            .strip_prefix("http://")
+            .map(|rest| rest.split_at(rest.find('/').unwrap_or(rest.len())))
+        else {
+            let _ = out.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            return;
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        let mut request = format!("{method} {path} HTTP/1.1\r\n");
+        let mut body_len = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" || h == "\n" {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                body_len = v.trim().parse().unwrap_or(0);
+            }
+            if !lower.starts_with("proxy-") && !lower.starts_with("connection:") {
+                request.push_str(&h);
+            }
+        }
+        request.push_str("\r\n");
+        let mut body = vec![0u8; body_len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        // One origin connection per request, its write side shut after the
+        // request: the origin answers and closes, and the answer is all read.
+        let answer = TcpStream::connect(origin).and_then(|mut up| {
+            up.write_all(request.as_bytes())?;
+            up.write_all(&body)?;
+            up.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = Vec::new();
+            up.read_to_end(&mut answer)?;
+            Ok(answer)
+        });
+        let Ok(answer) = answer else {
+            let _ = out.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        };
+        *relayed.lock().unwrap().entry(path.to_string()).or_default() += 1;
+        if out.write_all(&answer).is_err() {
+            return;
+        }
+    }
+}
