@@ -17,19 +17,18 @@ use futures::future::BoxFuture;
 
 use super::membership::Membership;
 use super::server::Hop;
-use super::{hrw, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
+use super::{
+    hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
+};
 use crate::fetch::{Class, PeerError, Peers};
 use crate::store::{ChunkEntry, Digest};
 
 /// Members examined per chunk: its home and two failover candidates.
 pub const CANDIDATES: usize = 3;
-/// How long a peer that could not be reached is skipped.
-const DOWN_FOR: Duration = Duration::from_secs(5);
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
 const MAX_BAD: usize = 4096;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -48,6 +47,23 @@ pub enum RequestError {
     },
     #[error("peer {peer} sent more than the {len} bytes of chunk {digest}")]
     TooLong { peer: SocketAddr, digest: Digest, len: u64 },
+    #[error("peer {peer} went {within:?} without answering for chunk {digest}")]
+    NoAnswer {
+        peer: SocketAddr,
+        digest: Digest,
+        within: Duration,
+    },
+}
+
+impl RequestError {
+    /// The peer could not be reached, or is hung: it is skipped for a while.
+    fn is_unreachable(&self) -> bool {
+        match self {
+            RequestError::Send { source, .. } => source.is_connect() || source.is_timeout(),
+            RequestError::NoAnswer { .. } => true,
+            RequestError::Status { .. } | RequestError::TooLong { .. } => false,
+        }
+    }
 }
 
 /// One peer as this host sees it.
@@ -81,12 +97,19 @@ pub struct PeerClient {
     membership: Arc<Membership>,
     peers: Arc<Mutex<HashMap<SocketAddr, Arc<PeerStats>>>>,
     bad: Arc<Mutex<HashMap<(SocketAddr, Digest), Instant>>>,
+    timeouts: PeerTimeouts,
 }
 
 impl PeerClient {
-    pub fn new(token: Arc<Token>, membership: Arc<Membership>, timeout: Duration) -> Result<Self, super::Error> {
+    /// `timeout` bounds a request whole; `timeouts` its steps.
+    pub fn new(
+        token: Arc<Token>,
+        membership: Arc<Membership>,
+        timeout: Duration,
+        timeouts: PeerTimeouts,
+    ) -> Result<Self, super::Error> {
         let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(timeouts.connect)
             .timeout(timeout)
             .pool_max_idle_per_host(8)
             // Shorter than the server's idle limit (its head timeout, 10 s):
@@ -103,6 +126,7 @@ impl PeerClient {
             membership,
             peers: Arc::default(),
             bad: Arc::default(),
+            timeouts,
         })
     }
 
@@ -128,26 +152,20 @@ impl PeerClient {
     }
 
     /// Asks `peer` for the chunk: its bytes, or the holders it redirects to.
-    async fn request(
-        &self,
-        peer: SocketAddr,
-        entry: ChunkEntry,
-        len: u64,
-        class: Class,
-        hop: Hop,
-    ) -> Result<Answer, RequestError> {
+    /// A peer that cannot be reached, or does not answer within the time
+    /// budgets, is skipped for a while.
+    async fn request(&self, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
         let stats = self.stats(peer);
-        let r = self.send(&stats, peer, entry, len, class, hop).await;
+        let r = self.send(&stats, peer, ask, hop).await;
         if let Err(e) = &r {
             stats.failures.fetch_add(1, Ordering::Relaxed);
-            let unreachable =
-                matches!(e, RequestError::Send { source, .. } if source.is_connect() || source.is_timeout());
-            if unreachable {
+            if e.is_unreachable() {
+                let down_for = self.timeouts.down_for;
                 let mut down = lock(&stats.down_until);
                 if !down.is_some_and(|t| t > Instant::now()) {
-                    tracing::warn!(%peer, "peer unreachable, skipped for {DOWN_FOR:?}: {}", crate::DisplayChain(e));
+                    tracing::warn!(%peer, "peer unreachable, skipped for {down_for:?}: {}", crate::DisplayChain(e));
                 }
-                *down = Some(Instant::now() + DOWN_FOR);
+                *down = Some(Instant::now() + down_for);
             }
         }
         r
@@ -156,14 +174,9 @@ impl PeerClient {
     /// Asks the chunk's home; if it redirects, the holders it names (not
     /// this host, not down, not bad for the chunk; least loaded first), then
     /// the home again, told not to redirect. Returns who sent the bytes.
-    async fn get_chunk(
-        self,
-        home: SocketAddr,
-        entry: ChunkEntry,
-        len: u64,
-        class: Class,
-    ) -> Result<(SocketAddr, Bytes), RequestError> {
-        let mut holders = match self.request(home, entry, len, class, Hop::Home).await? {
+    async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, Bytes), RequestError> {
+        let digest = ask.entry.digest;
+        let mut holders = match self.request(home, &ask, Hop::Home).await? {
             Answer::Chunk(b) => return Ok((home, b)),
             Answer::Redirect(holders) => holders,
         };
@@ -173,35 +186,28 @@ impl PeerClient {
         self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
         let me = self.membership.self_addr();
         for h in holders {
-            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &entry.digest) {
+            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &digest) {
                 continue;
             }
-            match self.request(h, entry, len, class, Hop::Redirected).await {
+            match self.request(h, &ask, Hop::Redirected).await {
                 Ok(Answer::Chunk(b)) => return Ok((h, b)),
                 Ok(Answer::Redirect(_)) => {}
                 Err(e) => tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e)),
             }
         }
-        match self.request(home, entry, len, class, Hop::Direct).await? {
+        match self.request(home, &ask, Hop::Direct).await? {
             Answer::Chunk(b) => Ok((home, b)),
             Answer::Redirect(_) => Err(RequestError::Status {
                 peer: home,
-                digest: entry.digest,
+                digest,
                 status: reqwest::StatusCode::TEMPORARY_REDIRECT,
             }),
         }
     }
 
-    /// One request and its answer.
-    async fn send(
-        &self,
-        stats: &PeerStats,
-        peer: SocketAddr,
-        entry: ChunkEntry,
-        len: u64,
-        class: Class,
-        hop: Hop,
-    ) -> Result<Answer, RequestError> {
+    /// One request and its answer, each step within its time budget.
+    async fn send(&self, stats: &PeerStats, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
+        let Ask { entry, len, class } = *ask;
         let digest = entry.digest;
         let url = format!(
             "http://{peer}/chunks/{digest}?len={len}&stored={}&zstd={}",
@@ -209,19 +215,25 @@ impl PeerClient {
             u8::from(entry.zstd)
         );
         let send_err = |source| RequestError::Send { peer, digest, source };
+        let no_answer = |within| RequestError::NoAnswer { peer, digest, within };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
             .http
             .get(url)
             .header(reqwest::header::AUTHORIZATION, self.token.bearer())
-            .header(HEADER_CLASS, class.name());
+            .header(HEADER_CLASS, class.name())
+            .header(HEADER_WAIT, self.timeouts.server_wait().as_millis().to_string());
         if let Some(me) = self.membership.self_addr() {
             req = req.header(HEADER_FROM, me.to_string());
         }
         if let Some(hop) = hop.name() {
             req = req.header(HEADER_HOP, hop);
         }
-        let resp = req.send().await.map_err(send_err)?;
+        let first_byte = self.timeouts.first_byte;
+        let resp = tokio::time::timeout(first_byte, req.send())
+            .await
+            .map_err(|_| no_answer(first_byte))?
+            .map_err(send_err)?;
         if let Some(q) = resp
             .headers()
             .get(HEADER_QUEUE)
@@ -249,7 +261,12 @@ impl PeerClient {
         // Count as it comes: a peer may send more than it announced.
         let mut resp = resp;
         let mut buf = BytesMut::with_capacity(len as usize);
-        while let Some(part) = resp.chunk().await.map_err(send_err)? {
+        let idle = self.timeouts.idle;
+        while let Some(part) = tokio::time::timeout(idle, resp.chunk())
+            .await
+            .map_err(|_| no_answer(idle))?
+            .map_err(send_err)?
+        {
             if (buf.len() + part.len()) as u64 > len {
                 return Err(too_long());
             }
@@ -259,6 +276,14 @@ impl PeerClient {
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(Answer::Chunk(buf.freeze()))
     }
+}
+
+/// What is asked of peers: a chunk, its length, and the requester's class.
+#[derive(Clone, Copy)]
+struct Ask {
+    entry: ChunkEntry,
+    len: u64,
+    class: Class,
 }
 
 /// What a peer answered.
@@ -296,7 +321,7 @@ impl Peers for PeerClient {
     ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
         let this = self.clone();
         Box::pin(async move {
-            this.get_chunk(peer, entry, len, class)
+            this.get_chunk(peer, Ask { entry, len, class })
                 .await
                 .map_err(|e| Box::new(e) as PeerError)
         })
@@ -318,6 +343,99 @@ impl Peers for PeerClient {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    const CHUNK: &[u8] = b"the chunk's bytes";
+
+    fn entry() -> ChunkEntry {
+        ChunkEntry {
+            digest: Digest::of(CHUNK),
+            stored_len: CHUNK.len() as u32,
+            zstd: false,
+        }
+    }
+
+    fn ask() -> Ask {
+        Ask {
+            entry: entry(),
+            len: CHUNK.len() as u64,
+            class: Class::Demand,
+        }
+    }
+
+    fn timeouts() -> PeerTimeouts {
+        PeerTimeouts {
+            connect: Duration::from_millis(500),
+            first_byte: Duration::from_millis(300),
+            idle: Duration::from_millis(300),
+            down_for: Duration::from_secs(60),
+        }
+    }
+
+    /// A peer on 127.0.0.1 that reads each request's head and hands the
+    /// connection to `answer`, one thread a connection.
+    fn fake_peer(answer: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(answer);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let answer = answer.clone();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    answer(conn);
+                });
+            }
+        });
+        addr
+    }
+
+    fn client(members: &[SocketAddr], me: Option<SocketAddr>) -> PeerClient {
+        let token = Arc::new(Token::new(b"0123456789abcdef".to_vec()));
+        let membership = Arc::new(Membership::new(members.to_vec(), None, me).unwrap());
+        PeerClient::new(token, membership, Duration::from_secs(10), timeouts()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_hung_peer_costs_one_time_budget_and_is_then_skipped() {
+        // Accepts, reads the request, never answers.
+        let hung = fake_peer(|conn| {
+            std::thread::sleep(Duration::from_secs(30));
+            drop(conn);
+        });
+        // Sends its head and part of the body, then nothing.
+        let stalls = fake_peer(|mut conn| {
+            let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nthe", CHUNK.len()).as_bytes());
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let c = client(&[hung, stalls], None);
+        for peer in [hung, stalls] {
+            let t = Instant::now();
+            let r = c.clone().get_chunk(peer, ask()).await;
+            let took = t.elapsed();
+            assert!(matches!(r, Err(RequestError::NoAnswer { .. })), "{peer}: {r:?}");
+            assert!(
+                took < Duration::from_secs(2),
+                "{peer}: a hung peer held a read {took:?}"
+            );
+            assert!(c.stats(peer).is_down(), "{peer}: a hung peer was not marked down");
+        }
+        // Neither is a candidate now: reads go straight to the store.
+        for i in 0..50u32 {
+            assert!(c.candidates(&Digest::of(&i.to_le_bytes())).is_empty());
+        }
+    }
 }

@@ -44,6 +44,10 @@ pub const HEADER_FROM: &str = "x-streamblk-from";
 pub const HEADER_HOP: &str = "x-streamblk-hop";
 /// In a 307 answer: the holders to ask, comma-separated.
 pub const HEADER_HOLDERS: &str = "x-streamblk-holders";
+/// How long the requester waits for the answer's head, in milliseconds:
+/// the server answers within it, with the chunk or a 503 (busy), so that
+/// only a hung peer makes a requester wait longer.
+pub const HEADER_WAIT: &str = "x-streamblk-wait-ms";
 /// Largest token file read.
 const MAX_TOKEN_BYTES: u64 = 4096;
 /// Bytes of chunks a home keeps in memory for images it does not have open.
@@ -65,6 +69,12 @@ pub enum Error {
     Listen(SocketAddr, #[source] std::io::Error),
     #[error("make the peer HTTP client")]
     HttpClient(#[source] reqwest::Error),
+}
+
+/// Locks a mutex, whether or not a holder panicked: what it guards is
+/// soft state that stays consistent at every unlock.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The cluster token every peer request carries.
@@ -125,6 +135,40 @@ pub struct P2pConfig {
     /// Upload cap, bytes per second (None: no cap).
     pub upload_rate: Option<u64>,
     pub upload_slots: usize,
+    pub timeouts: PeerTimeouts,
+}
+
+/// Time budgets of one peer request. A live peer answers within them, if
+/// only to say it is busy; one that does not is hung or gone, and is
+/// skipped for `down_for` so that later reads go straight to the next
+/// candidate or the store.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PeerTimeouts {
+    pub connect: Duration,
+    /// From sending a request to its answer's head.
+    pub first_byte: Duration,
+    /// Longest pause while an answer's body arrives.
+    pub idle: Duration,
+    pub down_for: Duration,
+}
+
+impl Default for PeerTimeouts {
+    fn default() -> Self {
+        PeerTimeouts {
+            connect: Duration::from_secs(1),
+            first_byte: Duration::from_secs(2),
+            idle: Duration::from_secs(2),
+            down_for: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PeerTimeouts {
+    /// How long the server may take before it answers ([`HEADER_WAIT`]):
+    /// a margin under `first_byte` for the network and the scheduler.
+    pub fn server_wait(&self) -> Duration {
+        self.first_byte * 3 / 4
+    }
 }
 
 /// A running P2P node: client, server (if listening), index.
@@ -145,7 +189,12 @@ impl P2p {
             config.peers_file.clone(),
             config.listen,
         )?);
-        let client = Arc::new(PeerClient::new(token.clone(), membership.clone(), timeout)?);
+        let client = Arc::new(PeerClient::new(
+            token.clone(),
+            membership.clone(),
+            timeout,
+            config.timeouts,
+        )?);
         let index = Arc::new(ChunkIndex::default());
         let server = match config.listen {
             Some(addr) => {

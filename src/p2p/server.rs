@@ -32,7 +32,7 @@ use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
 use super::slots::UploadSlots;
-use super::{Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
+use super::{lock, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT};
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, Digest};
 
@@ -44,7 +44,8 @@ const MAX_HEAD: usize = 8192;
 /// How long a client may take to send a request's head, or sit idle
 /// between requests.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a request may wait for a chunk to be fetched, and for an upload slot.
+/// Longest a request may wait for a chunk to be fetched, and for an upload
+/// slot, unless the requester said it waits less ([`HEADER_WAIT`]).
 const FETCH_WAIT: Duration = Duration::from_secs(30);
 const SLOT_WAIT: Duration = Duration::from_secs(10);
 /// A connection is asked to close after this long (when its request in
@@ -117,6 +118,8 @@ pub struct ChunkRequest {
     /// The requester's peer address, if it serves.
     pub from: Option<SocketAddr>,
     pub hop: Hop,
+    /// How long the requester waits for the answer's head (at most [`FETCH_WAIT`]).
+    pub wait: Option<Duration>,
 }
 
 /// How far a request has gone (see [`HEADER_HOP`]).
@@ -210,6 +213,16 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         Some("direct") => Hop::Direct,
         Some(_) => return Err(bad("hop is not redirected or direct")),
     };
+    let wait = match headers.get(HEADER_WAIT) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|ms| Duration::from_millis(ms).min(FETCH_WAIT))
+                .ok_or_else(|| bad("wait is not a number of milliseconds"))?,
+        ),
+    };
     let (mut len, mut stored, mut zstd) = (None, None, None);
     for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| bad("query is not key=value"))?;
@@ -246,10 +259,19 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         entry,
         from,
         hop,
+        wait,
     })
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// Why a chunk could not be had.
+enum ChunkError {
+    /// Its fetch is still running when the requester stops waiting: the
+    /// requester asks again (the fetch goes on).
+    TimedOut,
+    Failed(String),
+}
 
 impl Server {
     pub fn new(
@@ -280,7 +302,7 @@ impl Server {
 
     /// Lets the server fetch chunks it is home for from the store.
     pub fn set_fetcher(&self, f: Fetcher) {
-        *self.fetcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *lock(&self.fetcher) = Some(f);
     }
 
     /// Chunk requests being handled (see [`Server::active`]).
@@ -293,7 +315,7 @@ impl Server {
     }
 
     fn fetcher(&self) -> Option<Fetcher> {
-        self.fetcher.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.fetcher).clone()
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -322,19 +344,27 @@ impl Server {
         if let Some(resp) = self.redirect(&r, before) {
             return resp;
         }
-        let data = match self.chunk(&r).await {
+        // The requester stops waiting then: answer before, if only "busy".
+        let start = Instant::now();
+        let deadline = start + r.wait.unwrap_or(FETCH_WAIT);
+        let data = match self.chunk(&r, deadline).await {
             Ok(Some(data)) => data,
             Ok(None) => {
                 self.counters.not_found.fetch_add(1, Ordering::Relaxed);
                 return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
             }
-            Err(why) => {
+            Err(ChunkError::TimedOut) => {
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                return self.answer(StatusCode::SERVICE_UNAVAILABLE, "still fetching".into());
+            }
+            Err(ChunkError::Failed(why)) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(digest = %r.digest, "peer request failed: {why}");
                 return self.answer(StatusCode::BAD_GATEWAY, why);
             }
         };
-        let Ok(Ok(slot)) = tokio::time::timeout(SLOT_WAIT, self.slots.acquire(r.class)).await else {
+        let slot_deadline = deadline.min(start + SLOT_WAIT);
+        let Ok(Ok(slot)) = tokio::time::timeout_at(slot_deadline, self.slots.acquire(r.class)).await else {
             self.counters.busy.fetch_add(1, Ordering::Relaxed);
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload queue full".into());
         };
@@ -389,7 +419,8 @@ impl Server {
     /// chunks, or fetched (a chunk this host is asked for as its home; not
     /// when a home redirected the request here). None: not here, and not
     /// fetchable.
-    async fn chunk(&self, r: &ChunkRequest) -> Result<Option<Bytes>, String> {
+    async fn chunk(&self, r: &ChunkRequest, deadline: Instant) -> Result<Option<Bytes>, ChunkError> {
+        let failed = |e: &(dyn std::error::Error + 'static)| ChunkError::Failed(crate::DisplayChain(e).to_string());
         if let Some((cache, c, ready)) = self.index.find(&r.digest) {
             if !ready {
                 if r.hop == Hop::Redirected {
@@ -397,18 +428,18 @@ impl Server {
                 }
                 let Some(fetcher) = self.fetcher() else { return Ok(None) };
                 self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-                match tokio::time::timeout(FETCH_WAIT, fetcher.want(&cache, c, r.class)).await {
+                match tokio::time::timeout_at(deadline, fetcher.want(&cache, c, r.class)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(crate::DisplayChain(&*e).to_string()),
-                    Err(_) => return Err("fetch timed out".into()),
+                    Ok(Err(e)) => return Err(failed(&*e)),
+                    Err(_) => return Err(ChunkError::TimedOut),
                 }
             }
             let read = tokio::task::spawn_blocking(move || cache.read_chunk(c))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| failed(&e))?;
             return match read {
                 Ok(data) => Ok(data.map(Bytes::from)),
-                Err(e) => Err(crate::DisplayChain(&e).to_string()),
+                Err(e) => Err(failed(&e)),
             };
         }
         let want = {
@@ -427,10 +458,10 @@ impl Server {
             fetcher.want_loose(entry, len, r.class, keep)
         };
         self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(FETCH_WAIT, want).await {
+        match tokio::time::timeout_at(deadline, want).await {
             Ok(Ok(data)) => Ok(Some(data)),
-            Ok(Err(e)) => Err(crate::DisplayChain(&*e).to_string()),
-            Err(_) => Err("fetch timed out".into()),
+            Ok(Err(e)) => Err(failed(&*e)),
+            Err(_) => Err(ChunkError::TimedOut),
         }
     }
 
@@ -460,10 +491,6 @@ impl Server {
         self.headers(&mut resp);
         resp
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Serves peers on `listener` until the runtime stops.
@@ -571,7 +598,15 @@ mod tests {
                 65536
             ))
         );
-        assert_eq!((r.from, r.hop), (None, Hop::Home));
+        assert_eq!((r.from, r.hop, r.wait), (None, Hop::Home, None));
+        let waits = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-wait-ms", "1500")]).unwrap();
+        assert_eq!(waits.wait, Some(Duration::from_millis(1500)));
+        let long = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-wait-ms", "99999999")]).unwrap();
+        assert_eq!(
+            long.wait,
+            Some(FETCH_WAIT),
+            "a requester made the server wait longer than its limit"
+        );
         let plain = req(&format!("/chunks/{d}"), &[AUTH]).unwrap();
         assert_eq!((plain.class, plain.entry), (Class::Background, None));
         let hop = req(
@@ -613,7 +648,11 @@ mod tests {
         }
         let r = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-class", "urgent")]);
         assert!(matches!(r, Err(Refusal::Bad(_))), "{r:?}");
-        for h in [("x-streamblk-hop", "sideways"), ("x-streamblk-from", "somewhere")] {
+        for h in [
+            ("x-streamblk-hop", "sideways"),
+            ("x-streamblk-from", "somewhere"),
+            ("x-streamblk-wait-ms", "soon"),
+        ] {
             let r = req(&format!("/chunks/{d}"), &[AUTH, h]);
             assert!(matches!(r, Err(Refusal::Bad(_))), "{h:?}: {r:?}");
         }
