@@ -1,5 +1,6 @@
 //! The peer client: which peers to ask for a chunk (its home by HRW, then
-//! the failover candidates, up to this host), and the request itself,
+//! the failover candidates, up to this host, which ranks itself whether or
+//! not its peer list names it), and the request itself,
 //! following a busy home's redirect to holders (and back to the home, told
 //! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
@@ -297,8 +298,15 @@ impl Peers for PeerClient {
     fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
         let members = self.membership.members();
         let me = self.membership.self_addr();
+        // A host ranks itself even when its list forgets it: peers whose
+        // lists name it ask it as home, and if it did not rank itself it
+        // would ask them in turn (a wait cycle until timeouts).
+        let ranked = match me.filter(|me| !members.contains(me)) {
+            Some(me) => hrw::ranked(digest, &[&members[..], &[me]].concat(), CANDIDATES),
+            None => hrw::ranked(digest, &members, CANDIDATES),
+        };
         let mut out = Vec::new();
-        for m in hrw::ranked(digest, &members, CANDIDATES) {
+        for m in ranked {
             if Some(m) == me {
                 // This host is the chunk's (acting) home: it fetches it.
                 break;
@@ -437,5 +445,24 @@ mod tests {
         for i in 0..50u32 {
             assert!(c.candidates(&Digest::of(&i.to_le_bytes())).is_empty());
         }
+    }
+
+    #[test]
+    fn a_host_missing_from_its_peer_list_still_ranks_itself() {
+        let me: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let others: Vec<SocketAddr> = (1..4).map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i))).collect();
+        let c = client(&others, Some(me));
+        let everyone = [&others[..], &[me]].concat();
+        let mut home_here = 0;
+        for i in 0..200u32 {
+            let d = Digest::of(&i.to_le_bytes());
+            // What a peer that lists this host computes.
+            let ranked = hrw::ranked(&d, &everyone, CANDIDATES);
+            let before_me: Vec<SocketAddr> = ranked.iter().copied().take_while(|m| *m != me).collect();
+            assert_eq!(c.candidates(&d), before_me, "chunk {i}");
+            home_here += usize::from(ranked[0] == me);
+        }
+        // The chunks its peers ask it for as home: it fetches them itself.
+        assert!(home_here > 20, "home for {home_here} of 200 chunks");
     }
 }

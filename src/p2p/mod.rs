@@ -226,7 +226,10 @@ impl P2p {
             "P2P on"
         );
         if config.listen.is_some() && !is_member {
-            tracing::warn!("this host's --p2p-listen address is not in the peer list: it is home for no chunk");
+            tracing::warn!(
+                "this host's --p2p-listen address is not in its peer list: it ranks itself as a home all the same, \
+                 so peers whose lists name it agree with it"
+            );
         }
         Ok(P2p {
             client,
