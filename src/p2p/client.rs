@@ -30,6 +30,9 @@ pub const CANDIDATES: usize = 3;
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
 const MAX_BAD: usize = 4096;
+/// The first pause before asking a busy home again, doubled up to the last.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(800);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -98,6 +101,8 @@ pub struct PeerClient {
     membership: Arc<Membership>,
     peers: Arc<Mutex<HashMap<SocketAddr, Arc<PeerStats>>>>,
     bad: Arc<Mutex<HashMap<(SocketAddr, Digest), Instant>>>,
+    /// Bounds one chunk's requests, busy homes asked again included.
+    timeout: Duration,
     timeouts: PeerTimeouts,
 }
 
@@ -127,6 +132,7 @@ impl PeerClient {
             membership,
             peers: Arc::default(),
             bad: Arc::default(),
+            timeout,
             timeouts,
         })
     }
@@ -177,7 +183,10 @@ impl PeerClient {
     /// the home again, told not to redirect. Returns who sent the bytes.
     async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, Bytes), RequestError> {
         let digest = ask.entry.digest;
-        let mut holders = match self.request(home, &ask, Hop::Home).await? {
+        // Room for one last request before the scheduler's own timeout.
+        let last = self.timeouts.first_byte + self.timeouts.idle;
+        let deadline = Instant::now() + self.timeout.saturating_sub(last);
+        let mut holders = match self.ask_home(home, &ask, Hop::Home, deadline).await? {
             Answer::Chunk(b) => return Ok((home, b)),
             Answer::Redirect(holders) => holders,
         };
@@ -196,13 +205,32 @@ impl PeerClient {
                 Err(e) => tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e)),
             }
         }
-        match self.request(home, &ask, Hop::Direct).await? {
+        match self.ask_home(home, &ask, Hop::Direct, deadline).await? {
             Answer::Chunk(b) => Ok((home, b)),
             Answer::Redirect(_) => Err(RequestError::Status {
                 peer: home,
                 digest,
                 status: reqwest::StatusCode::TEMPORARY_REDIRECT,
             }),
+        }
+    }
+
+    /// Asks the home, and again after a short pause while it answers busy
+    /// (503), until `deadline`. A busy home is alive and will have the
+    /// chunk; the next candidate would fetch it from the store a second
+    /// time. Only a home that cannot be reached is given up at once.
+    async fn ask_home(&self, home: SocketAddr, ask: &Ask, hop: Hop, deadline: Instant) -> Result<Answer, RequestError> {
+        let mut pause = BUSY_PAUSE;
+        loop {
+            match self.request(home, ask, hop).await {
+                Err(RequestError::Status { status, .. })
+                    if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                }
+                r => return r,
+            }
         }
     }
 
@@ -412,9 +440,13 @@ mod tests {
     }
 
     fn client(members: &[SocketAddr], me: Option<SocketAddr>) -> PeerClient {
+        client_within(members, me, Duration::from_secs(10))
+    }
+
+    fn client_within(members: &[SocketAddr], me: Option<SocketAddr>, timeout: Duration) -> PeerClient {
         let token = Arc::new(Token::new(b"0123456789abcdef".to_vec()));
         let membership = Arc::new(Membership::new(members.to_vec(), None, me).unwrap());
-        PeerClient::new(token, membership, Duration::from_secs(10), timeouts()).unwrap()
+        PeerClient::new(token, membership, timeout, timeouts()).unwrap()
     }
 
     #[tokio::test]
@@ -464,5 +496,44 @@ mod tests {
         }
         // The chunks its peers ask it for as home: it fetches them itself.
         assert!(home_here > 20, "home for {home_here} of 200 chunks");
+    }
+
+    #[tokio::test]
+    async fn a_busy_home_is_asked_again_not_given_up() {
+        // Busy twice, then the chunk.
+        let asked = Arc::new(AtomicU64::new(0));
+        let n = asked.clone();
+        let home = fake_peer(move |mut conn| {
+            let answer = if n.fetch_add(1, Ordering::Relaxed) < 2 {
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_string()
+            } else {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len())
+            };
+            let _ = conn.write_all(answer.as_bytes());
+            let _ = conn.write_all(if answer.contains("200") { CHUNK } else { b"" });
+        });
+        let c = client(&[home], None);
+        let (from, data) = c.clone().get_chunk(home, ask()).await.unwrap();
+        assert_eq!((from, &data[..]), (home, CHUNK));
+        assert_eq!(asked.load(Ordering::Relaxed), 3);
+        assert!(!c.stats(home).is_down(), "a busy home was taken for dead");
+
+        // Busy for good: asked until the request's time is up, never marked down.
+        let always = fake_peer(|mut conn| {
+            let _ = conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+        });
+        let c = client_within(&[always], None, Duration::from_millis(1500));
+        let t = Instant::now();
+        let r = c.clone().get_chunk(always, ask()).await;
+        assert!(
+            matches!(r, Err(RequestError::Status { status, .. }) if status == 503),
+            "{r:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "asked past the request's time"
+        );
+        assert!(c.stats(always).requests.load(Ordering::Relaxed) > 2);
+        assert!(!c.stats(always).is_down());
     }
 }
