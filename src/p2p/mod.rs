@@ -10,6 +10,7 @@
 //! and verifies every byte they send. It knows nothing of virtio.
 
 mod client;
+mod conn;
 mod directory;
 pub mod hrw;
 mod index;
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 pub use client::PeerClient;
 pub use index::ChunkIndex;
-pub use server::Server;
+pub use server::{Server, ServerLimits};
 
 use crate::cache::ImageCache;
 use crate::control::status::{P2pStatus, PeerStatus};
@@ -211,6 +212,7 @@ impl P2p {
                     config.upload_slots,
                     config.upload_rate,
                     LOOSE_CACHE_BYTES,
+                    ServerLimits::default(),
                 ));
                 runtime.spawn(server::serve(listener, server.clone()));
                 Some(server)

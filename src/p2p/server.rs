@@ -6,7 +6,8 @@
 //! background, and are paced to `--p2p-upload-rate`. When every slot is
 //! busy, a home redirects a requester to members it served the chunk to
 //! (`directory`), so a chunk fans out instead of queueing at its home.
-//! Everything is bounded: connections, a request's head, waiting uploads, time.
+//! Everything is bounded: connections, a request's head, waiting uploads,
+//! time, and a write that makes no progress (`conn`).
 //!
 //! Wire form: the chunk's plaintext, the bytes its digest is of, so a
 //! requester checks it with one blake3 and nothing else; a home serves
@@ -28,10 +29,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::conn::WriteTimeout;
 use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
-use super::slots::UploadSlots;
+use super::slots::{SlotGuard, UploadSlots};
 use super::{lock, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT};
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, Digest};
@@ -54,6 +56,22 @@ const SLOT_WAIT: Duration = Duration::from_secs(10);
 /// at most.
 const CONN_LIFETIME: Duration = Duration::from_secs(300);
 const CONN_DRAIN: Duration = Duration::from_secs(30);
+
+/// Limits of the peer server (tests shrink them).
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// How long a write to a peer may make no progress: then the
+    /// connection closes, and the upload slot its answer holds is free.
+    pub write_idle: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            write_idle: Duration::from_secs(5),
+        }
+    }
+}
 
 /// What the server has done, for `status`.
 #[derive(Debug, Default)]
@@ -96,6 +114,7 @@ pub struct Server {
     /// decides a redirect (counted on arrival, so that a burst of requests
     /// does not all find the home idle).
     active: AtomicU64,
+    limits: ServerLimits,
 }
 
 /// A chunk request counted in [`Server::active`] until dropped.
@@ -265,6 +284,45 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Bytes of an upload given to hyper at a time.
+const FRAME: usize = 64 << 10;
+
+/// An upload's body: the chunk in frames of [`FRAME`] bytes, holding its
+/// slot until dropped. Hyper asks for a frame only once it has written
+/// nearly all of the last (its write buffer is [`MAX_HEAD`]), so the slot
+/// is held while the bytes go out, not just until hyper has them: slots
+/// bound what is on the wire, and a peer that stops reading holds its slot
+/// until its connection's write times out.
+struct Upload {
+    data: Bytes,
+    _slot: SlotGuard,
+}
+
+impl hyper::body::Body for Upload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.data.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let frame = this.data.split_to(this.data.len().min(FRAME));
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.len() as u64)
+    }
+}
+
 /// Why a chunk could not be had.
 enum ChunkError {
     /// Its fetch is still running when the requester stops waiting: the
@@ -281,6 +339,7 @@ impl Server {
         slots: usize,
         rate: Option<u64>,
         loose_cap: u64,
+        limits: ServerLimits,
     ) -> Self {
         Server {
             token,
@@ -297,6 +356,7 @@ impl Server {
             counters: ServerCounters::default(),
             warned_self: Default::default(),
             active: AtomicU64::new(0),
+            limits,
         }
     }
 
@@ -379,18 +439,11 @@ impl Server {
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let len = data.len();
-        // The slot is held until the body is dropped: sent, or abandoned.
-        let body = Full::new(data)
-            .map_frame(move |f| {
-                let _held = &slot;
-                f
-            })
-            .boxed();
+        let body = Upload { data, _slot: slot }.boxed();
         let mut resp = Response::new(body);
         self.headers(&mut resp);
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        // The wrapper hides the body's size from hyper: say it, or it would chunk.
         h.insert(CONTENT_LENGTH, HeaderValue::from(len));
         resp
     }
@@ -515,6 +568,7 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = WriteTimeout::new(stream, server.limits.write_idle);
         let server = server.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -561,6 +615,83 @@ mod tests {
     }
 
     const AUTH: (&str, &str) = ("authorization", "Bearer s3cret-token");
+
+    fn test_server(slots: usize, limits: ServerLimits, members: &[SocketAddr]) -> Arc<Server> {
+        let membership = Arc::new(Membership::new(members.to_vec(), None, None).unwrap());
+        let index = Arc::default();
+        Arc::new(Server::new(
+            Arc::new(token()),
+            index,
+            membership,
+            slots,
+            None,
+            1 << 30,
+            limits,
+        ))
+    }
+
+    /// A loose chunk of `len` bytes the server holds, and its digest.
+    fn hold_chunk(server: &Server, len: usize, byte: u8) -> Digest {
+        let data = Bytes::from(vec![byte; len]);
+        let d = Digest::of(&data);
+        server.loose.insert(d, data);
+        d
+    }
+
+    async fn listen(server: &Arc<Server>) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, server.clone()));
+        addr
+    }
+
+    fn chunk_request(d: &Digest) -> String {
+        format!("GET /chunks/{d} HTTP/1.1\r\nHost: peer\r\nAuthorization: Bearer s3cret-token\r\n\r\n")
+    }
+
+    /// Waits up to 5 s for `ok`; whether it came true.
+    async fn eventually(ok: impl Fn() -> bool) -> bool {
+        let t = Instant::now();
+        while !ok() {
+            if t.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_to_a_peer_that_stops_reading_frees_its_slot() {
+        let limits = ServerLimits {
+            write_idle: Duration::from_millis(300),
+        };
+        let server = test_server(1, limits, &[]);
+        // More than the socket buffers on both sides hold.
+        let d = hold_chunk(&server, 12 << 20, 7);
+        let addr = listen(&server).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut conn = sock.connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut conn, chunk_request(&d).as_bytes())
+            .await
+            .unwrap();
+        assert!(
+            eventually(|| server.slots.depth() == 1).await,
+            "the upload took no slot"
+        );
+        let t = Instant::now();
+        // The connection is open, and reads nothing.
+        assert!(
+            eventually(|| server.slots.depth() == 0).await,
+            "a peer that reads nothing held the upload slot"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "freed before the write stalled"
+        );
+        drop(conn);
+    }
 
     #[test]
     fn requests_without_the_right_token_are_refused_before_anything_else() {
