@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::conn::WriteTimeout;
+use super::conn::{ConnLimits, Refused, WriteTimeout};
 use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
@@ -41,6 +41,8 @@ use crate::store::{manifest, ChunkEntry, Digest};
 /// Connections served at once; more are closed at accept. Idle ones close
 /// after [`HEAD_TIMEOUT`].
 const MAX_CONNECTIONS: usize = 256;
+/// Connections from one address, for each member at it (see [`ConnLimits`]).
+const CONNECTIONS_PER_MEMBER: usize = 32;
 /// Bytes of a request head hyper buffers (its minimum).
 const MAX_HEAD: usize = 8192;
 /// How long a client may take to send a request's head, or sit idle
@@ -63,12 +65,15 @@ pub struct ServerLimits {
     /// How long a write to a peer may make no progress: then the
     /// connection closes, and the upload slot its answer holds is free.
     pub write_idle: Duration,
+    /// Connections from one address, for each member at it.
+    pub conns_per_member: usize,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
             write_idle: Duration::from_secs(5),
+            conns_per_member: CONNECTIONS_PER_MEMBER,
         }
     }
 }
@@ -549,9 +554,10 @@ impl Server {
 /// Serves peers on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_addr = ConnLimits::new(server.limits.conns_per_member);
     let mut last_error: Option<Instant> = None;
     loop {
-        let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
+        let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors, say: say so now and then, and breathe.
@@ -563,6 +569,19 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
                 continue;
             }
         };
+        // Closed at once: a stranger, or an address with too many open.
+        let counted = match per_addr.admit(peer.ip(), &server.membership.members()) {
+            Ok(counted) => counted,
+            Err(Refused::Stranger) => {
+                server.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "connection from a non-member refused");
+                continue;
+            }
+            Err(Refused::TooMany) => {
+                server.counters.busy.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             server.counters.busy.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -571,7 +590,7 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
         let stream = WriteTimeout::new(stream, server.limits.write_idle);
         let server = server.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, counted);
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
@@ -665,6 +684,7 @@ mod tests {
     async fn an_upload_to_a_peer_that_stops_reading_frees_its_slot() {
         let limits = ServerLimits {
             write_idle: Duration::from_millis(300),
+            ..ServerLimits::default()
         };
         let server = test_server(1, limits, &[]);
         // More than the socket buffers on both sides hold.
@@ -789,5 +809,34 @@ mod tests {
         }
         let r = req_with(Method::POST, &format!("/chunks/{d}"), &[AUTH]);
         assert_eq!(r, Err(Refusal::Method));
+    }
+
+    #[tokio::test]
+    async fn connections_from_non_members_are_closed_before_a_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let elsewhere: SocketAddr = "127.0.0.2:7000".parse().unwrap();
+        let here: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        for (members, served) in [(vec![elsewhere], false), (vec![elsewhere, here], true)] {
+            let server = test_server(1, ServerLimits::default(), &members);
+            let d = hold_chunk(&server, 1000, 1);
+            let addr = listen(&server).await;
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = conn.write_all(chunk_request(&d).as_bytes()).await;
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 4096];
+                // Until the head and the 1000-byte body, or the server closes.
+                while answer.len() < 1000 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            read.await.unwrap();
+            assert_eq!(answer.starts_with(b"HTTP/1.1 200"), served, "members {members:?}");
+            let unauthorized = server.counters.unauthorized.load(Ordering::Relaxed);
+            assert_eq!(unauthorized, u64::from(!served), "members {members:?}");
+        }
     }
 }
