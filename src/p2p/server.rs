@@ -693,6 +693,8 @@ mod tests {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let mut conn = sock.connect(addr).await.unwrap();
+        // The write cannot stall before the request is sent.
+        let t = Instant::now();
         tokio::io::AsyncWriteExt::write_all(&mut conn, chunk_request(&d).as_bytes())
             .await
             .unwrap();
@@ -700,7 +702,6 @@ mod tests {
             eventually(|| server.slots.depth() == 1).await,
             "the upload took no slot"
         );
-        let t = Instant::now();
         // The connection is open, and reads nothing.
         assert!(
             eventually(|| server.slots.depth() == 0).await,
