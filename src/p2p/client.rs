@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
+use super::directory::REDIRECT_TO;
 use super::membership::Membership;
 use super::server::Hop;
 use super::{
@@ -49,6 +50,8 @@ pub enum RequestError {
         digest: Digest,
         status: reqwest::StatusCode,
     },
+    #[error("{peer} is not a member: not asked (it would get the cluster token)")]
+    NotMember { peer: SocketAddr },
     #[error("peer {peer} sent more than the {len} bytes of chunk {digest}")]
     TooLong { peer: SocketAddr, digest: Digest, len: u64 },
     #[error("peer {peer} went {within:?} without answering for chunk {digest}")]
@@ -65,7 +68,7 @@ impl RequestError {
         match self {
             RequestError::Send { source, .. } => source.is_connect() || source.is_timeout(),
             RequestError::NoAnswer { .. } => true,
-            RequestError::Status { .. } | RequestError::TooLong { .. } => false,
+            RequestError::Status { .. } | RequestError::TooLong { .. } | RequestError::NotMember { .. } => false,
         }
     }
 }
@@ -238,6 +241,10 @@ impl PeerClient {
     async fn send(&self, stats: &PeerStats, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
         let Ask { entry, len, class } = *ask;
         let digest = entry.digest;
+        let members = self.membership.members();
+        if !members.contains(&peer) {
+            return Err(RequestError::NotMember { peer });
+        }
         let url = format!(
             "http://{peer}/chunks/{digest}?len={len}&stored={}&zstd={}",
             entry.stored_len,
@@ -249,7 +256,7 @@ impl PeerClient {
         let mut req = self
             .http
             .get(url)
-            .header(reqwest::header::AUTHORIZATION, self.token.bearer())
+            .header(reqwest::header::AUTHORIZATION, self.token.header())
             .header(HEADER_CLASS, class.name())
             .header(HEADER_WAIT, self.timeouts.server_wait().as_millis().to_string());
         if let Some(me) = self.membership.self_addr() {
@@ -272,12 +279,18 @@ impl PeerClient {
         }
         let status = resp.status();
         if status == reqwest::StatusCode::TEMPORARY_REDIRECT && hop == Hop::Home {
+            // Members only, and no more than a home names: a home's word
+            // sends this host's token nowhere else, and costs little.
             let holders = resp
                 .headers()
                 .get(HEADER_HOLDERS)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| super::membership::parse_list(v).ok())
-                .unwrap_or_default();
+                .unwrap_or("")
+                .split(',')
+                .take(REDIRECT_TO)
+                .filter_map(|h| h.trim().parse().ok())
+                .filter(|h| members.contains(h))
+                .collect();
             return Ok(Answer::Redirect(holders));
         }
         if status != reqwest::StatusCode::OK {
@@ -535,5 +548,60 @@ mod tests {
         );
         assert!(c.stats(always).requests.load(Ordering::Relaxed) > 2);
         assert!(!c.stats(always).is_down());
+    }
+
+    /// A peer that counts its connections and answers each with `answer`.
+    fn counting_peer(answer: String) -> (SocketAddr, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(0));
+        let count = n.clone();
+        let addr = fake_peer(move |mut conn| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.write_all(answer.as_bytes());
+        });
+        (addr, n)
+    }
+
+    #[tokio::test]
+    async fn redirects_name_only_members_and_the_token_goes_to_no_one_else() {
+        let ok = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+            CHUNK.len(),
+            String::from_utf8_lossy(CHUNK)
+        );
+        let (stranger, stranger_asked) = counting_peer(ok.clone());
+        let (holder, holder_asked) = counting_peer(ok.clone());
+        let (late_holder, late_asked) = counting_peer(ok);
+        let redirect_to = |names: Vec<String>| {
+            counting_peer(format!(
+                "HTTP/1.1 307 Temporary Redirect
+x-streamblk-holders: {}
+Content-Length: 0
+
+",
+                names.join(",")
+            ))
+            .0
+        };
+        // A stranger, then a member: the member serves.
+        let home = redirect_to(vec![stranger.to_string(), holder.to_string()]);
+        // Many names, a member beyond what a home names: not followed.
+        let mut names: Vec<String> = (1..200).map(|p| format!("127.0.0.1:{p}")).collect();
+        names.push(late_holder.to_string());
+        let flooding_home = redirect_to(names);
+        let c = client(&[home, flooding_home, holder, late_holder], None);
+        let (from, data) = c.clone().get_chunk(home, ask()).await.unwrap();
+        assert_eq!((from, &data[..]), (holder, CHUNK));
+        assert_eq!(holder_asked.load(Ordering::Relaxed), 1);
+        assert_eq!(stranger_asked.load(Ordering::Relaxed), 0, "a non-member was asked");
+        assert!(c.clone().get_chunk(flooding_home, ask()).await.is_err());
+        assert_eq!(
+            late_asked.load(Ordering::Relaxed),
+            0,
+            "more holders followed than a home names"
+        );
+        // Nor is a non-member asked directly.
+        let r = c.request(stranger, &ask(), Hop::Home).await;
+        assert!(matches!(r, Err(RequestError::NotMember { .. })), "{:?}", r.err());
+        assert_eq!(stranger_asked.load(Ordering::Relaxed), 0);
     }
 }

@@ -79,12 +79,24 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The cluster token every peer request carries.
-pub struct Token(Vec<u8>);
+pub struct Token {
+    bytes: Vec<u8>,
+    /// `Bearer <token>`, marked sensitive (never logged, never indexed by HPACK).
+    header: hyper::header::HeaderValue,
+}
 
 impl Token {
+    /// `bytes` are visible ASCII (checked by [`Token::read`]).
+    fn from_checked(bytes: Vec<u8>) -> Token {
+        let mut header = hyper::header::HeaderValue::from_bytes(&[b"Bearer ", &bytes[..]].concat())
+            .expect("a token is visible ASCII");
+        header.set_sensitive(true);
+        Token { bytes, header }
+    }
+
     #[cfg(test)]
     pub fn new(bytes: Vec<u8>) -> Token {
-        Token(bytes)
+        Token::from_checked(bytes)
     }
 
     /// Reads a token file: one line of visible ASCII (surrounding white
@@ -110,18 +122,19 @@ impl Token {
                 "not one line of visible ASCII characters",
             ));
         }
-        Ok(Token(token.to_vec()))
+        Ok(Token::from_checked(token.to_vec()))
     }
 
     /// Compares in constant time: the digests of both sides are compared,
     /// and blake3's `Hash` equality is constant-time (so neither the
     /// token's bytes nor its length leak through timing).
     pub fn matches(&self, given: &[u8]) -> bool {
-        blake3::hash(&self.0) == blake3::hash(given)
+        blake3::hash(&self.bytes) == blake3::hash(given)
     }
 
-    pub fn bearer(&self) -> String {
-        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+    /// The `Authorization` header's value.
+    pub fn header(&self) -> hyper::header::HeaderValue {
+        self.header.clone()
     }
 }
 
@@ -329,7 +342,8 @@ mod tests {
         assert!(t.matches(b"0123456789abcdef-xyz"));
         assert!(!t.matches(b"0123456789abcdef-xy"));
         assert!(!t.matches(b""));
-        assert_eq!(t.bearer(), "Bearer 0123456789abcdef-xyz");
+        assert_eq!(t.header(), "Bearer 0123456789abcdef-xyz");
+        assert!(t.header().is_sensitive(), "the token could be logged");
         for bad in ["short\n", "0123456789abcdef with space\n", ""] {
             std::fs::write(&f, bad).unwrap();
             assert!(Token::read(&f).is_err(), "{bad:?}");
