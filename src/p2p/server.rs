@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::conn::{ConnLimits, Refused, WriteTimeout};
@@ -67,6 +67,9 @@ pub struct ServerLimits {
     pub write_idle: Duration,
     /// Connections from one address, for each member at it.
     pub conns_per_member: usize,
+    /// Bytes of chunks held for answers (read, waiting for a slot, or
+    /// being sent); a request that finds no room is answered busy at once.
+    pub upload_buffer: u64,
 }
 
 impl Default for ServerLimits {
@@ -74,6 +77,7 @@ impl Default for ServerLimits {
         ServerLimits {
             write_idle: Duration::from_secs(5),
             conns_per_member: CONNECTIONS_PER_MEMBER,
+            upload_buffer: 64 << 20,
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Server {
     /// does not all find the home idle).
     active: AtomicU64,
     limits: ServerLimits,
+    /// [`ServerLimits::upload_buffer`], a permit a KiB.
+    buffer: Arc<Semaphore>,
 }
 
 /// A chunk request counted in [`Server::active`] until dropped.
@@ -300,7 +306,12 @@ const FRAME: usize = 64 << 10;
 /// until its connection's write times out.
 struct Upload {
     data: Bytes,
-    _slot: SlotGuard,
+    _held: (SlotGuard, OwnedSemaphorePermit),
+}
+
+/// Permits of [`Server::buffer`] for `bytes`.
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 impl hyper::body::Body for Upload {
@@ -361,6 +372,10 @@ impl Server {
             counters: ServerCounters::default(),
             warned_self: Default::default(),
             active: AtomicU64::new(0),
+            // Room for the largest chunk at least, or it could never be served.
+            buffer: Arc::new(Semaphore::new(
+                kib(limits.upload_buffer.max(manifest::MAX_CHUNK as u64)) as usize,
+            )),
             limits,
         }
     }
@@ -409,6 +424,13 @@ impl Server {
         if let Some(resp) = self.redirect(&r, before) {
             return resp;
         }
+        // The chunk's bytes are counted from before they are read until
+        // they are sent: answers waiting for a slot hold no more than this.
+        let need = r.entry.map_or(manifest::MAX_CHUNK as u64, |(_, len)| len);
+        let Ok(room) = self.buffer.clone().try_acquire_many_owned(kib(need)) else {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload buffer full".into());
+        };
         // The requester stops waiting then: answer before, if only "busy".
         let start = Instant::now();
         let deadline = start + r.wait.unwrap_or(FETCH_WAIT);
@@ -428,6 +450,11 @@ impl Server {
                 return self.answer(StatusCode::BAD_GATEWAY, why);
             }
         };
+        if data.len() as u64 > need {
+            // The requester's length is not the chunk's (the digest is).
+            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::BAD_REQUEST, "len is not the chunk's length".into());
+        }
         let slot_deadline = deadline.min(start + SLOT_WAIT);
         let Ok(Ok(slot)) = tokio::time::timeout_at(slot_deadline, self.slots.acquire(r.class)).await else {
             self.counters.busy.fetch_add(1, Ordering::Relaxed);
@@ -444,7 +471,11 @@ impl Server {
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let len = data.len();
-        let body = Upload { data, _slot: slot }.boxed();
+        let body = Upload {
+            data,
+            _held: (slot, room),
+        }
+        .boxed();
         let mut resp = Response::new(body);
         self.headers(&mut resp);
         let h = resp.headers_mut();
@@ -668,6 +699,49 @@ mod tests {
         format!("GET /chunks/{d} HTTP/1.1\r\nHost: peer\r\nAuthorization: Bearer s3cret-token\r\n\r\n")
     }
 
+    /// One request on its own connection, telling the server to answer
+    /// within `wait_ms`: the answer's status and body.
+    async fn ask(addr: SocketAddr, d: Digest, wait_ms: u64) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = chunk_request(&d).replace(
+            "\r\n\r\n",
+            &format!("\r\nx-streamblk-wait-ms: {wait_ms}\r\nConnection: close\r\n\r\n"),
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        (status, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_waiting_for_a_slot_hold_no_more_than_the_upload_buffer() {
+        let limits = ServerLimits {
+            upload_buffer: manifest::MAX_CHUNK as u64 + 1024,
+            ..ServerLimits::default()
+        };
+        let server = test_server(1, limits, &[]);
+        let d = hold_chunk(&server, 1000, 3);
+        let addr = listen(&server).await;
+        // The only slot is taken: a first request (the largest chunk
+        // reserved: it sent no length) waits for it, using the buffer.
+        let taken = server.slots.acquire(Class::Demand).await.unwrap();
+        let first = tokio::spawn(ask(addr, d, 5000));
+        assert!(eventually(|| server.queue_depth() == 1).await);
+        // A second finds no room, and is told so at once.
+        let t = Instant::now();
+        let (status, body) = ask(addr, d, 5000).await;
+        assert_eq!((status, body.as_str()), (503, "upload buffer full"));
+        assert!(t.elapsed() < Duration::from_secs(2), "it waited {:?}", t.elapsed());
+        drop(taken);
+        assert_eq!(first.await.unwrap().0, 200);
+        // Sent: the room is free again.
+        assert_eq!(ask(addr, d, 5000).await.0, 200);
+    }
+
     /// Waits up to 5 s for `ok`; whether it came true.
     async fn eventually(ok: impl Fn() -> bool) -> bool {
         let t = Instant::now();
@@ -687,8 +761,9 @@ mod tests {
             ..ServerLimits::default()
         };
         let server = test_server(1, limits, &[]);
-        // More than the socket buffers on both sides hold.
-        let d = hold_chunk(&server, 12 << 20, 7);
+        // The largest chunk: more than the socket buffers hold when the
+        // receive window is 4 KiB.
+        let d = hold_chunk(&server, manifest::MAX_CHUNK as usize, 7);
         let addr = listen(&server).await;
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
