@@ -14,6 +14,8 @@
 //! cached chunks with a pread and no recompression (the cache holds
 //! plaintext). The cost is bytes on the wire for compressible chunks.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,7 +109,7 @@ pub struct Server {
     /// Held to look a loose chunk up and join (or start) its fetch, and to
     /// keep one a fetch brought: a fetch ends only after its chunk is kept,
     /// so a request never starts a second fetch of a chunk just fetched.
-    loose_gate: Arc<Mutex<()>>,
+    loose_gate: Arc<Mutex<LooseFlights>>,
     /// Only members are recorded as holders.
     membership: Arc<Membership>,
     directory: Mutex<Directory>,
@@ -126,6 +128,33 @@ pub struct Server {
     limits: ServerLimits,
     /// [`ServerLimits::upload_buffer`], a permit a KiB.
     buffer: Arc<Semaphore>,
+}
+
+/// The entries of the loose chunks being fetched. A fetch is keyed by
+/// digest and made with the entry of the request that started it, so a
+/// request whose entry differs is refused, not joined to a fetch that
+/// cannot bring what it asked for (one of the two entries is wrong).
+#[derive(Default)]
+struct LooseFlights(HashMap<Digest, ((ChunkEntry, u64), Instant)>);
+
+impl LooseFlights {
+    /// Notes a request for `entry`: false if the digest is being fetched
+    /// with another entry. Forgets fetches older than [`FETCH_WAIT`],
+    /// whose requesters all stopped waiting before they ended.
+    fn join(&mut self, entry: ChunkEntry, len: u64, now: Instant) -> bool {
+        self.0.retain(|_, (_, t)| now.duration_since(*t) < FETCH_WAIT);
+        match self.0.entry(entry.digest) {
+            Entry::Occupied(o) => o.get().0 == (entry, len),
+            Entry::Vacant(v) => {
+                v.insert(((entry, len), now));
+                true
+            }
+        }
+    }
+
+    fn end(&mut self, digest: &Digest) {
+        self.0.remove(digest);
+    }
 }
 
 /// A chunk request counted in [`Server::active`] until dropped.
@@ -344,6 +373,8 @@ enum ChunkError {
     /// Its fetch is still running when the requester stops waiting: the
     /// requester asks again (the fetch goes on).
     TimedOut,
+    /// Its loose fetch is under way with another entry ([`LooseFlights`]).
+    OtherEntry,
     Failed(String),
 }
 
@@ -440,6 +471,13 @@ impl Server {
                 self.counters.not_found.fetch_add(1, Ordering::Relaxed);
                 return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
             }
+            Err(ChunkError::OtherEntry) => {
+                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return self.answer(
+                    StatusCode::CONFLICT,
+                    "the chunk is being fetched with another entry".into(),
+                );
+            }
             Err(ChunkError::TimedOut) => {
                 self.counters.busy.fetch_add(1, Ordering::Relaxed);
                 return self.answer(StatusCode::SERVICE_UNAVAILABLE, "still fetching".into());
@@ -450,7 +488,11 @@ impl Server {
                 return self.answer(StatusCode::BAD_GATEWAY, why);
             }
         };
-        if data.len() as u64 > need {
+        let wrong_len = match r.entry {
+            Some((_, len)) => data.len() as u64 != len,
+            None => data.len() as u64 > need,
+        };
+        if wrong_len {
             // The requester's length is not the chunk's (the digest is).
             self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             return self.answer(StatusCode::BAD_REQUEST, "len is not the chunk's length".into());
@@ -532,22 +574,31 @@ impl Server {
             };
         }
         let want = {
-            let _gate = lock(&self.loose_gate);
+            let mut flights = lock(&self.loose_gate);
             if let Some(data) = self.loose.get(&r.digest) {
                 return Ok(Some(data));
             }
             let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
                 return Ok(None);
             };
+            if !flights.join(entry, len, Instant::now()) {
+                return Err(ChunkError::OtherEntry);
+            }
             let (loose, gate) = (self.loose.clone(), self.loose_gate.clone());
             let keep: KeepLoose = Arc::new(move |d: &Digest, data: &Bytes| {
-                let _gate = lock(&gate);
+                let mut flights = lock(&gate);
                 loose.insert(*d, data.clone());
+                flights.end(d);
             });
             fetcher.want_loose(entry, len, r.class, keep)
         };
         self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout_at(deadline, want).await {
+        let got = tokio::time::timeout_at(deadline, want).await;
+        if let Ok(Err(_)) = &got {
+            // The fetch failed: a request with another entry may try its own.
+            lock(&self.loose_gate).end(&r.digest);
+        }
+        match got {
             Ok(Ok(data)) => Ok(Some(data)),
             Ok(Err(e)) => Err(failed(&*e)),
             Err(_) => Err(ChunkError::TimedOut),
@@ -699,19 +750,22 @@ mod tests {
         format!("GET /chunks/{d} HTTP/1.1\r\nHost: peer\r\nAuthorization: Bearer s3cret-token\r\n\r\n")
     }
 
-    /// One request on its own connection, telling the server to answer
-    /// within `wait_ms`: the answer's status and body.
-    async fn ask(addr: SocketAddr, d: Digest, wait_ms: u64) -> (u16, String) {
+    /// `req` (a request head) on its own connection: the whole answer.
+    async fn exchange(addr: SocketAddr, req: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = req.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = chunk_request(&d).replace(
-            "\r\n\r\n",
-            &format!("\r\nx-streamblk-wait-ms: {wait_ms}\r\nConnection: close\r\n\r\n"),
-        );
         conn.write_all(req.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         conn.read_to_end(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer).to_string();
+        String::from_utf8_lossy(&answer).to_string()
+    }
+
+    /// A request for `d` telling the server to answer within `wait_ms`:
+    /// the answer's status and body.
+    async fn ask(addr: SocketAddr, d: Digest, wait_ms: u64) -> (u16, String) {
+        let req = chunk_request(&d).replace("\r\n\r\n", &format!("\r\nx-streamblk-wait-ms: {wait_ms}\r\n\r\n"));
+        let answer = exchange(addr, &req).await;
         let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
         (status, body)
@@ -740,6 +794,49 @@ mod tests {
         assert_eq!(first.await.unwrap().0, 200);
         // Sent: the room is free again.
         assert_eq!(ask(addr, d, 5000).await.0, 200);
+    }
+
+    #[test]
+    fn a_loose_fetch_is_joined_only_with_its_own_entry() {
+        let d = Digest::of(b"c");
+        let e = |stored_len, zstd| ChunkEntry {
+            digest: d,
+            stored_len,
+            zstd,
+        };
+        let mut f = LooseFlights::default();
+        let t0 = Instant::now();
+        assert!(f.join(e(500, true), 1000, t0));
+        assert!(f.join(e(500, true), 1000, t0), "the same entry was refused");
+        assert!(!f.join(e(400, true), 1000, t0), "joined with another stored length");
+        assert!(!f.join(e(1000, false), 1000, t0), "joined with another encoding");
+        assert!(!f.join(e(500, true), 999, t0), "joined with another length");
+        f.end(&d);
+        assert!(
+            f.join(e(400, true), 1000, t0),
+            "a fetch that ended still bound its entry"
+        );
+        assert!(
+            f.join(e(500, true), 1000, t0 + FETCH_WAIT),
+            "a forgotten fetch still bound its entry"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_length_is_not_the_chunks_is_refused() {
+        let server = test_server(1, ServerLimits::default(), &[]);
+        let d = hold_chunk(&server, 1000, 5);
+        let addr = listen(&server).await;
+        let with_len = |len: u64| {
+            let req = chunk_request(&d).replace(
+                &format!("/chunks/{d} "),
+                &format!("/chunks/{d}?len={len}&stored={len}&zstd=0 "),
+            );
+            async move { exchange(addr, &req).await[..12].to_string() }
+        };
+        assert_eq!(with_len(999).await, "HTTP/1.1 400");
+        assert_eq!(with_len(1001).await, "HTTP/1.1 400");
+        assert_eq!(with_len(1000).await, "HTTP/1.1 200");
     }
 
     /// Waits up to 5 s for `ok`; whether it came true.
