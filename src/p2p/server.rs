@@ -117,7 +117,7 @@ pub struct Server {
     upload_slots: usize,
     /// Upload cap in bytes per second (None: no cap), and its bucket.
     rate: Option<u64>,
-    bucket: Mutex<Bucket>,
+    bucket: Arc<Mutex<Bucket>>,
     pub counters: ServerCounters,
     warned_self: std::sync::atomic::AtomicBool,
     /// Chunk requests being handled: reading, fetching, waiting for a slot
@@ -332,9 +332,15 @@ const FRAME: usize = 64 << 10;
 /// nearly all of the last (its write buffer is [`MAX_HEAD`]), so the slot
 /// is held while the bytes go out, not just until hyper has them: slots
 /// bound what is on the wire, and a peer that stops reading holds its slot
-/// until its connection's write times out.
+/// until its connection's write times out. Each frame waits for the upload
+/// cap, so the answer's head goes out at once (within the requester's
+/// first-byte budget) however far behind the cap is.
 struct Upload {
     data: Bytes,
+    /// The server's bucket and its rate (bytes per second), if capped.
+    pace: Option<(Arc<Mutex<Bucket>>, f64)>,
+    /// Until the cap lets the next frame go.
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     _held: (SlotGuard, OwnedSemaphorePermit),
 }
 
@@ -349,13 +355,26 @@ impl hyper::body::Body for Upload {
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if this.data.is_empty() {
             return std::task::Poll::Ready(None);
         }
-        let frame = this.data.split_to(this.data.len().min(FRAME));
+        let n = this.data.len().min(FRAME);
+        if let Some((bucket, rate)) = &this.pace {
+            loop {
+                if let Some(wait) = &mut this.wait {
+                    std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+                    this.wait = None;
+                }
+                match lock(bucket).try_take(n as u64, *rate, Instant::now()) {
+                    Ok(()) => break,
+                    Err(at) => this.wait = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+        }
+        let frame = this.data.split_to(n);
         std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
     }
 
@@ -399,7 +418,7 @@ impl Server {
             slots: UploadSlots::new(slots),
             upload_slots: slots.max(1),
             rate,
-            bucket: Mutex::new(Bucket::new(Instant::now())),
+            bucket: Arc::new(Mutex::new(Bucket::new(Instant::now()))),
             counters: ServerCounters::default(),
             warned_self: Default::default(),
             active: AtomicU64::new(0),
@@ -502,7 +521,6 @@ impl Server {
             self.counters.busy.fetch_add(1, Ordering::Relaxed);
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload queue full".into());
         };
-        self.pace(data.len() as u64).await;
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         // The requester holds the chunk once it has checked it: a home
         // names it to later requesters when its slots are busy.
@@ -515,6 +533,8 @@ impl Server {
         let len = data.len();
         let body = Upload {
             data,
+            pace: self.rate.map(|rate| (self.bucket.clone(), rate as f64)),
+            wait: None,
             _held: (slot, room),
         }
         .boxed();
@@ -602,21 +622,6 @@ impl Server {
             Ok(Ok(data)) => Ok(Some(data)),
             Ok(Err(e)) => Err(failed(&*e)),
             Err(_) => Err(ChunkError::TimedOut),
-        }
-    }
-
-    /// Waits until the upload cap lets `bytes` go.
-    async fn pace(&self, bytes: u64) {
-        let Some(rate) = self.rate else { return };
-        loop {
-            let at = {
-                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-                match b.try_take(bytes, rate as f64, Instant::now()) {
-                    Ok(()) => return,
-                    Err(at) => at,
-                }
-            };
-            tokio::time::sleep_until(at).await;
         }
     }
 
@@ -837,6 +842,51 @@ mod tests {
         assert_eq!(with_len(999).await, "HTTP/1.1 400");
         assert_eq!(with_len(1001).await, "HTTP/1.1 400");
         assert_eq!(with_len(1000).await, "HTTP/1.1 200");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_capped_upload_sends_its_head_at_once_and_its_body_at_the_cap() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let membership = Arc::new(Membership::new(Vec::new(), None, None).unwrap());
+        let limits = ServerLimits::default();
+        // 1 MB/s: a 1 MiB chunk puts the cap a second behind.
+        let server = Arc::new(Server::new(
+            Arc::new(token()),
+            Arc::default(),
+            membership,
+            1,
+            Some(1_000_000),
+            1 << 30,
+            limits,
+        ));
+        let d = hold_chunk(&server, 1 << 20, 9);
+        let addr = listen(&server).await;
+        assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        let req = chunk_request(&d).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+        let t = Instant::now();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (mut answer, mut buf, mut head_at) = (Vec::new(), vec![0u8; 1 << 16], None);
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if head_at.is_none() && answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                head_at = Some(t.elapsed());
+            }
+        }
+        let (head_at, all_at) = (head_at.unwrap(), t.elapsed());
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            head_at < Duration::from_millis(500),
+            "the head waited {head_at:?} for the cap"
+        );
+        assert!(
+            all_at > Duration::from_millis(500),
+            "the body ignored the cap: {all_at:?}"
+        );
     }
 
     /// Waits up to 5 s for `ok`; whether it came true.
