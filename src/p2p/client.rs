@@ -31,6 +31,10 @@ pub const CANDIDATES: usize = 3;
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
 const MAX_BAD: usize = 4096;
+/// Requests in flight to one peer; more wait their turn here. With the
+/// idle pooled connections (8) it stays under the connections a server
+/// takes from one member (32), so a burst is queued, never refused.
+const MAX_IN_FLIGHT: usize = 16;
 /// The first pause before asking a busy home again, doubled up to the last.
 const BUSY_PAUSE: Duration = Duration::from_millis(50);
 const BUSY_PAUSE_MAX: Duration = Duration::from_millis(800);
@@ -88,6 +92,17 @@ pub struct PeerStats {
     /// Its upload queue depth at its last answer.
     pub queue: AtomicU64,
     down_until: Mutex<Option<Instant>>,
+    in_flight: InFlight,
+}
+
+/// Turns to send a request to one peer ([`MAX_IN_FLIGHT`]).
+#[derive(Debug)]
+struct InFlight(tokio::sync::Semaphore);
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight(tokio::sync::Semaphore::new(MAX_IN_FLIGHT))
+    }
 }
 
 impl PeerStats {
@@ -166,6 +181,9 @@ impl PeerClient {
     /// budgets, is skipped for a while.
     async fn request(&self, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
         let stats = self.stats(peer);
+        let Ok(_turn) = stats.in_flight.0.acquire().await else {
+            unreachable!("the semaphore is never closed")
+        };
         let r = self.send(&stats, peer, ask, hop).await;
         if let Err(e) = &r {
             stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -603,5 +621,33 @@ Content-Length: 0
         let r = c.request(stranger, &ask(), Hop::Home).await;
         assert!(matches!(r, Err(RequestError::NotMember { .. })), "{:?}", r.err());
         assert_eq!(stranger_asked.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_to_one_peer_stay_under_its_connection_cap() {
+        let (now, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (n, m) = (now.clone(), most.clone());
+        let peer = fake_peer(move |mut conn| {
+            m.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            n.fetch_sub(1, Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                CHUNK.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(CHUNK);
+        });
+        let c = client(&[peer], None);
+        let asks: Vec<_> = (0..3 * MAX_IN_FLIGHT)
+            .map(|_| tokio::spawn(c.clone().get_chunk(peer, ask())))
+            .collect();
+        for a in asks {
+            let r = a.await.unwrap();
+            assert!(r.is_ok(), "{:?}", r.err());
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= MAX_IN_FLIGHT as u64, "{most} requests at once");
+        assert!(most > 1, "requests did not overlap at all");
     }
 }
