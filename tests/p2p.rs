@@ -602,3 +602,35 @@ fn p2p_without_a_token_or_on_a_taken_port_does_not_start() {
     ]);
     assert!(e.contains("shorter than 16"), "{e}");
 }
+
+#[test]
+fn a_hung_peer_costs_reads_one_short_wait_now_and_then_not_ten_seconds_each() {
+    let f = Fixture::new();
+    // A member that accepts connections and never answers on them.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hung.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let me = free_addrs(1)[0];
+    let host = f.host("h", me, &[me, hung_addr], true);
+    host.ready();
+    // It is home for about half the chunks; each 1 MiB read needs some.
+    let t = Instant::now();
+    read_all(&host.socket, &f.image, "host");
+    let took = t.elapsed();
+    let peer = host.peer(hung_addr);
+    eprintln!("read the image past a hung home in {took:?}; the hung peer as the host saw it: {peer}");
+    assert!(
+        peer["failures"].as_u64().unwrap_or(0) > 0,
+        "the hung peer was never asked: {peer}"
+    );
+    // The first-byte budget (2 s) once, then the peer is down and skipped;
+    // before, the first reads that met it waited the whole 10 s timeout.
+    assert!(took < Duration::from_secs(6), "reads past a hung peer took {took:?}");
+    assert_eq!(peer["down"], true, "the hung peer is not marked down");
+    assert_eq!(f.store_requests(), f.chunks(), "a chunk came from the store twice");
+}

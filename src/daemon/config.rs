@@ -342,6 +342,7 @@ fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
         token_file,
         upload_rate: (rate > 0.0).then_some((rate * 1e6) as u64),
         upload_slots: slots,
+        timeouts: Default::default(),
     }))
 }
 

@@ -1,5 +1,6 @@
 //! The peer client: which peers to ask for a chunk (its home by HRW, then
-//! the failover candidates, up to this host), and the request itself,
+//! the failover candidates, up to this host, which ranks itself whether or
+//! not its peer list names it), and the request itself,
 //! following a busy home's redirect to holders (and back to the home, told
 //! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
@@ -15,21 +16,28 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
+use super::directory::REDIRECT_TO;
 use super::membership::Membership;
 use super::server::Hop;
-use super::{hrw, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
+use super::{
+    hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
+};
 use crate::fetch::{Class, PeerError, Peers};
 use crate::store::{ChunkEntry, Digest};
 
 /// Members examined per chunk: its home and two failover candidates.
 pub const CANDIDATES: usize = 3;
-/// How long a peer that could not be reached is skipped.
-const DOWN_FOR: Duration = Duration::from_secs(5);
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
 const MAX_BAD: usize = 4096;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Requests in flight to one peer; more wait their turn here. With the
+/// idle pooled connections (8) it stays under the connections a server
+/// takes from one member (32), so a burst is queued, never refused.
+const MAX_IN_FLIGHT: usize = 16;
+/// The first pause before asking a busy home again, doubled up to the last.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(800);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -46,8 +54,27 @@ pub enum RequestError {
         digest: Digest,
         status: reqwest::StatusCode,
     },
+    #[error("{peer} is not a member: not asked (it would get the cluster token)")]
+    NotMember { peer: SocketAddr },
     #[error("peer {peer} sent more than the {len} bytes of chunk {digest}")]
     TooLong { peer: SocketAddr, digest: Digest, len: u64 },
+    #[error("peer {peer} went {within:?} without answering for chunk {digest}")]
+    NoAnswer {
+        peer: SocketAddr,
+        digest: Digest,
+        within: Duration,
+    },
+}
+
+impl RequestError {
+    /// The peer could not be reached, or is hung: it is skipped for a while.
+    fn is_unreachable(&self) -> bool {
+        match self {
+            RequestError::Send { source, .. } => source.is_connect() || source.is_timeout(),
+            RequestError::NoAnswer { .. } => true,
+            RequestError::Status { .. } | RequestError::TooLong { .. } | RequestError::NotMember { .. } => false,
+        }
+    }
 }
 
 /// One peer as this host sees it.
@@ -65,6 +92,17 @@ pub struct PeerStats {
     /// Its upload queue depth at its last answer.
     pub queue: AtomicU64,
     down_until: Mutex<Option<Instant>>,
+    in_flight: InFlight,
+}
+
+/// Turns to send a request to one peer ([`MAX_IN_FLIGHT`]).
+#[derive(Debug)]
+struct InFlight(tokio::sync::Semaphore);
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight(tokio::sync::Semaphore::new(MAX_IN_FLIGHT))
+    }
 }
 
 impl PeerStats {
@@ -81,12 +119,21 @@ pub struct PeerClient {
     membership: Arc<Membership>,
     peers: Arc<Mutex<HashMap<SocketAddr, Arc<PeerStats>>>>,
     bad: Arc<Mutex<HashMap<(SocketAddr, Digest), Instant>>>,
+    /// Bounds one chunk's requests, busy homes asked again included.
+    timeout: Duration,
+    timeouts: PeerTimeouts,
 }
 
 impl PeerClient {
-    pub fn new(token: Arc<Token>, membership: Arc<Membership>, timeout: Duration) -> Result<Self, super::Error> {
+    /// `timeout` bounds a request whole; `timeouts` its steps.
+    pub fn new(
+        token: Arc<Token>,
+        membership: Arc<Membership>,
+        timeout: Duration,
+        timeouts: PeerTimeouts,
+    ) -> Result<Self, super::Error> {
         let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(timeouts.connect)
             .timeout(timeout)
             .pool_max_idle_per_host(8)
             // Shorter than the server's idle limit (its head timeout, 10 s):
@@ -103,6 +150,8 @@ impl PeerClient {
             membership,
             peers: Arc::default(),
             bad: Arc::default(),
+            timeout,
+            timeouts,
         })
     }
 
@@ -128,26 +177,23 @@ impl PeerClient {
     }
 
     /// Asks `peer` for the chunk: its bytes, or the holders it redirects to.
-    async fn request(
-        &self,
-        peer: SocketAddr,
-        entry: ChunkEntry,
-        len: u64,
-        class: Class,
-        hop: Hop,
-    ) -> Result<Answer, RequestError> {
+    /// A peer that cannot be reached, or does not answer within the time
+    /// budgets, is skipped for a while.
+    async fn request(&self, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
         let stats = self.stats(peer);
-        let r = self.send(&stats, peer, entry, len, class, hop).await;
+        let Ok(_turn) = stats.in_flight.0.acquire().await else {
+            unreachable!("the semaphore is never closed")
+        };
+        let r = self.send(&stats, peer, ask, hop).await;
         if let Err(e) = &r {
             stats.failures.fetch_add(1, Ordering::Relaxed);
-            let unreachable =
-                matches!(e, RequestError::Send { source, .. } if source.is_connect() || source.is_timeout());
-            if unreachable {
+            if e.is_unreachable() {
+                let down_for = self.timeouts.down_for;
                 let mut down = lock(&stats.down_until);
                 if !down.is_some_and(|t| t > Instant::now()) {
-                    tracing::warn!(%peer, "peer unreachable, skipped for {DOWN_FOR:?}: {}", crate::DisplayChain(e));
+                    tracing::warn!(%peer, "peer unreachable, skipped for {down_for:?}: {}", crate::DisplayChain(e));
                 }
-                *down = Some(Instant::now() + DOWN_FOR);
+                *down = Some(Instant::now() + down_for);
             }
         }
         r
@@ -156,14 +202,12 @@ impl PeerClient {
     /// Asks the chunk's home; if it redirects, the holders it names (not
     /// this host, not down, not bad for the chunk; least loaded first), then
     /// the home again, told not to redirect. Returns who sent the bytes.
-    async fn get_chunk(
-        self,
-        home: SocketAddr,
-        entry: ChunkEntry,
-        len: u64,
-        class: Class,
-    ) -> Result<(SocketAddr, Bytes), RequestError> {
-        let mut holders = match self.request(home, entry, len, class, Hop::Home).await? {
+    async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, Bytes), RequestError> {
+        let digest = ask.entry.digest;
+        // Room for one last request before the scheduler's own timeout.
+        let last = self.timeouts.first_byte + self.timeouts.idle;
+        let deadline = Instant::now() + self.timeout.saturating_sub(last);
+        let mut holders = match self.ask_home(home, &ask, Hop::Home, deadline).await? {
             Answer::Chunk(b) => return Ok((home, b)),
             Answer::Redirect(holders) => holders,
         };
@@ -173,55 +217,77 @@ impl PeerClient {
         self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
         let me = self.membership.self_addr();
         for h in holders {
-            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &entry.digest) {
+            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &digest) {
                 continue;
             }
-            match self.request(h, entry, len, class, Hop::Redirected).await {
+            match self.request(h, &ask, Hop::Redirected).await {
                 Ok(Answer::Chunk(b)) => return Ok((h, b)),
                 Ok(Answer::Redirect(_)) => {}
                 Err(e) => tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e)),
             }
         }
-        match self.request(home, entry, len, class, Hop::Direct).await? {
+        match self.ask_home(home, &ask, Hop::Direct, deadline).await? {
             Answer::Chunk(b) => Ok((home, b)),
             Answer::Redirect(_) => Err(RequestError::Status {
                 peer: home,
-                digest: entry.digest,
+                digest,
                 status: reqwest::StatusCode::TEMPORARY_REDIRECT,
             }),
         }
     }
 
-    /// One request and its answer.
-    async fn send(
-        &self,
-        stats: &PeerStats,
-        peer: SocketAddr,
-        entry: ChunkEntry,
-        len: u64,
-        class: Class,
-        hop: Hop,
-    ) -> Result<Answer, RequestError> {
+    /// Asks the home, and again after a short pause while it answers busy
+    /// (503), until `deadline`. A busy home is alive and will have the
+    /// chunk; the next candidate would fetch it from the store a second
+    /// time. Only a home that cannot be reached is given up at once.
+    async fn ask_home(&self, home: SocketAddr, ask: &Ask, hop: Hop, deadline: Instant) -> Result<Answer, RequestError> {
+        let mut pause = BUSY_PAUSE;
+        loop {
+            match self.request(home, ask, hop).await {
+                Err(RequestError::Status { status, .. })
+                    if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One request and its answer, each step within its time budget.
+    async fn send(&self, stats: &PeerStats, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
+        let Ask { entry, len, class } = *ask;
         let digest = entry.digest;
+        let members = self.membership.members();
+        if !members.contains(&peer) {
+            return Err(RequestError::NotMember { peer });
+        }
         let url = format!(
             "http://{peer}/chunks/{digest}?len={len}&stored={}&zstd={}",
             entry.stored_len,
             u8::from(entry.zstd)
         );
         let send_err = |source| RequestError::Send { peer, digest, source };
+        let no_answer = |within| RequestError::NoAnswer { peer, digest, within };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
             .http
             .get(url)
-            .header(reqwest::header::AUTHORIZATION, self.token.bearer())
-            .header(HEADER_CLASS, class.name());
+            .header(reqwest::header::AUTHORIZATION, self.token.header())
+            .header(HEADER_CLASS, class.name())
+            .header(HEADER_WAIT, self.timeouts.server_wait().as_millis().to_string());
         if let Some(me) = self.membership.self_addr() {
             req = req.header(HEADER_FROM, me.to_string());
         }
         if let Some(hop) = hop.name() {
             req = req.header(HEADER_HOP, hop);
         }
-        let resp = req.send().await.map_err(send_err)?;
+        let first_byte = self.timeouts.first_byte;
+        let resp = tokio::time::timeout(first_byte, req.send())
+            .await
+            .map_err(|_| no_answer(first_byte))?
+            .map_err(send_err)?;
         if let Some(q) = resp
             .headers()
             .get(HEADER_QUEUE)
@@ -231,12 +297,18 @@ impl PeerClient {
         }
         let status = resp.status();
         if status == reqwest::StatusCode::TEMPORARY_REDIRECT && hop == Hop::Home {
+            // Members only, and no more than a home names: a home's word
+            // sends this host's token nowhere else, and costs little.
             let holders = resp
                 .headers()
                 .get(HEADER_HOLDERS)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| super::membership::parse_list(v).ok())
-                .unwrap_or_default();
+                .unwrap_or("")
+                .split(',')
+                .take(REDIRECT_TO)
+                .filter_map(|h| h.trim().parse().ok())
+                .filter(|h| members.contains(h))
+                .collect();
             return Ok(Answer::Redirect(holders));
         }
         if status != reqwest::StatusCode::OK {
@@ -249,7 +321,12 @@ impl PeerClient {
         // Count as it comes: a peer may send more than it announced.
         let mut resp = resp;
         let mut buf = BytesMut::with_capacity(len as usize);
-        while let Some(part) = resp.chunk().await.map_err(send_err)? {
+        let idle = self.timeouts.idle;
+        while let Some(part) = tokio::time::timeout(idle, resp.chunk())
+            .await
+            .map_err(|_| no_answer(idle))?
+            .map_err(send_err)?
+        {
             if (buf.len() + part.len()) as u64 > len {
                 return Err(too_long());
             }
@@ -259,6 +336,14 @@ impl PeerClient {
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(Answer::Chunk(buf.freeze()))
     }
+}
+
+/// What is asked of peers: a chunk, its length, and the requester's class.
+#[derive(Clone, Copy)]
+struct Ask {
+    entry: ChunkEntry,
+    len: u64,
+    class: Class,
 }
 
 /// What a peer answered.
@@ -272,8 +357,15 @@ impl Peers for PeerClient {
     fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
         let members = self.membership.members();
         let me = self.membership.self_addr();
+        // A host ranks itself even when its list forgets it: peers whose
+        // lists name it ask it as home, and if it did not rank itself it
+        // would ask them in turn (a wait cycle until timeouts).
+        let ranked = match me.filter(|me| !members.contains(me)) {
+            Some(me) => hrw::ranked(digest, &[&members[..], &[me]].concat(), CANDIDATES),
+            None => hrw::ranked(digest, &members, CANDIDATES),
+        };
         let mut out = Vec::new();
-        for m in hrw::ranked(digest, &members, CANDIDATES) {
+        for m in ranked {
             if Some(m) == me {
                 // This host is the chunk's (acting) home: it fetches it.
                 break;
@@ -296,7 +388,7 @@ impl Peers for PeerClient {
     ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
         let this = self.clone();
         Box::pin(async move {
-            this.get_chunk(peer, entry, len, class)
+            this.get_chunk(peer, Ask { entry, len, class })
                 .await
                 .map_err(|e| Box::new(e) as PeerError)
         })
@@ -318,6 +410,244 @@ impl Peers for PeerClient {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    const CHUNK: &[u8] = b"the chunk's bytes";
+
+    fn entry() -> ChunkEntry {
+        ChunkEntry {
+            digest: Digest::of(CHUNK),
+            stored_len: CHUNK.len() as u32,
+            zstd: false,
+        }
+    }
+
+    fn ask() -> Ask {
+        Ask {
+            entry: entry(),
+            len: CHUNK.len() as u64,
+            class: Class::Demand,
+        }
+    }
+
+    fn timeouts() -> PeerTimeouts {
+        PeerTimeouts {
+            connect: Duration::from_millis(500),
+            first_byte: Duration::from_millis(300),
+            idle: Duration::from_millis(300),
+            down_for: Duration::from_secs(60),
+        }
+    }
+
+    /// A peer on 127.0.0.1 that reads each request's head and hands the
+    /// connection to `answer`, one thread a connection.
+    fn fake_peer(answer: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(answer);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let answer = answer.clone();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    answer(conn);
+                });
+            }
+        });
+        addr
+    }
+
+    fn client(members: &[SocketAddr], me: Option<SocketAddr>) -> PeerClient {
+        client_within(members, me, Duration::from_secs(10))
+    }
+
+    fn client_within(members: &[SocketAddr], me: Option<SocketAddr>, timeout: Duration) -> PeerClient {
+        let token = Arc::new(Token::new(b"0123456789abcdef".to_vec()));
+        let membership = Arc::new(Membership::new(members.to_vec(), None, me).unwrap());
+        PeerClient::new(token, membership, timeout, timeouts()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_hung_peer_costs_one_time_budget_and_is_then_skipped() {
+        // Accepts, reads the request, never answers.
+        let hung = fake_peer(|conn| {
+            std::thread::sleep(Duration::from_secs(30));
+            drop(conn);
+        });
+        // Sends its head and part of the body, then nothing.
+        let stalls = fake_peer(|mut conn| {
+            let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nthe", CHUNK.len()).as_bytes());
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let c = client(&[hung, stalls], None);
+        for peer in [hung, stalls] {
+            let t = Instant::now();
+            let r = c.clone().get_chunk(peer, ask()).await;
+            let took = t.elapsed();
+            assert!(matches!(r, Err(RequestError::NoAnswer { .. })), "{peer}: {r:?}");
+            assert!(
+                took < Duration::from_secs(2),
+                "{peer}: a hung peer held a read {took:?}"
+            );
+            assert!(c.stats(peer).is_down(), "{peer}: a hung peer was not marked down");
+        }
+        // Neither is a candidate now: reads go straight to the store.
+        for i in 0..50u32 {
+            assert!(c.candidates(&Digest::of(&i.to_le_bytes())).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_host_missing_from_its_peer_list_still_ranks_itself() {
+        let me: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let others: Vec<SocketAddr> = (1..4).map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i))).collect();
+        let c = client(&others, Some(me));
+        let everyone = [&others[..], &[me]].concat();
+        let mut home_here = 0;
+        for i in 0..200u32 {
+            let d = Digest::of(&i.to_le_bytes());
+            // What a peer that lists this host computes.
+            let ranked = hrw::ranked(&d, &everyone, CANDIDATES);
+            let before_me: Vec<SocketAddr> = ranked.iter().copied().take_while(|m| *m != me).collect();
+            assert_eq!(c.candidates(&d), before_me, "chunk {i}");
+            home_here += usize::from(ranked[0] == me);
+        }
+        // The chunks its peers ask it for as home: it fetches them itself.
+        assert!(home_here > 20, "home for {home_here} of 200 chunks");
+    }
+
+    #[tokio::test]
+    async fn a_busy_home_is_asked_again_not_given_up() {
+        // Busy twice, then the chunk.
+        let asked = Arc::new(AtomicU64::new(0));
+        let n = asked.clone();
+        let home = fake_peer(move |mut conn| {
+            let answer = if n.fetch_add(1, Ordering::Relaxed) < 2 {
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_string()
+            } else {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len())
+            };
+            let _ = conn.write_all(answer.as_bytes());
+            let _ = conn.write_all(if answer.contains("200") { CHUNK } else { b"" });
+        });
+        let c = client(&[home], None);
+        let (from, data) = c.clone().get_chunk(home, ask()).await.unwrap();
+        assert_eq!((from, &data[..]), (home, CHUNK));
+        assert_eq!(asked.load(Ordering::Relaxed), 3);
+        assert!(!c.stats(home).is_down(), "a busy home was taken for dead");
+
+        // Busy for good: asked until the request's time is up, never marked down.
+        let always = fake_peer(|mut conn| {
+            let _ = conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+        });
+        let c = client_within(&[always], None, Duration::from_millis(1500));
+        let t = Instant::now();
+        let r = c.clone().get_chunk(always, ask()).await;
+        assert!(
+            matches!(r, Err(RequestError::Status { status, .. }) if status == 503),
+            "{r:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "asked past the request's time"
+        );
+        assert!(c.stats(always).requests.load(Ordering::Relaxed) > 2);
+        assert!(!c.stats(always).is_down());
+    }
+
+    /// A peer that counts its connections and answers each with `answer`.
+    fn counting_peer(answer: String) -> (SocketAddr, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(0));
+        let count = n.clone();
+        let addr = fake_peer(move |mut conn| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.write_all(answer.as_bytes());
+        });
+        (addr, n)
+    }
+
+    #[tokio::test]
+    async fn redirects_name_only_members_and_the_token_goes_to_no_one_else() {
+        let ok = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+            CHUNK.len(),
+            String::from_utf8_lossy(CHUNK)
+        );
+        let (stranger, stranger_asked) = counting_peer(ok.clone());
+        let (holder, holder_asked) = counting_peer(ok.clone());
+        let (late_holder, late_asked) = counting_peer(ok);
+        let redirect_to = |names: Vec<String>| {
+            counting_peer(format!(
+                "HTTP/1.1 307 Temporary Redirect
+x-streamblk-holders: {}
+Content-Length: 0
+
+",
+                names.join(",")
+            ))
+            .0
+        };
+        // A stranger, then a member: the member serves.
+        let home = redirect_to(vec![stranger.to_string(), holder.to_string()]);
+        // Many names, a member beyond what a home names: not followed.
+        let mut names: Vec<String> = (1..200).map(|p| format!("127.0.0.1:{p}")).collect();
+        names.push(late_holder.to_string());
+        let flooding_home = redirect_to(names);
+        let c = client(&[home, flooding_home, holder, late_holder], None);
+        let (from, data) = c.clone().get_chunk(home, ask()).await.unwrap();
+        assert_eq!((from, &data[..]), (holder, CHUNK));
+        assert_eq!(holder_asked.load(Ordering::Relaxed), 1);
+        assert_eq!(stranger_asked.load(Ordering::Relaxed), 0, "a non-member was asked");
+        assert!(c.clone().get_chunk(flooding_home, ask()).await.is_err());
+        assert_eq!(
+            late_asked.load(Ordering::Relaxed),
+            0,
+            "more holders followed than a home names"
+        );
+        // Nor is a non-member asked directly.
+        let r = c.request(stranger, &ask(), Hop::Home).await;
+        assert!(matches!(r, Err(RequestError::NotMember { .. })), "{:?}", r.err());
+        assert_eq!(stranger_asked.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_to_one_peer_stay_under_its_connection_cap() {
+        let (now, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (n, m) = (now.clone(), most.clone());
+        let peer = fake_peer(move |mut conn| {
+            m.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            n.fetch_sub(1, Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                CHUNK.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(CHUNK);
+        });
+        let c = client(&[peer], None);
+        let asks: Vec<_> = (0..3 * MAX_IN_FLIGHT)
+            .map(|_| tokio::spawn(c.clone().get_chunk(peer, ask())))
+            .collect();
+        for a in asks {
+            let r = a.await.unwrap();
+            assert!(r.is_ok(), "{:?}", r.err());
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= MAX_IN_FLIGHT as u64, "{most} requests at once");
+        assert!(most > 1, "requests did not overlap at all");
+    }
 }

@@ -10,6 +10,7 @@
 //! and verifies every byte they send. It knows nothing of virtio.
 
 mod client;
+mod conn;
 mod directory;
 pub mod hrw;
 mod index;
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 pub use client::PeerClient;
 pub use index::ChunkIndex;
-pub use server::Server;
+pub use server::{Server, ServerLimits};
 
 use crate::cache::ImageCache;
 use crate::control::status::{P2pStatus, PeerStatus};
@@ -44,6 +45,10 @@ pub const HEADER_FROM: &str = "x-streamblk-from";
 pub const HEADER_HOP: &str = "x-streamblk-hop";
 /// In a 307 answer: the holders to ask, comma-separated.
 pub const HEADER_HOLDERS: &str = "x-streamblk-holders";
+/// How long the requester waits for the answer's head, in milliseconds:
+/// the server answers within it, with the chunk or a 503 (busy), so that
+/// only a hung peer makes a requester wait longer.
+pub const HEADER_WAIT: &str = "x-streamblk-wait-ms";
 /// Largest token file read.
 const MAX_TOKEN_BYTES: u64 = 4096;
 /// Bytes of chunks a home keeps in memory for images it does not have open.
@@ -67,13 +72,31 @@ pub enum Error {
     HttpClient(#[source] reqwest::Error),
 }
 
+/// Locks a mutex, whether or not a holder panicked: what it guards is
+/// soft state that stays consistent at every unlock.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The cluster token every peer request carries.
-pub struct Token(Vec<u8>);
+pub struct Token {
+    bytes: Vec<u8>,
+    /// `Bearer <token>`, marked sensitive (never logged, never indexed by HPACK).
+    header: hyper::header::HeaderValue,
+}
 
 impl Token {
+    /// `bytes` are visible ASCII (checked by [`Token::read`]).
+    fn from_checked(bytes: Vec<u8>) -> Token {
+        let mut header = hyper::header::HeaderValue::from_bytes(&[b"Bearer ", &bytes[..]].concat())
+            .expect("a token is visible ASCII");
+        header.set_sensitive(true);
+        Token { bytes, header }
+    }
+
     #[cfg(test)]
     pub fn new(bytes: Vec<u8>) -> Token {
-        Token(bytes)
+        Token::from_checked(bytes)
     }
 
     /// Reads a token file: one line of visible ASCII (surrounding white
@@ -99,18 +122,19 @@ impl Token {
                 "not one line of visible ASCII characters",
             ));
         }
-        Ok(Token(token.to_vec()))
+        Ok(Token::from_checked(token.to_vec()))
     }
 
     /// Compares in constant time: the digests of both sides are compared,
     /// and blake3's `Hash` equality is constant-time (so neither the
     /// token's bytes nor its length leak through timing).
     pub fn matches(&self, given: &[u8]) -> bool {
-        blake3::hash(&self.0) == blake3::hash(given)
+        blake3::hash(&self.bytes) == blake3::hash(given)
     }
 
-    pub fn bearer(&self) -> String {
-        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+    /// The `Authorization` header's value.
+    pub fn header(&self) -> hyper::header::HeaderValue {
+        self.header.clone()
     }
 }
 
@@ -125,6 +149,40 @@ pub struct P2pConfig {
     /// Upload cap, bytes per second (None: no cap).
     pub upload_rate: Option<u64>,
     pub upload_slots: usize,
+    pub timeouts: PeerTimeouts,
+}
+
+/// Time budgets of one peer request. A live peer answers within them, if
+/// only to say it is busy; one that does not is hung or gone, and is
+/// skipped for `down_for` so that later reads go straight to the next
+/// candidate or the store.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PeerTimeouts {
+    pub connect: Duration,
+    /// From sending a request to its answer's head.
+    pub first_byte: Duration,
+    /// Longest pause while an answer's body arrives.
+    pub idle: Duration,
+    pub down_for: Duration,
+}
+
+impl Default for PeerTimeouts {
+    fn default() -> Self {
+        PeerTimeouts {
+            connect: Duration::from_secs(1),
+            first_byte: Duration::from_secs(2),
+            idle: Duration::from_secs(2),
+            down_for: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PeerTimeouts {
+    /// How long the server may take before it answers ([`HEADER_WAIT`]):
+    /// a margin under `first_byte` for the network and the scheduler.
+    pub fn server_wait(&self) -> Duration {
+        self.first_byte * 3 / 4
+    }
 }
 
 /// A running P2P node: client, server (if listening), index.
@@ -145,7 +203,12 @@ impl P2p {
             config.peers_file.clone(),
             config.listen,
         )?);
-        let client = Arc::new(PeerClient::new(token.clone(), membership.clone(), timeout)?);
+        let client = Arc::new(PeerClient::new(
+            token.clone(),
+            membership.clone(),
+            timeout,
+            config.timeouts,
+        )?);
         let index = Arc::new(ChunkIndex::default());
         let server = match config.listen {
             Some(addr) => {
@@ -162,6 +225,7 @@ impl P2p {
                     config.upload_slots,
                     config.upload_rate,
                     LOOSE_CACHE_BYTES,
+                    ServerLimits::default(),
                 ));
                 runtime.spawn(server::serve(listener, server.clone()));
                 Some(server)
@@ -177,7 +241,10 @@ impl P2p {
             "P2P on"
         );
         if config.listen.is_some() && !is_member {
-            tracing::warn!("this host's --p2p-listen address is not in the peer list: it is home for no chunk");
+            tracing::warn!(
+                "this host's --p2p-listen address is not in its peer list: it ranks itself as a home all the same, \
+                 so peers whose lists name it agree with it"
+            );
         }
         Ok(P2p {
             client,
@@ -275,7 +342,8 @@ mod tests {
         assert!(t.matches(b"0123456789abcdef-xyz"));
         assert!(!t.matches(b"0123456789abcdef-xy"));
         assert!(!t.matches(b""));
-        assert_eq!(t.bearer(), "Bearer 0123456789abcdef-xyz");
+        assert_eq!(t.header(), "Bearer 0123456789abcdef-xyz");
+        assert!(t.header().is_sensitive(), "the token could be logged");
         for bad in ["short\n", "0123456789abcdef with space\n", ""] {
             std::fs::write(&f, bad).unwrap();
             assert!(Token::read(&f).is_err(), "{bad:?}");

@@ -6,13 +6,16 @@
 //! background, and are paced to `--p2p-upload-rate`. When every slot is
 //! busy, a home redirects a requester to members it served the chunk to
 //! (`directory`), so a chunk fans out instead of queueing at its home.
-//! Everything is bounded: connections, a request's head, waiting uploads, time.
+//! Everything is bounded: connections, a request's head, waiting uploads,
+//! time, and a write that makes no progress (`conn`).
 //!
 //! Wire form: the chunk's plaintext, the bytes its digest is of, so a
 //! requester checks it with one blake3 and nothing else; a home serves
 //! cached chunks with a pread and no recompression (the cache holds
 //! plaintext). The cost is bytes on the wire for compressible chunks.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,26 +28,30 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::conn::{ConnLimits, Refused, WriteTimeout};
 use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
-use super::slots::UploadSlots;
-use super::{Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE};
+use super::slots::{SlotGuard, UploadSlots};
+use super::{lock, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT};
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, Digest};
 
 /// Connections served at once; more are closed at accept. Idle ones close
 /// after [`HEAD_TIMEOUT`].
 const MAX_CONNECTIONS: usize = 256;
+/// Connections from one address, for each member at it (see [`ConnLimits`]).
+const CONNECTIONS_PER_MEMBER: usize = 32;
 /// Bytes of a request head hyper buffers (its minimum).
 const MAX_HEAD: usize = 8192;
 /// How long a client may take to send a request's head, or sit idle
 /// between requests.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a request may wait for a chunk to be fetched, and for an upload slot.
+/// Longest a request may wait for a chunk to be fetched, and for an upload
+/// slot, unless the requester said it waits less ([`HEADER_WAIT`]).
 const FETCH_WAIT: Duration = Duration::from_secs(30);
 const SLOT_WAIT: Duration = Duration::from_secs(10);
 /// A connection is asked to close after this long (when its request in
@@ -53,6 +60,29 @@ const SLOT_WAIT: Duration = Duration::from_secs(10);
 /// at most.
 const CONN_LIFETIME: Duration = Duration::from_secs(300);
 const CONN_DRAIN: Duration = Duration::from_secs(30);
+
+/// Limits of the peer server (tests shrink them).
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// How long a write to a peer may make no progress: then the
+    /// connection closes, and the upload slot its answer holds is free.
+    pub write_idle: Duration,
+    /// Connections from one address, for each member at it.
+    pub conns_per_member: usize,
+    /// Bytes of chunks held for answers (read, waiting for a slot, or
+    /// being sent); a request that finds no room is answered busy at once.
+    pub upload_buffer: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            write_idle: Duration::from_secs(5),
+            conns_per_member: CONNECTIONS_PER_MEMBER,
+            upload_buffer: 64 << 20,
+        }
+    }
+}
 
 /// What the server has done, for `status`.
 #[derive(Debug, Default)]
@@ -79,7 +109,7 @@ pub struct Server {
     /// Held to look a loose chunk up and join (or start) its fetch, and to
     /// keep one a fetch brought: a fetch ends only after its chunk is kept,
     /// so a request never starts a second fetch of a chunk just fetched.
-    loose_gate: Arc<Mutex<()>>,
+    loose_gate: Arc<Mutex<LooseFlights>>,
     /// Only members are recorded as holders.
     membership: Arc<Membership>,
     directory: Mutex<Directory>,
@@ -87,7 +117,7 @@ pub struct Server {
     upload_slots: usize,
     /// Upload cap in bytes per second (None: no cap), and its bucket.
     rate: Option<u64>,
-    bucket: Mutex<Bucket>,
+    bucket: Arc<Mutex<Bucket>>,
     pub counters: ServerCounters,
     warned_self: std::sync::atomic::AtomicBool,
     /// Chunk requests being handled: reading, fetching, waiting for a slot
@@ -95,6 +125,36 @@ pub struct Server {
     /// decides a redirect (counted on arrival, so that a burst of requests
     /// does not all find the home idle).
     active: AtomicU64,
+    limits: ServerLimits,
+    /// [`ServerLimits::upload_buffer`], a permit a KiB.
+    buffer: Arc<Semaphore>,
+}
+
+/// The entries of the loose chunks being fetched. A fetch is keyed by
+/// digest and made with the entry of the request that started it, so a
+/// request whose entry differs is refused, not joined to a fetch that
+/// cannot bring what it asked for (one of the two entries is wrong).
+#[derive(Default)]
+struct LooseFlights(HashMap<Digest, ((ChunkEntry, u64), Instant)>);
+
+impl LooseFlights {
+    /// Notes a request for `entry`: false if the digest is being fetched
+    /// with another entry. Forgets fetches older than [`FETCH_WAIT`],
+    /// whose requesters all stopped waiting before they ended.
+    fn join(&mut self, entry: ChunkEntry, len: u64, now: Instant) -> bool {
+        self.0.retain(|_, (_, t)| now.duration_since(*t) < FETCH_WAIT);
+        match self.0.entry(entry.digest) {
+            Entry::Occupied(o) => o.get().0 == (entry, len),
+            Entry::Vacant(v) => {
+                v.insert(((entry, len), now));
+                true
+            }
+        }
+    }
+
+    fn end(&mut self, digest: &Digest) {
+        self.0.remove(digest);
+    }
 }
 
 /// A chunk request counted in [`Server::active`] until dropped.
@@ -117,6 +177,8 @@ pub struct ChunkRequest {
     /// The requester's peer address, if it serves.
     pub from: Option<SocketAddr>,
     pub hop: Hop,
+    /// How long the requester waits for the answer's head (at most [`FETCH_WAIT`]).
+    pub wait: Option<Duration>,
 }
 
 /// How far a request has gone (see [`HEADER_HOP`]).
@@ -210,6 +272,16 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         Some("direct") => Hop::Direct,
         Some(_) => return Err(bad("hop is not redirected or direct")),
     };
+    let wait = match headers.get(HEADER_WAIT) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|ms| Duration::from_millis(ms).min(FETCH_WAIT))
+                .ok_or_else(|| bad("wait is not a number of milliseconds"))?,
+        ),
+    };
     let (mut len, mut stored, mut zstd) = (None, None, None);
     for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| bad("query is not key=value"))?;
@@ -246,10 +318,84 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         entry,
         from,
         hop,
+        wait,
     })
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// Bytes of an upload given to hyper at a time.
+const FRAME: usize = 64 << 10;
+
+/// An upload's body: the chunk in frames of [`FRAME`] bytes, holding its
+/// slot until dropped. Hyper asks for a frame only once it has written
+/// nearly all of the last (its write buffer is [`MAX_HEAD`]), so the slot
+/// is held while the bytes go out, not just until hyper has them: slots
+/// bound what is on the wire, and a peer that stops reading holds its slot
+/// until its connection's write times out. Each frame waits for the upload
+/// cap, so the answer's head goes out at once (within the requester's
+/// first-byte budget) however far behind the cap is.
+struct Upload {
+    data: Bytes,
+    /// The server's bucket and its rate (bytes per second), if capped.
+    pace: Option<(Arc<Mutex<Bucket>>, f64)>,
+    /// Until the cap lets the next frame go.
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    _held: (SlotGuard, OwnedSemaphorePermit),
+}
+
+/// Permits of [`Server::buffer`] for `bytes`.
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+impl hyper::body::Body for Upload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.data.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.data.len().min(FRAME);
+        if let Some((bucket, rate)) = &this.pace {
+            loop {
+                if let Some(wait) = &mut this.wait {
+                    std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+                    this.wait = None;
+                }
+                match lock(bucket).try_take(n as u64, *rate, Instant::now()) {
+                    Ok(()) => break,
+                    Err(at) => this.wait = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+        }
+        let frame = this.data.split_to(n);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.len() as u64)
+    }
+}
+
+/// Why a chunk could not be had.
+enum ChunkError {
+    /// Its fetch is still running when the requester stops waiting: the
+    /// requester asks again (the fetch goes on).
+    TimedOut,
+    /// Its loose fetch is under way with another entry ([`LooseFlights`]).
+    OtherEntry,
+    Failed(String),
+}
 
 impl Server {
     pub fn new(
@@ -259,6 +405,7 @@ impl Server {
         slots: usize,
         rate: Option<u64>,
         loose_cap: u64,
+        limits: ServerLimits,
     ) -> Self {
         Server {
             token,
@@ -271,16 +418,21 @@ impl Server {
             slots: UploadSlots::new(slots),
             upload_slots: slots.max(1),
             rate,
-            bucket: Mutex::new(Bucket::new(Instant::now())),
+            bucket: Arc::new(Mutex::new(Bucket::new(Instant::now()))),
             counters: ServerCounters::default(),
             warned_self: Default::default(),
             active: AtomicU64::new(0),
+            // Room for the largest chunk at least, or it could never be served.
+            buffer: Arc::new(Semaphore::new(
+                kib(limits.upload_buffer.max(manifest::MAX_CHUNK as u64)) as usize,
+            )),
+            limits,
         }
     }
 
     /// Lets the server fetch chunks it is home for from the store.
     pub fn set_fetcher(&self, f: Fetcher) {
-        *self.fetcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *lock(&self.fetcher) = Some(f);
     }
 
     /// Chunk requests being handled (see [`Server::active`]).
@@ -293,7 +445,7 @@ impl Server {
     }
 
     fn fetcher(&self) -> Option<Fetcher> {
-        self.fetcher.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.fetcher).clone()
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -322,23 +474,53 @@ impl Server {
         if let Some(resp) = self.redirect(&r, before) {
             return resp;
         }
-        let data = match self.chunk(&r).await {
+        // The chunk's bytes are counted from before they are read until
+        // they are sent: answers waiting for a slot hold no more than this.
+        let need = r.entry.map_or(manifest::MAX_CHUNK as u64, |(_, len)| len);
+        let Ok(room) = self.buffer.clone().try_acquire_many_owned(kib(need)) else {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload buffer full".into());
+        };
+        // The requester stops waiting then: answer before, if only "busy".
+        let start = Instant::now();
+        let deadline = start + r.wait.unwrap_or(FETCH_WAIT);
+        let data = match self.chunk(&r, deadline).await {
             Ok(Some(data)) => data,
             Ok(None) => {
                 self.counters.not_found.fetch_add(1, Ordering::Relaxed);
                 return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
             }
-            Err(why) => {
+            Err(ChunkError::OtherEntry) => {
+                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return self.answer(
+                    StatusCode::CONFLICT,
+                    "the chunk is being fetched with another entry".into(),
+                );
+            }
+            Err(ChunkError::TimedOut) => {
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                return self.answer(StatusCode::SERVICE_UNAVAILABLE, "still fetching".into());
+            }
+            Err(ChunkError::Failed(why)) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(digest = %r.digest, "peer request failed: {why}");
                 return self.answer(StatusCode::BAD_GATEWAY, why);
             }
         };
-        let Ok(Ok(slot)) = tokio::time::timeout(SLOT_WAIT, self.slots.acquire(r.class)).await else {
+        let wrong_len = match r.entry {
+            Some((_, len)) => data.len() as u64 != len,
+            None => data.len() as u64 > need,
+        };
+        if wrong_len {
+            // The requester's length is not the chunk's (the digest is).
+            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::BAD_REQUEST, "len is not the chunk's length".into());
+        }
+        let slot_deadline = deadline.min(start + SLOT_WAIT);
+        let Ok(Ok(slot)) = tokio::time::timeout_at(slot_deadline, self.slots.acquire(r.class)).await else {
             self.counters.busy.fetch_add(1, Ordering::Relaxed);
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload queue full".into());
         };
-        self.pace(data.len() as u64).await;
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         // The requester holds the chunk once it has checked it: a home
         // names it to later requesters when its slots are busy.
@@ -349,18 +531,17 @@ impl Server {
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let len = data.len();
-        // The slot is held until the body is dropped: sent, or abandoned.
-        let body = Full::new(data)
-            .map_frame(move |f| {
-                let _held = &slot;
-                f
-            })
-            .boxed();
+        let body = Upload {
+            data,
+            pace: self.rate.map(|rate| (self.bucket.clone(), rate as f64)),
+            wait: None,
+            _held: (slot, room),
+        }
+        .boxed();
         let mut resp = Response::new(body);
         self.headers(&mut resp);
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        // The wrapper hides the body's size from hyper: say it, or it would chunk.
         h.insert(CONTENT_LENGTH, HeaderValue::from(len));
         resp
     }
@@ -389,7 +570,8 @@ impl Server {
     /// chunks, or fetched (a chunk this host is asked for as its home; not
     /// when a home redirected the request here). None: not here, and not
     /// fetchable.
-    async fn chunk(&self, r: &ChunkRequest) -> Result<Option<Bytes>, String> {
+    async fn chunk(&self, r: &ChunkRequest, deadline: Instant) -> Result<Option<Bytes>, ChunkError> {
+        let failed = |e: &(dyn std::error::Error + 'static)| ChunkError::Failed(crate::DisplayChain(e).to_string());
         if let Some((cache, c, ready)) = self.index.find(&r.digest) {
             if !ready {
                 if r.hop == Hop::Redirected {
@@ -397,55 +579,49 @@ impl Server {
                 }
                 let Some(fetcher) = self.fetcher() else { return Ok(None) };
                 self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-                match tokio::time::timeout(FETCH_WAIT, fetcher.want(&cache, c, r.class)).await {
+                match tokio::time::timeout_at(deadline, fetcher.want(&cache, c, r.class)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(crate::DisplayChain(&*e).to_string()),
-                    Err(_) => return Err("fetch timed out".into()),
+                    Ok(Err(e)) => return Err(failed(&*e)),
+                    Err(_) => return Err(ChunkError::TimedOut),
                 }
             }
             let read = tokio::task::spawn_blocking(move || cache.read_chunk(c))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| failed(&e))?;
             return match read {
                 Ok(data) => Ok(data.map(Bytes::from)),
-                Err(e) => Err(crate::DisplayChain(&e).to_string()),
+                Err(e) => Err(failed(&e)),
             };
         }
         let want = {
-            let _gate = lock(&self.loose_gate);
+            let mut flights = lock(&self.loose_gate);
             if let Some(data) = self.loose.get(&r.digest) {
                 return Ok(Some(data));
             }
             let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
                 return Ok(None);
             };
+            if !flights.join(entry, len, Instant::now()) {
+                return Err(ChunkError::OtherEntry);
+            }
             let (loose, gate) = (self.loose.clone(), self.loose_gate.clone());
             let keep: KeepLoose = Arc::new(move |d: &Digest, data: &Bytes| {
-                let _gate = lock(&gate);
+                let mut flights = lock(&gate);
                 loose.insert(*d, data.clone());
+                flights.end(d);
             });
             fetcher.want_loose(entry, len, r.class, keep)
         };
         self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(FETCH_WAIT, want).await {
-            Ok(Ok(data)) => Ok(Some(data)),
-            Ok(Err(e)) => Err(crate::DisplayChain(&*e).to_string()),
-            Err(_) => Err("fetch timed out".into()),
+        let got = tokio::time::timeout_at(deadline, want).await;
+        if let Ok(Err(_)) = &got {
+            // The fetch failed: a request with another entry may try its own.
+            lock(&self.loose_gate).end(&r.digest);
         }
-    }
-
-    /// Waits until the upload cap lets `bytes` go.
-    async fn pace(&self, bytes: u64) {
-        let Some(rate) = self.rate else { return };
-        loop {
-            let at = {
-                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-                match b.try_take(bytes, rate as f64, Instant::now()) {
-                    Ok(()) => return,
-                    Err(at) => at,
-                }
-            };
-            tokio::time::sleep_until(at).await;
+        match got {
+            Ok(Ok(data)) => Ok(Some(data)),
+            Ok(Err(e)) => Err(failed(&*e)),
+            Err(_) => Err(ChunkError::TimedOut),
         }
     }
 
@@ -462,16 +638,13 @@ impl Server {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Serves peers on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_addr = ConnLimits::new(server.limits.conns_per_member);
     let mut last_error: Option<Instant> = None;
     loop {
-        let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
+        let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors, say: say so now and then, and breathe.
@@ -483,14 +656,28 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
                 continue;
             }
         };
+        // Closed at once: a stranger, or an address with too many open.
+        let counted = match per_addr.admit(peer.ip(), &server.membership.members()) {
+            Ok(counted) => counted,
+            Err(Refused::Stranger) => {
+                server.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "connection from a non-member refused");
+                continue;
+            }
+            Err(Refused::TooMany) => {
+                server.counters.busy.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             server.counters.busy.fetch_add(1, Ordering::Relaxed);
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = WriteTimeout::new(stream, server.limits.write_idle);
         let server = server.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, counted);
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
@@ -535,6 +722,220 @@ mod tests {
 
     const AUTH: (&str, &str) = ("authorization", "Bearer s3cret-token");
 
+    fn test_server(slots: usize, limits: ServerLimits, members: &[SocketAddr]) -> Arc<Server> {
+        let membership = Arc::new(Membership::new(members.to_vec(), None, None).unwrap());
+        let index = Arc::default();
+        Arc::new(Server::new(
+            Arc::new(token()),
+            index,
+            membership,
+            slots,
+            None,
+            1 << 30,
+            limits,
+        ))
+    }
+
+    /// A loose chunk of `len` bytes the server holds, and its digest.
+    fn hold_chunk(server: &Server, len: usize, byte: u8) -> Digest {
+        let data = Bytes::from(vec![byte; len]);
+        let d = Digest::of(&data);
+        server.loose.insert(d, data);
+        d
+    }
+
+    async fn listen(server: &Arc<Server>) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, server.clone()));
+        addr
+    }
+
+    fn chunk_request(d: &Digest) -> String {
+        format!("GET /chunks/{d} HTTP/1.1\r\nHost: peer\r\nAuthorization: Bearer s3cret-token\r\n\r\n")
+    }
+
+    /// `req` (a request head) on its own connection: the whole answer.
+    async fn exchange(addr: SocketAddr, req: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = req.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).to_string()
+    }
+
+    /// A request for `d` telling the server to answer within `wait_ms`:
+    /// the answer's status and body.
+    async fn ask(addr: SocketAddr, d: Digest, wait_ms: u64) -> (u16, String) {
+        let req = chunk_request(&d).replace("\r\n\r\n", &format!("\r\nx-streamblk-wait-ms: {wait_ms}\r\n\r\n"));
+        let answer = exchange(addr, &req).await;
+        let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        (status, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_waiting_for_a_slot_hold_no_more_than_the_upload_buffer() {
+        let limits = ServerLimits {
+            upload_buffer: manifest::MAX_CHUNK as u64 + 1024,
+            ..ServerLimits::default()
+        };
+        let server = test_server(1, limits, &[]);
+        let d = hold_chunk(&server, 1000, 3);
+        let addr = listen(&server).await;
+        // The only slot is taken: a first request (the largest chunk
+        // reserved: it sent no length) waits for it, using the buffer.
+        let taken = server.slots.acquire(Class::Demand).await.unwrap();
+        let first = tokio::spawn(ask(addr, d, 5000));
+        assert!(eventually(|| server.queue_depth() == 1).await);
+        // A second finds no room, and is told so at once.
+        let t = Instant::now();
+        let (status, body) = ask(addr, d, 5000).await;
+        assert_eq!((status, body.as_str()), (503, "upload buffer full"));
+        assert!(t.elapsed() < Duration::from_secs(2), "it waited {:?}", t.elapsed());
+        drop(taken);
+        assert_eq!(first.await.unwrap().0, 200);
+        // Sent: the room is free again.
+        assert_eq!(ask(addr, d, 5000).await.0, 200);
+    }
+
+    #[test]
+    fn a_loose_fetch_is_joined_only_with_its_own_entry() {
+        let d = Digest::of(b"c");
+        let e = |stored_len, zstd| ChunkEntry {
+            digest: d,
+            stored_len,
+            zstd,
+        };
+        let mut f = LooseFlights::default();
+        let t0 = Instant::now();
+        assert!(f.join(e(500, true), 1000, t0));
+        assert!(f.join(e(500, true), 1000, t0), "the same entry was refused");
+        assert!(!f.join(e(400, true), 1000, t0), "joined with another stored length");
+        assert!(!f.join(e(1000, false), 1000, t0), "joined with another encoding");
+        assert!(!f.join(e(500, true), 999, t0), "joined with another length");
+        f.end(&d);
+        assert!(
+            f.join(e(400, true), 1000, t0),
+            "a fetch that ended still bound its entry"
+        );
+        assert!(
+            f.join(e(500, true), 1000, t0 + FETCH_WAIT),
+            "a forgotten fetch still bound its entry"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_length_is_not_the_chunks_is_refused() {
+        let server = test_server(1, ServerLimits::default(), &[]);
+        let d = hold_chunk(&server, 1000, 5);
+        let addr = listen(&server).await;
+        let with_len = |len: u64| {
+            let req = chunk_request(&d).replace(
+                &format!("/chunks/{d} "),
+                &format!("/chunks/{d}?len={len}&stored={len}&zstd=0 "),
+            );
+            async move { exchange(addr, &req).await[..12].to_string() }
+        };
+        assert_eq!(with_len(999).await, "HTTP/1.1 400");
+        assert_eq!(with_len(1001).await, "HTTP/1.1 400");
+        assert_eq!(with_len(1000).await, "HTTP/1.1 200");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_capped_upload_sends_its_head_at_once_and_its_body_at_the_cap() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let membership = Arc::new(Membership::new(Vec::new(), None, None).unwrap());
+        let limits = ServerLimits::default();
+        // 1 MB/s: a 1 MiB chunk puts the cap a second behind.
+        let server = Arc::new(Server::new(
+            Arc::new(token()),
+            Arc::default(),
+            membership,
+            1,
+            Some(1_000_000),
+            1 << 30,
+            limits,
+        ));
+        let d = hold_chunk(&server, 1 << 20, 9);
+        let addr = listen(&server).await;
+        assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        let req = chunk_request(&d).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+        let t = Instant::now();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (mut answer, mut buf, mut head_at) = (Vec::new(), vec![0u8; 1 << 16], None);
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if head_at.is_none() && answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                head_at = Some(t.elapsed());
+            }
+        }
+        let (head_at, all_at) = (head_at.unwrap(), t.elapsed());
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            head_at < Duration::from_millis(500),
+            "the head waited {head_at:?} for the cap"
+        );
+        assert!(
+            all_at > Duration::from_millis(500),
+            "the body ignored the cap: {all_at:?}"
+        );
+    }
+
+    /// Waits up to 5 s for `ok`; whether it came true.
+    async fn eventually(ok: impl Fn() -> bool) -> bool {
+        let t = Instant::now();
+        while !ok() {
+            if t.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_to_a_peer_that_stops_reading_frees_its_slot() {
+        let limits = ServerLimits {
+            write_idle: Duration::from_millis(300),
+            ..ServerLimits::default()
+        };
+        let server = test_server(1, limits, &[]);
+        // The largest chunk: more than the socket buffers hold when the
+        // receive window is 4 KiB.
+        let d = hold_chunk(&server, manifest::MAX_CHUNK as usize, 7);
+        let addr = listen(&server).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut conn = sock.connect(addr).await.unwrap();
+        // The write cannot stall before the request is sent.
+        let t = Instant::now();
+        tokio::io::AsyncWriteExt::write_all(&mut conn, chunk_request(&d).as_bytes())
+            .await
+            .unwrap();
+        assert!(
+            eventually(|| server.slots.depth() == 1).await,
+            "the upload took no slot"
+        );
+        // The connection is open, and reads nothing.
+        assert!(
+            eventually(|| server.slots.depth() == 0).await,
+            "a peer that reads nothing held the upload slot"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "freed before the write stalled"
+        );
+        drop(conn);
+    }
+
     #[test]
     fn requests_without_the_right_token_are_refused_before_anything_else() {
         let d = Digest::of(b"c");
@@ -571,7 +972,15 @@ mod tests {
                 65536
             ))
         );
-        assert_eq!((r.from, r.hop), (None, Hop::Home));
+        assert_eq!((r.from, r.hop, r.wait), (None, Hop::Home, None));
+        let waits = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-wait-ms", "1500")]).unwrap();
+        assert_eq!(waits.wait, Some(Duration::from_millis(1500)));
+        let long = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-wait-ms", "99999999")]).unwrap();
+        assert_eq!(
+            long.wait,
+            Some(FETCH_WAIT),
+            "a requester made the server wait longer than its limit"
+        );
         let plain = req(&format!("/chunks/{d}"), &[AUTH]).unwrap();
         assert_eq!((plain.class, plain.entry), (Class::Background, None));
         let hop = req(
@@ -613,11 +1022,44 @@ mod tests {
         }
         let r = req(&format!("/chunks/{d}"), &[AUTH, ("x-streamblk-class", "urgent")]);
         assert!(matches!(r, Err(Refusal::Bad(_))), "{r:?}");
-        for h in [("x-streamblk-hop", "sideways"), ("x-streamblk-from", "somewhere")] {
+        for h in [
+            ("x-streamblk-hop", "sideways"),
+            ("x-streamblk-from", "somewhere"),
+            ("x-streamblk-wait-ms", "soon"),
+        ] {
             let r = req(&format!("/chunks/{d}"), &[AUTH, h]);
             assert!(matches!(r, Err(Refusal::Bad(_))), "{h:?}: {r:?}");
         }
         let r = req_with(Method::POST, &format!("/chunks/{d}"), &[AUTH]);
         assert_eq!(r, Err(Refusal::Method));
+    }
+
+    #[tokio::test]
+    async fn connections_from_non_members_are_closed_before_a_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let elsewhere: SocketAddr = "127.0.0.2:7000".parse().unwrap();
+        let here: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        for (members, served) in [(vec![elsewhere], false), (vec![elsewhere, here], true)] {
+            let server = test_server(1, ServerLimits::default(), &members);
+            let d = hold_chunk(&server, 1000, 1);
+            let addr = listen(&server).await;
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = conn.write_all(chunk_request(&d).as_bytes()).await;
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 4096];
+                // Until the head and the 1000-byte body, or the server closes.
+                while answer.len() < 1000 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            read.await.unwrap();
+            assert_eq!(answer.starts_with(b"HTTP/1.1 200"), served, "members {members:?}");
+            let unauthorized = server.counters.unauthorized.load(Ordering::Relaxed);
+            assert_eq!(unauthorized, u64::from(!served), "members {members:?}");
+        }
     }
 }
