@@ -634,3 +634,33 @@ fn a_hung_peer_costs_reads_one_short_wait_now_and_then_not_ten_seconds_each() {
     assert_eq!(peer["down"], true, "the hung peer is not marked down");
     assert_eq!(f.store_requests(), f.chunks(), "a chunk came from the store twice");
 }
+
+/// A host that read an image and no longer has a disk of it still serves
+/// its chunks from its chunk store: as their home it fetches none of them
+/// from the store again for a host that boots the image later.
+#[test]
+fn a_host_serves_the_chunks_of_an_image_it_no_longer_has_open() {
+    let f = Fixture::new();
+    let addrs = free_addrs(2);
+    let chunks = f.chunks();
+    // a alone reads the image, then stops: its chunks are in its store.
+    let mut a = f.host("a", addrs[0], &addrs[..1], true);
+    read_all(&a.socket, &f.image, "a");
+    assert!(a.daemon.terminate().success());
+    assert_eq!(f.store_requests(), chunks);
+    // Back, with no disk, in a fleet with b.
+    let a = f.host("a", addrs[0], &addrs, false);
+    let b = f.host("b", addrs[1], &addrs, true);
+    a.ready();
+    b.ready();
+    read_all(&b.socket, &f.image, "b");
+    let (uploads, home_fetches, again) = (
+        a.p2p_status("uploads"),
+        a.p2p_status("home_fetches"),
+        f.store_requests() - chunks,
+    );
+    eprintln!("{chunks} chunks: a uploaded {uploads}, fetched {home_fetches} as home; the store served {again} again (b's own)");
+    assert!(uploads > chunks / 4, "a served only {uploads} of its {chunks} chunks");
+    assert_eq!(home_fetches, 0, "a fetched chunks it holds from the store");
+    assert!(again < chunks - uploads + 1, "the store served {again} chunks again");
+}

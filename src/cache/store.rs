@@ -323,6 +323,25 @@ impl ChunkStore {
         self.inner.lock().map.get(digest).copied()
     }
 
+    /// The bytes of the chunk with `digest`, if the store holds it: any
+    /// chunk on the host, whether or not an open image names it.
+    pub fn get(&self, digest: &Digest) -> Result<Option<Vec<u8>>, Error> {
+        let (r, len) = {
+            let g = self.inner.lock();
+            let Some(&r) = g.map.get(digest) else { return Ok(None) };
+            let Some(h) = g.held[r.slab()][r.slot() as usize] else {
+                return Ok(None);
+            };
+            (r, h.len)
+        };
+        let Some(pinned) = self.pin(r) else { return Ok(None) };
+        let mut buf = vec![0u8; len as usize];
+        pinned
+            .read(IoRange::from_slice(&mut buf), 0)
+            .map_err(Error::ReadCacheFile)?;
+        Ok(Some(buf))
+    }
+
     /// True if `r` still names a readable chunk.
     pub(crate) fn is_live(&self, r: SlotRef) -> bool {
         self.slot(r)

@@ -156,9 +156,12 @@ impl Images {
             state: Mutex::default(),
         });
         // A home fetches chunks for its peers whether or not it has their
-        // image open: its fetcher exists from the start.
-        if images.p2p.is_some() && images.store.is_some() {
-            images.fetcher(&mut lock(&images.state))?;
+        // image open: its fetcher exists from the start; and it serves
+        // every chunk its chunk store holds, from the start too.
+        if let (Some(p), Some(_)) = (&images.p2p, &images.store) {
+            let mut s = lock(&images.state);
+            images.fetcher(&mut s)?;
+            p.set_chunk_store(images.chunks(&mut s)?);
         }
         Ok(images)
     }

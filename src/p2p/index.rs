@@ -1,13 +1,14 @@
-//! Where this host finds a chunk by digest: the Local Caches of the images
-//! it has open, and a small in-memory LRU of chunks it fetched as a home
-//! for images it does not have open.
+//! Where this host finds a chunk by digest: the images it has open (where
+//! a missing chunk can be fetched), the host's chunk store (every chunk it
+//! holds, whichever image brought it, open or not), and a small in-memory
+//! LRU of chunks it fetched as a home for images it does not have open.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use bytes::Bytes;
 
-use crate::cache::ImageCache;
+use crate::cache::{ChunkStore, ImageCache};
 use crate::store::{ChunkIdx, Digest};
 
 /// Where one chunk is: the open images that have it, and its index there.
@@ -17,12 +18,15 @@ type Places = Vec<(Weak<ImageCache>, ChunkIdx)>;
 #[derive(Default)]
 pub struct ChunkIndex {
     map: RwLock<HashMap<Digest, Places>>,
+    /// The host's chunk store, known once an image has been opened.
+    store: OnceLock<Arc<ChunkStore>>,
 }
 
 impl ChunkIndex {
     /// Adds every non-zero chunk of an opened image, and drops the entries
     /// of images closed since.
     pub fn add(&self, cache: &Arc<ImageCache>) {
+        self.set_store(cache.store().clone());
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, v| {
             v.retain(|(w, _)| w.strong_count() > 0);
@@ -52,6 +56,16 @@ impl ChunkIndex {
             cold.get_or_insert((cache, *c, false));
         }
         cold
+    }
+
+    /// Serves the host's chunk store's chunks (the one store a daemon has).
+    pub fn set_store(&self, store: Arc<ChunkStore>) {
+        let _ = self.store.set(store);
+    }
+
+    /// The host's chunk store, once an image has been opened.
+    pub fn store(&self) -> Option<&Arc<ChunkStore>> {
+        self.store.get()
     }
 
     /// Distinct chunks indexed (closed images' until the next `add`).

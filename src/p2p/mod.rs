@@ -266,6 +266,11 @@ impl P2p {
         }
     }
 
+    /// Makes every chunk of the host's chunk store servable by digest.
+    pub fn set_chunk_store(&self, store: Arc<crate::cache::ChunkStore>) {
+        self.index.set_store(store);
+    }
+
     /// Makes an opened image's chunks servable by digest.
     pub fn add_image(&self, cache: &Arc<ImageCache>) {
         self.index.add(cache);

@@ -566,12 +566,23 @@ impl Server {
         Some(resp)
     }
 
-    /// The chunk's plaintext: from an open image's cache, from the loose
-    /// chunks, or fetched (a chunk this host is asked for as its home; not
-    /// when a home redirected the request here). None: not here, and not
-    /// fetchable.
+    /// The chunk's plaintext: from the host's chunk store (whatever image
+    /// brought it), from an open image's cache, from the loose chunks, or
+    /// fetched (a chunk this host is asked for as its home; not when a home
+    /// redirected the request here). None: not here, and not fetchable.
     async fn chunk(&self, r: &ChunkRequest, deadline: Instant) -> Result<Option<Bytes>, ChunkError> {
         let failed = |e: &(dyn std::error::Error + 'static)| ChunkError::Failed(crate::DisplayChain(e).to_string());
+        if let Some(store) = self.index.store().cloned() {
+            let digest = r.digest;
+            let read = tokio::task::spawn_blocking(move || store.get(&digest))
+                .await
+                .map_err(|e| failed(&e))?;
+            match read {
+                Ok(Some(data)) => return Ok(Some(Bytes::from(data))),
+                Ok(None) => {}
+                Err(e) => return Err(failed(&e)),
+            }
+        }
         if let Some((cache, c, ready)) = self.index.find(&r.digest) {
             if !ready {
                 if r.hop == Hop::Redirected {
