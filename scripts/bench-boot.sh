@@ -260,14 +260,32 @@ run_one() {      # MODE RATE RUN
     finish_guest
     if [ "$mode" = auto ] || [ "$mode" = learned ]; then
         # The guest is gone, its disk still served: background fill should
-        # take the link once the boot has been quiet for 20 s (and the
-        # adaptive rate has ramped up). Its rate over 5 s, against the link's.
-        sleep 25
-        local b0 b1
-        b0=$(ctl stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
-        sleep 5
-        b1=$(ctl stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
-        fill=$(( (b1 - b0) / 5 ))
+        # take the link once the boot has been quiet for 20 s. Its rate while
+        # it runs: the store's bytes sampled every 0.1 s for up to 45 s, over
+        # the span they grew in (at 1 Gbit/s the whole image may take a
+        # second or two, so a fixed window would miss it).
+        fill=$(python3 - "$URL/__stats" <<'EOF'
+import json, sys, time, urllib.request
+url = sys.argv[1]
+def served():
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)["bytes"]
+samples, end = [], time.time() + 45
+while time.time() < end:
+    samples.append((time.time(), served()))
+    # Done: grew, then 3 s with no growth.
+    grew = [i for i in range(1, len(samples)) if samples[i][1] > samples[i - 1][1]]
+    if grew and samples[-1][0] - samples[grew[-1]][0] > 3:
+        break
+    time.sleep(0.1)
+grew = [i for i in range(1, len(samples)) if samples[i][1] > samples[i - 1][1]]
+if len(grew) < 2:
+    print(0)
+else:
+    (t0, b0), (t1, b1) = samples[grew[0] - 1], samples[grew[-1]]
+    print(int((b1 - b0) / (t1 - t0)))
+EOF
+)
     fi
     kill_pid "$DAEMON_PID" 30
     if [ "$mode" = auto ]; then
