@@ -56,6 +56,8 @@ struct Host {
     store_bytes: u64,
     peer_bytes: u64,
     upload_bytes: u64,
+    /// Peer requests that failed (the chunk came from elsewhere).
+    peer_failures: u64,
 }
 
 /// One storm of `n` hosts; P2P on if `n > 1`.
@@ -149,6 +151,7 @@ fn storm(dir: &Path, store: &Path, image: &str, raw: &Path, reads: &[(u64, usize
                 store_bytes: get(&st["fetch"]["store_bytes"]),
                 peer_bytes: get(&st["p2p"]["peer_bytes"]),
                 upload_bytes: get(&st["p2p"]["upload_bytes"]),
+                peer_failures: get(&st["fetch"]["peer_failures"]),
             }
         })
         .collect();
@@ -195,8 +198,8 @@ fn main() {
         env("FLEET_STORE_RATE", "100mbit"),
         env("FLEET_HOST_RATE", "1gbit"),
     );
-    println!("| hosts | store egress | vs one host | replay median | max | vs one host (median / max) | upload max / mean | p99 read | from store | from peers |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| hosts | store egress | vs one host | replay median | max | vs one host (median / max) | upload max / mean | p99 read | from store | from peers | peer failures |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut base: Option<(u64, f64)> = None;
     for n in counts {
         let (hosts, egress) = storm(dir.path(), &store, &image, &raw, &reads, n);
@@ -211,7 +214,7 @@ fn main() {
         let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
-            "| {n} | {:.1} MiB | {:.2}x | {med:.1} s | {max:.1} s | {:.2}x / {:.2}x | {} | {:.1} ms | {:.1} MiB | {:.1} MiB |",
+            "| {n} | {:.1} MiB | {:.2}x | {med:.1} s | {max:.1} s | {:.2}x / {:.2}x | {} | {:.1} ms | {:.1} MiB | {:.1} MiB | {} |",
             mib(egress),
             egress as f64 / base_egress as f64,
             med / base_time,
@@ -220,6 +223,7 @@ fn main() {
             p99.as_secs_f64() * 1e3,
             mib(hosts.iter().map(|h| h.store_bytes).sum()),
             mib(hosts.iter().map(|h| h.peer_bytes).sum()),
+            hosts.iter().map(|h| h.peer_failures).sum::<u64>(),
         );
     }
     println!(
