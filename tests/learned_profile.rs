@@ -126,7 +126,7 @@ fn a_first_boot_becomes_a_learned_profile_that_streams_ahead_of_the_next_boot_an
     // 2. The chunk cache is emptied, the learned profiles kept: a new
     // daemon's fresh open of the image uses the learned profile, streams
     // its chunks once a guest attaches, and the boot finds them local.
-    std::fs::remove_dir_all(cache.join(&id)).unwrap();
+    std::fs::remove_dir_all(cache.join("chunks")).unwrap();
     let mut b = serve(&store, &cache, dir.path(), "b", &["--publish-profiles"]);
     let i = wait_image(&b, "image open", |i| i["profile"]["source"] == "learned");
     assert_eq!(i["profile"]["chunks"], BOOT.len(), "{i}");
