@@ -136,6 +136,8 @@ fn start_daemon(args: &[String], log: &Path, boot_id: Option<&Path>) -> Daemon {
         child,
         args: args.to_vec(),
         control,
+        // The test reads its own log file.
+        log: None,
     }
 }
 

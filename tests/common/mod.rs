@@ -23,6 +23,9 @@ pub struct Daemon {
     pub child: Child,
     pub args: Vec<String>,
     pub control: PathBuf,
+    /// Its stderr (unless STREAMBLK_TEST_LOG sends it to the test's):
+    /// printed, with how it ended, if the test fails while it is around.
+    pub log: Option<PathBuf>,
 }
 
 /// A control socket path of its own for each daemon a test starts.
@@ -40,8 +43,13 @@ impl Daemon {
     /// Starts the daemon inside network namespace `netns` (its sockets and
     /// files are the host's; only its network is the namespace's).
     pub fn start_in(netns: Option<&str>, args: &[String]) -> Daemon {
-        let log = std::env::var("STREAMBLK_TEST_LOG").is_ok();
+        let inherit = std::env::var("STREAMBLK_TEST_LOG").is_ok();
         let control = control_socket();
+        let log = (!inherit).then(|| control.with_extension("log"));
+        let stderr = match &log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create the daemon's log")),
+            None => Stdio::inherit(),
+        };
         let mut cmd = match netns {
             // `ip netns exec` execs the daemon: the child's pid is the daemon's.
             Some(ns) => {
@@ -58,13 +66,14 @@ impl Daemon {
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
-            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .stderr(stderr)
             .spawn()
             .expect("spawn streamblk");
         Daemon {
             child,
             args: args.to_vec(),
             control,
+            log,
         }
     }
 
@@ -111,8 +120,25 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let ended = self.child.try_wait().ok().flatten();
+            eprintln!(
+                "--- daemon {} ({}), its log's end:",
+                self.child.id(),
+                ended.map_or("still running".to_string(), |s| format!("had exited: {s}"))
+            );
+            if let Some(text) = self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+                let lines: Vec<&str> = text.lines().collect();
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("daemon| {l}");
+                }
+            }
+        }
         self.kill();
         let _ = std::fs::remove_file(&self.control);
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
+        }
     }
 }
 
