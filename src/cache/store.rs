@@ -166,6 +166,27 @@ struct Inner {
     stopped: bool,
 }
 
+impl Inner {
+    /// Appends `records` to the index durably. A refused write (ENOSPC)
+    /// changed nothing and leaves the store working; any other failure, or
+    /// a failed sync, stops it.
+    fn append(&mut self, records: &[[u8; RECORD]]) -> Result<(), Error> {
+        let at = header_len() + self.records * RECORD as u64;
+        if let Err(e) = self.index.write_all_at(&records.concat(), at) {
+            if e.raw_os_error() != Some(libc::ENOSPC) {
+                self.stopped = true;
+            }
+            return Err(Error::WriteCacheFile(e));
+        }
+        if let Err(e) = self.index.sync_data() {
+            self.stopped = true;
+            return Err(Error::SyncCacheFile(e));
+        }
+        self.records += records.len() as u64;
+        Ok(())
+    }
+}
+
 /// Counts for `status` and metrics.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
@@ -520,18 +541,7 @@ impl ChunkStore {
         }
         // Until the records are durable the slots stay out of use: their
         // chunks are gone from the map, and a replay still finds them intact.
-        let at = header_len() + g.records * RECORD as u64;
-        if let Err(e) = g.index.write_all_at(&records.concat(), at) {
-            if e.raw_os_error() != Some(libc::ENOSPC) {
-                g.stopped = true;
-            }
-            return Err(Error::WriteCacheFile(e));
-        }
-        if let Err(e) = g.index.sync_data() {
-            g.stopped = true;
-            return Err(Error::SyncCacheFile(e));
-        }
-        g.records += records.len() as u64;
+        g.append(&records)?;
         for (k, i) in gone {
             let slab = self.slabs[k].get().expect("listed above");
             // Releases the disk blocks; a failure only keeps them.
@@ -585,20 +595,9 @@ impl ChunkStore {
                 record(ADD, r.slab(), r.slot(), h.len, &h.digest)
             })
             .collect();
-        let at = header_len() + g.records * RECORD as u64;
-        if let Err(e) = g.index.write_all_at(&records.concat(), at) {
-            if e.raw_os_error() != Some(libc::ENOSPC) {
-                g.stopped = true;
-            }
-            // A refused write changed nothing, and the data is synced: the
-            // records can wait for the next persist.
-            return Err(Error::WriteCacheFile(e));
-        }
-        if let Err(e) = g.index.sync_data() {
-            g.stopped = true;
-            return Err(Error::SyncCacheFile(e));
-        }
-        g.records += records.len() as u64;
+        // On a refused write (ENOSPC) the data is synced: the records can
+        // wait for the next persist.
+        g.append(&records)?;
         for r in std::mem::take(&mut g.unsynced) {
             if let Some(h) = &mut g.held[r.slab()][r.slot() as usize] {
                 h.durable = true;
