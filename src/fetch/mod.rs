@@ -8,6 +8,7 @@
 
 mod base;
 mod boot;
+mod lru;
 mod peers;
 pub mod rate;
 mod replay;
@@ -22,7 +23,8 @@ pub use base::StreamedBase;
 pub use boot::BootWatch;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-pub use peers::{PeerError, Peers};
+pub use lru::{ChunkLru, StoredForm};
+pub use peers::{PeerChunk, PeerError, Peers};
 pub use rate::FillRate;
 pub use replay::ProfileReplay;
 use tokio::sync::{watch, Notify};
@@ -168,6 +170,9 @@ pub struct FetchCounters {
 
 /// A rate that is no cap.
 const NO_CAP: u64 = u64::MAX;
+/// Bytes of stored forms kept for peers: a boot's working set as stored
+/// (about 20 MiB for a Debian boot) while a fleet boots it.
+const STORED_FORM_BYTES: u64 = 64 << 20;
 /// The background rate that says "adaptive".
 const AUTO: u64 = u64::MAX - 1;
 
@@ -252,6 +257,8 @@ struct Inner {
     store: ImageStore,
     /// Asked before the store, if set.
     peers: Option<Arc<dyn Peers>>,
+    /// With peers: the stored forms of compressed chunks fetched lately.
+    stored: Option<ChunkLru<StoredForm>>,
     config: FetchConfig,
     state: Mutex<State>,
     wake: Notify,
@@ -291,9 +298,11 @@ impl Fetcher {
         config: FetchConfig,
         runtime: &tokio::runtime::Handle,
     ) -> Fetcher {
+        let stored = peers.as_ref().map(|_| ChunkLru::new(STORED_FORM_BYTES));
         let inner = Arc::new(Inner {
             store,
             peers,
+            stored,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             buckets: [
@@ -357,6 +366,13 @@ impl Fetcher {
     /// The profile streaming rate in force now, bytes per second (u64::MAX: no limit).
     pub fn profile_rate_now(&self) -> u64 {
         self.inner.effective[1].load(Ordering::Relaxed)
+    }
+
+    /// The stored form of a compressed chunk fetched lately (from the store
+    /// or a peer), to send to peers as it is: a third of the plaintext's
+    /// bytes on the wire for a typical OS image, and no compression work.
+    pub fn stored_form(&self, digest: &Digest) -> Option<StoredForm> {
+        self.inner.stored.as_ref()?.get(digest)
     }
 
     /// Peers are asked before the store (P2P).
@@ -633,6 +649,7 @@ impl Inner {
             let err = match tokio::time::timeout(self.config.attempt_timeout, self.store.chunk(&entry)).await {
                 Ok(Ok(bytes)) => match verify_chunk(&entry, len, &bytes) {
                     Ok(data) => {
+                        self.keep_stored(&entry, len, &bytes);
                         let data = self.deliver(flight, Bytes::from(data)).await?;
                         self.counters.store_chunks.fetch_add(1, Ordering::Relaxed);
                         self.counters
@@ -688,23 +705,24 @@ impl Inner {
         (!candidates.is_empty()).then_some((candidates, entry, len))
     }
 
-    /// The chunk from the first of `candidates` that sends it intact; None
-    /// if none does (the store is asked then). A peer's bytes are checked
-    /// against the manifest's digest here, before anything caches them.
+    /// The chunk's plaintext from the first of `candidates` that sends it
+    /// intact, and the bytes that came over the wire; None if none does
+    /// (the store is asked then). A peer's bytes are checked against the
+    /// manifest's digest here, before anything caches them.
     async fn ask_peers(
         &self,
         candidates: Vec<SocketAddr>,
         entry: &ChunkEntry,
         len: u64,
         class: Class,
-    ) -> Option<Bytes> {
+    ) -> Option<(Bytes, u64)> {
         let peers = self.peers.as_ref()?;
         for peer in candidates {
             let got = tokio::time::timeout(self.config.attempt_timeout, peers.get(peer, *entry, len, class)).await;
             match got {
-                Ok(Ok((sender, data))) => match verify_plain(entry, len, &data) {
-                    Ok(()) => return Some(data),
-                    Err(why) => {
+                Ok(Ok((sender, chunk))) => match (chunk.len() as u64, self.verify_peer_chunk(entry, len, chunk)) {
+                    (wire, Ok(data)) => return Some((data, wire)),
+                    (_, Err(why)) => {
                         self.counters.bad_peer_chunks.fetch_add(1, Ordering::Relaxed);
                         peers.bad_chunk(sender, &entry.digest, &why.to_string());
                     }
@@ -720,6 +738,39 @@ impl Inner {
             }
         }
         None
+    }
+
+    /// A peer's chunk as plaintext, if it is the manifest entry's chunk.
+    fn verify_peer_chunk(
+        &self,
+        entry: &ChunkEntry,
+        len: u64,
+        chunk: PeerChunk,
+    ) -> Result<Bytes, store::manifest::ChunkError> {
+        match chunk {
+            PeerChunk::Plain(data) => verify_plain(entry, len, &data).map(|()| data),
+            PeerChunk::Stored(stored) => {
+                let data = verify_chunk(entry, len, &stored)?;
+                self.keep_stored(entry, len, &stored);
+                Ok(Bytes::from(data))
+            }
+        }
+    }
+
+    /// Keeps a verified chunk's stored form for peers, if it is compressed
+    /// (an uncompressed one is its plaintext, read from the cache).
+    fn keep_stored(&self, entry: &ChunkEntry, len: u64, stored: &Bytes) {
+        if let Some(lru) = &self.stored {
+            if entry.zstd && (stored.len() as u64) < len {
+                lru.insert(
+                    entry.digest,
+                    StoredForm {
+                        bytes: stored.clone(),
+                        zstd: true,
+                    },
+                );
+            }
+        }
     }
 
     /// Ends a flight: its waiters get `result`, its slot is free.
@@ -841,11 +892,10 @@ async fn from_peers_or_requeue(
 ) {
     // The class it is wanted at now: a guest may have come to wait for it.
     let now = Class::of(flight.class.load(Ordering::Acquire));
-    let Some(data) = inner.ask_peers(candidates, &entry, len, now).await else {
+    let Some((data, n)) = inner.ask_peers(candidates, &entry, len, now).await else {
         inner.requeue(&flight, class);
         return;
     };
-    let n = data.len() as u64;
     let result = inner.deliver(&flight, data).await.map(|data| Fetched {
         bytes: n,
         data,
@@ -1112,7 +1162,7 @@ mod tests {
             entry: ChunkEntry,
             _len: u64,
             _class: Class,
-        ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
+        ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
             self.asked.lock().unwrap().push(peer);
             let data = self.data.get(&entry.digest).cloned();
             let kind = self.kind(peer);
@@ -1127,7 +1177,7 @@ mod tests {
                         return Err("timed out".into());
                     }
                 }
-                Ok((peer, Bytes::from(data)))
+                Ok((peer, PeerChunk::Plain(Bytes::from(data))))
             })
         }
 
@@ -1138,6 +1188,95 @@ mod tests {
 
     fn count(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Peers that send chunks in their stored (zstd) form: the first
+    /// candidate with a byte of it flipped, the second intact.
+    struct StoredPeers {
+        forms: HashMap<Digest, Bytes>,
+        liar: SocketAddr,
+        good: SocketAddr,
+        bad: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl Peers for StoredPeers {
+        fn candidates(&self, _digest: &Digest) -> Vec<SocketAddr> {
+            vec![self.liar, self.good]
+        }
+
+        fn get(
+            &self,
+            peer: SocketAddr,
+            entry: ChunkEntry,
+            _len: u64,
+            _class: Class,
+        ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
+            let mut form = self.forms[&entry.digest].to_vec();
+            if peer == self.liar {
+                let mid = form.len() / 2;
+                form[mid] ^= 0x40;
+            }
+            Box::pin(async move { Ok((peer, PeerChunk::Stored(Bytes::from(form)))) })
+        }
+
+        fn bad_chunk(&self, peer: SocketAddr, _digest: &Digest, _why: &str) {
+            self.bad.lock().unwrap().push(peer);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peers_stored_form_is_checked_like_the_stores_and_kept_for_other_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::with_backend(Arc::new(object_store::memory::InMemory::new()), "memory");
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        let form = Bytes::from(zstd::bulk::compress(&data, 3).unwrap());
+        assert!(form.len() < data.len());
+        let d = Digest::of(&data);
+        let m = Manifest {
+            version: 1,
+            size: 65536,
+            chunk_size: 65536,
+            chunks: vec![Some(ChunkEntry {
+                digest: d,
+                stored_len: form.len() as u32,
+                zstd: true,
+            })],
+        };
+        let chunks = crate::cache::ChunkStore::open(dir.path(), None).unwrap();
+        let cache = Arc::new(ImageCache::open(&chunks, Digest::of(b"z"), Arc::new(m)).unwrap());
+        let peers = Arc::new(StoredPeers {
+            forms: HashMap::from([(d, form.clone())]),
+            liar: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            good: SocketAddr::from(([127, 0, 0, 1], 7002)),
+            bad: Mutex::default(),
+        });
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(0), Class::Demand).await.unwrap();
+        assert_eq!(cache.read_chunk(ChunkIdx(0)).unwrap().unwrap(), data);
+        assert_eq!(
+            *peers.bad.lock().unwrap(),
+            vec![peers.liar],
+            "the liar was not reported"
+        );
+        let n = fetcher.counters();
+        assert_eq!(
+            (count(&n.bad_peer_chunks), count(&n.peer_chunks), count(&n.store_chunks)),
+            (1, 1, 0)
+        );
+        assert_eq!(
+            count(&n.peer_bytes),
+            form.len() as u64,
+            "peer bytes are not the bytes sent"
+        );
+        let kept = fetcher
+            .stored_form(&d)
+            .expect("the verified stored form was not kept for peers");
+        assert_eq!((kept.bytes, kept.zstd), (form, true));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

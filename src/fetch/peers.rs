@@ -10,6 +10,25 @@ use futures::future::BoxFuture;
 use super::Class;
 use crate::store::{ChunkEntry, Digest};
 
+/// What a peer sent for a chunk, unverified.
+#[derive(Debug)]
+pub enum PeerChunk {
+    /// Its plaintext (checked with `verify_plain`).
+    Plain(Bytes),
+    /// Its stored form, as the store keeps it (checked with `verify_chunk`
+    /// against the requester's own manifest entry).
+    Stored(Bytes),
+}
+
+impl PeerChunk {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        match self {
+            PeerChunk::Plain(b) | PeerChunk::Stored(b) => b.len(),
+        }
+    }
+}
+
 /// Why a peer did not serve a chunk (it is asked no more for this fetch).
 pub type PeerError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -20,15 +39,16 @@ pub trait Peers: Send + Sync {
     /// every peer before it is down or known bad for the chunk).
     fn candidates(&self, digest: &Digest) -> Vec<SocketAddr>;
 
-    /// The chunk's bytes (its plaintext), unverified, asked of `peer`, and
-    /// the peer that sent them: `peer`, or a holder it redirected to.
+    /// The chunk's bytes (its plaintext or its stored form), unverified,
+    /// asked of `peer`, and the peer that sent them: `peer`, or a holder it
+    /// redirected to.
     fn get(
         &self,
         peer: SocketAddr,
         entry: ChunkEntry,
         len: u64,
         class: Class,
-    ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>>;
+    ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>>;
 
     /// `peer` sent bytes for `digest` that failed verification: count it,
     /// log it, and ask that peer no more for the chunk.

@@ -13,16 +13,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::future::BoxFuture;
 
 use super::directory::REDIRECT_TO;
 use super::membership::Membership;
 use super::server::Hop;
 use super::{
-    hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
+    hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE,
+    HEADER_WAIT,
 };
-use crate::fetch::{Class, PeerError, Peers};
+use crate::fetch::{Class, PeerChunk, PeerError, Peers};
 use crate::store::{ChunkEntry, Digest};
 
 /// Members examined per chunk: its home and two failover candidates.
@@ -202,7 +203,7 @@ impl PeerClient {
     /// Asks the chunk's home; if it redirects, the holders it names (not
     /// this host, not down, not bad for the chunk; least loaded first), then
     /// the home again, told not to redirect. Returns who sent the bytes.
-    async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, Bytes), RequestError> {
+    async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, PeerChunk), RequestError> {
         let digest = ask.entry.digest;
         // Room for one last request before the scheduler's own timeout.
         let last = self.timeouts.first_byte + self.timeouts.idle;
@@ -276,6 +277,7 @@ impl PeerClient {
             .get(url)
             .header(reqwest::header::AUTHORIZATION, self.token.header())
             .header(HEADER_CLASS, class.name())
+            .header(HEADER_FORM, "stored")
             .header(HEADER_WAIT, self.timeouts.server_wait().as_millis().to_string());
         if let Some(me) = self.membership.self_addr() {
             req = req.header(HEADER_FROM, me.to_string());
@@ -314,6 +316,10 @@ impl PeerClient {
         if status != reqwest::StatusCode::OK {
             return Err(RequestError::Status { peer, digest, status });
         }
+        // The stored form is no longer than the manifest says; the
+        // plaintext no longer than the chunk.
+        let stored = resp.headers().get(HEADER_FORM).is_some_and(|v| v == "stored");
+        let len = if stored { u64::from(entry.stored_len) } else { len };
         let too_long = || RequestError::TooLong { peer, digest, len };
         if resp.content_length().is_some_and(|n| n > len) {
             return Err(too_long());
@@ -334,7 +340,12 @@ impl PeerClient {
         }
         stats.served.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(Answer::Chunk(buf.freeze()))
+        let data = buf.freeze();
+        Ok(Answer::Chunk(if stored {
+            PeerChunk::Stored(data)
+        } else {
+            PeerChunk::Plain(data)
+        }))
     }
 }
 
@@ -348,7 +359,7 @@ struct Ask {
 
 /// What a peer answered.
 enum Answer {
-    Chunk(Bytes),
+    Chunk(PeerChunk),
     /// A busy home named holders of the chunk.
     Redirect(Vec<SocketAddr>),
 }
@@ -385,7 +396,7 @@ impl Peers for PeerClient {
         entry: ChunkEntry,
         len: u64,
         class: Class,
-    ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
+    ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
         let this = self.clone();
         Box::pin(async move {
             this.get_chunk(peer, Ask { entry, len, class })
@@ -418,6 +429,14 @@ mod tests {
     use super::*;
 
     const CHUNK: &[u8] = b"the chunk's bytes";
+
+    /// An answer without a form header is the plaintext.
+    fn plain(c: PeerChunk) -> bytes::Bytes {
+        match c {
+            PeerChunk::Plain(b) => b,
+            PeerChunk::Stored(_) => panic!("a plain answer was taken for a stored form"),
+        }
+    }
 
     fn entry() -> ChunkEntry {
         ChunkEntry {
@@ -545,7 +564,7 @@ mod tests {
         });
         let c = client(&[home], None);
         let (from, data) = c.clone().get_chunk(home, ask()).await.unwrap();
-        assert_eq!((from, &data[..]), (home, CHUNK));
+        assert_eq!((from, &plain(data)[..]), (home, CHUNK));
         assert_eq!(asked.load(Ordering::Relaxed), 3);
         assert!(!c.stats(home).is_down(), "a busy home was taken for dead");
 
@@ -608,7 +627,7 @@ Content-Length: 0
         let flooding_home = redirect_to(names);
         let c = client(&[home, flooding_home, holder, late_holder], None);
         let (from, data) = c.clone().get_chunk(home, ask()).await.unwrap();
-        assert_eq!((from, &data[..]), (holder, CHUNK));
+        assert_eq!((from, &plain(data)[..]), (holder, CHUNK));
         assert_eq!(holder_asked.load(Ordering::Relaxed), 1);
         assert_eq!(stranger_asked.load(Ordering::Relaxed), 0, "a non-member was asked");
         assert!(c.clone().get_chunk(flooding_home, ask()).await.is_err());

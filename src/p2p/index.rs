@@ -4,11 +4,12 @@
 //! LRU of chunks it fetched as a home for images it does not have open.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 
 use bytes::Bytes;
 
 use crate::cache::{ChunkStore, ImageCache};
+use crate::fetch::ChunkLru;
 use crate::store::{ChunkIdx, Digest};
 
 /// Where one chunk is: the open images that have it, and its index there.
@@ -75,84 +76,5 @@ impl ChunkIndex {
 }
 
 /// Chunks a home fetched for its peers without having their image open:
-/// the least recently used go beyond `cap` bytes.
-pub struct LooseChunks {
-    cap: u64,
-    inner: Mutex<Lru>,
-}
-
-#[derive(Default)]
-struct Lru {
-    map: HashMap<Digest, (Bytes, u64)>,
-    bytes: u64,
-    tick: u64,
-}
-
-impl LooseChunks {
-    pub fn new(cap: u64) -> Self {
-        LooseChunks {
-            cap,
-            inner: Mutex::default(),
-        }
-    }
-
-    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
-        let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        l.tick += 1;
-        let tick = l.tick;
-        let (bytes, used) = l.map.get_mut(digest)?;
-        *used = tick;
-        Some(bytes.clone())
-    }
-
-    /// Keeps a verified chunk. Eviction scans the map: it holds a few
-    /// hundred chunks, and a chunk is inserted once per store fetch.
-    pub fn insert(&self, digest: Digest, data: Bytes) {
-        if data.len() as u64 > self.cap {
-            return;
-        }
-        let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        l.tick += 1;
-        let tick = l.tick;
-        let len = data.len() as u64;
-        if let Some((old, _)) = l.map.insert(digest, (data, tick)) {
-            l.bytes -= old.len() as u64;
-        }
-        l.bytes += len;
-        while l.bytes > self.cap {
-            let Some(oldest) = l.map.iter().min_by_key(|(_, (_, t))| *t).map(|(d, _)| *d) else {
-                break;
-            };
-            if let Some((old, _)) = l.map.remove(&oldest) {
-                l.bytes -= old.len() as u64;
-            }
-        }
-    }
-
-    /// (chunks, bytes) held.
-    pub fn usage(&self) -> (usize, u64) {
-        let l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        (l.map.len(), l.bytes)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loose_chunks_keep_the_recently_used_under_the_cap() {
-        let lru = LooseChunks::new(300);
-        let d = |i: u8| Digest::of(&[i]);
-        lru.insert(d(1), Bytes::from(vec![1; 100]));
-        lru.insert(d(2), Bytes::from(vec![2; 100]));
-        lru.insert(d(3), Bytes::from(vec![3; 100]));
-        assert!(lru.get(&d(1)).is_some());
-        lru.insert(d(4), Bytes::from(vec![4; 100]));
-        assert!(lru.get(&d(2)).is_none(), "the least recently used stayed");
-        assert_eq!(lru.get(&d(1)).unwrap()[0], 1);
-        assert_eq!(lru.usage(), (3, 300));
-        lru.insert(d(5), Bytes::from(vec![5; 400]));
-        assert!(lru.get(&d(5)).is_none(), "a chunk larger than the cap was kept");
-    }
-}
+/// the least recently used go beyond the cap.
+pub type LooseChunks = ChunkLru<Bytes>;

@@ -43,6 +43,10 @@ pub const HEADER_FROM: &str = "x-streamblk-from";
 /// `redirected` (to a holder: serve only a chunk held, never redirect),
 /// `direct` (to the home again after the holders failed: never redirect).
 pub const HEADER_HOP: &str = "x-streamblk-hop";
+/// In a request, `stored`: the requester takes a chunk's stored form
+/// (as the store keeps it, zstd-compressed) as well as its plaintext. In an
+/// answer: which of the two the body is (`stored` or `plain`).
+pub const HEADER_FORM: &str = "x-streamblk-form";
 /// In a 307 answer: the holders to ask, comma-separated.
 pub const HEADER_HOLDERS: &str = "x-streamblk-holders";
 /// How long the requester waits for the answer's head, in milliseconds:

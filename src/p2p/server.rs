@@ -36,7 +36,9 @@ use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
 use super::slots::{SlotGuard, UploadSlots};
-use super::{lock, Token, HEADER_CLASS, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT};
+use super::{
+    lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
+};
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, Digest};
 
@@ -179,6 +181,8 @@ pub struct ChunkRequest {
     pub hop: Hop,
     /// How long the requester waits for the answer's head (at most [`FETCH_WAIT`]).
     pub wait: Option<Duration>,
+    /// The requester takes the chunk's stored form (see [`HEADER_FORM`]).
+    pub stored: bool,
 }
 
 /// How far a request has gone (see [`HEADER_HOP`]).
@@ -282,6 +286,11 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
                 .ok_or_else(|| bad("wait is not a number of milliseconds"))?,
         ),
     };
+    let takes_stored = match headers.get(HEADER_FORM) {
+        None => false,
+        Some(v) if v == "stored" => true,
+        Some(_) => return Err(bad("form is not stored")),
+    };
     let (mut len, mut stored, mut zstd) = (None, None, None);
     for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| bad("query is not key=value"))?;
@@ -319,6 +328,7 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         from,
         hop,
         wait,
+        stored: takes_stored,
     })
 }
 
@@ -484,30 +494,37 @@ impl Server {
         // The requester stops waiting then: answer before, if only "busy".
         let start = Instant::now();
         let deadline = start + r.wait.unwrap_or(FETCH_WAIT);
-        let data = match self.chunk(&r, deadline).await {
-            Ok(Some(data)) => data,
-            Ok(None) => {
-                self.counters.not_found.fetch_add(1, Ordering::Relaxed);
-                return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
-            }
-            Err(ChunkError::OtherEntry) => {
-                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-                return self.answer(
-                    StatusCode::CONFLICT,
-                    "the chunk is being fetched with another entry".into(),
-                );
-            }
-            Err(ChunkError::TimedOut) => {
-                self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                return self.answer(StatusCode::SERVICE_UNAVAILABLE, "still fetching".into());
-            }
-            Err(ChunkError::Failed(why)) => {
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(digest = %r.digest, "peer request failed: {why}");
-                return self.answer(StatusCode::BAD_GATEWAY, why);
-            }
+        let form = self.stored_form(&r);
+        let stored = form.is_some();
+        let data = match form {
+            Some(form) => form,
+            None => match self.chunk(&r, deadline).await {
+                Ok(Some(data)) => data,
+                Ok(None) => {
+                    self.counters.not_found.fetch_add(1, Ordering::Relaxed);
+                    return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
+                }
+                Err(ChunkError::OtherEntry) => {
+                    self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    return self.answer(
+                        StatusCode::CONFLICT,
+                        "the chunk is being fetched with another entry".into(),
+                    );
+                }
+                Err(ChunkError::TimedOut) => {
+                    self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                    return self.answer(StatusCode::SERVICE_UNAVAILABLE, "still fetching".into());
+                }
+                Err(ChunkError::Failed(why)) => {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(digest = %r.digest, "peer request failed: {why}");
+                    return self.answer(StatusCode::BAD_GATEWAY, why);
+                }
+            },
         };
         let wrong_len = match r.entry {
+            // A stored form is kept only where its length is the entry's.
+            _ if stored => false,
             Some((_, len)) => data.len() as u64 != len,
             None => data.len() as u64 > need,
         };
@@ -543,7 +560,21 @@ impl Server {
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        h.insert(
+            HEADER_FORM,
+            HeaderValue::from_static(if stored { "stored" } else { "plain" }),
+        );
         resp
+    }
+
+    /// The chunk's stored form, if the requester takes it and this host
+    /// keeps one that is the requester's entry (same length and
+    /// compression): sent as it is, a third of the plaintext for a typical
+    /// OS image, with no compression work.
+    fn stored_form(&self, r: &ChunkRequest) -> Option<Bytes> {
+        let (entry, _) = r.entry.filter(|_| r.stored)?;
+        let form = self.fetcher()?.stored_form(&r.digest)?;
+        (form.zstd == entry.zstd && form.bytes.len() == entry.stored_len as usize).then_some(form.bytes)
     }
 
     /// A 307 naming holders of the chunk, if the request came to this host
