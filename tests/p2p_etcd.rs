@@ -261,7 +261,8 @@ fn views_kept_in_etcd_follow_joins_a_sigterm_and_a_sigkill_while_reads_stay_corr
     // h3 reads the image while h1 leaves by SIGTERM: h1 revoked its lease,
     // so the others drop it at once.
     let left = std::thread::scope(|s| {
-        let reader = s.spawn(|| read_all(&hosts[3].socket, &f.image, "h3"));
+        let (socket, image) = (hosts[3].socket.clone(), &f.image);
+        let reader = s.spawn(move || read_all(&socket, image, "h3"));
         std::thread::sleep(Duration::from_millis(200));
         let status = hosts[1].daemon.terminate();
         assert!(status.success(), "h1 exited {status}");

@@ -59,7 +59,8 @@ pub fn candidates<'a>(
     let mut zone_home = zone.is_empty();
     for m in ranked(digest, &zone, n) {
         if Some(m) == me {
-            zone_home = true;
+            // Acting home of the zone only if no one usable comes first.
+            zone_home = out.is_empty();
             break;
         }
         if usable(&m) {
@@ -189,7 +190,7 @@ mod tests {
             }
             assert_eq!(candidates(&d, &m, None, no_zone, |_| true, 3), r);
             let usable = |x: &SocketAddr| *x != r[0];
-            let skip_home: Vec<SocketAddr> = r[1..].iter().copied().take_while(|x| *x != m[0]).collect();
+            let skip_home: Vec<SocketAddr> = r.iter().copied().take_while(|x| *x != m[0]).filter(usable).collect();
             assert_eq!(candidates(&d, &m, Some(m[0]), no_zone, usable, 3), skip_home);
         }
     }

@@ -144,6 +144,7 @@ pub struct Membership {
 impl Membership {
     /// The members of `listed` and of `file` (read now), without zones
     /// but those the file gives.
+    #[cfg(test)]
     pub fn new(listed: Vec<SocketAddr>, file: Option<PathBuf>, self_addr: Option<SocketAddr>) -> Result<Self, Error> {
         Self::with_zone(listed.into_iter().map(Member::from).collect(), file, self_addr, None)
     }
