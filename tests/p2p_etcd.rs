@@ -65,7 +65,11 @@ impl Etcd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !etcd.healthy() {
-            assert!(Instant::now() < deadline, "etcd never became healthy:\n{}", etcd.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "etcd never became healthy:\n{}",
+                etcd.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         etcd
@@ -284,7 +288,11 @@ fn views_kept_in_etcd_follow_joins_a_sigterm_and_a_sigkill_while_reads_stay_corr
     hosts.push(f.host("h4", addrs[4], etcd.client, &prefix));
     read_all(&hosts[4].socket, &f.image, "h4");
     let rest = [&hosts[0], &hosts[3], &hosts[4]];
-    converge(&rest, &[addrs[0], addrs[3], addrs[4]], LEASE_TTL + Duration::from_secs(10));
+    converge(
+        &rest,
+        &[addrs[0], addrs[3], addrs[4]],
+        LEASE_TTL + Duration::from_secs(10),
+    );
     let dropped = t.elapsed();
     eprintln!("SIGKILL: the others dropped h2 {dropped:?} after it died (lease TTL {LEASE_TTL:?})");
     assert!(
@@ -306,7 +314,11 @@ fn a_daemon_whose_etcd_is_unreachable_serves_from_the_store_and_joins_once_etcd_
     let prefix = format!("sb-down-{}", std::process::id());
     let host = f.host("h0", me, client, &prefix);
     read_all(&host.socket, &f.image, "h0");
-    assert_eq!(host.fetch("store_chunks"), f.chunks(), "the disk was not served from the store");
+    assert_eq!(
+        host.fetch("store_chunks"),
+        f.chunks(),
+        "the disk was not served from the store"
+    );
     let p = host.p2p();
     assert_eq!(p["membership_connected"], false);
     assert_eq!(host.members(), vec![me], "without etcd the view is this host alone");

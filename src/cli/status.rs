@@ -114,7 +114,11 @@ pub fn p2p_line(p: &P2pStatus) -> String {
 pub fn membership_line(p: &P2pStatus) -> String {
     format!(
         "membership {}{}, zone {}, {} members, {} changes",
-        if p.membership.is_empty() { "static" } else { &p.membership },
+        if p.membership.is_empty() {
+            "static"
+        } else {
+            &p.membership
+        },
         match p.membership_connected {
             Some(true) => " (connected)",
             Some(false) => " (not connected: last view kept)",
@@ -367,7 +371,10 @@ mod tests {
             l.starts_with("p2p on 127.0.0.1:7000, one of 2 members: uploaded 3 chunks (3.0 MiB)"),
             "{l}"
         );
-        assert_eq!(membership_line(&p), "membership static, zone (none), 2 members, 0 changes");
+        assert_eq!(
+            membership_line(&p),
+            "membership static, zone (none), 2 members, 0 changes"
+        );
         let etcd = P2pStatus {
             membership: "etcd://127.0.0.1:2379/fleet".into(),
             membership_connected: Some(false),

@@ -313,7 +313,11 @@ fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
     if o.p2p_listen.is_none() && peers.is_empty() && o.peers_file.is_none() && o.membership.is_none() {
         return Ok(None);
     }
-    if let Some(url) = o.membership.as_ref().filter(|_| !peers.is_empty() || o.peers_file.is_some()) {
+    if let Some(url) = o
+        .membership
+        .as_ref()
+        .filter(|_| !peers.is_empty() || o.peers_file.is_some())
+    {
         return Err(ConfigError::Option(
             "membership",
             url.to_string(),
@@ -756,7 +760,11 @@ base = "/images/b.raw"
             let e = Settings::try_from(&f.options).unwrap_err().to_string();
             assert!(e.contains("--membership") && e.contains("not both"), "{e}");
         }
-        for bad in ["membership = \"etcd://127.0.0.1:2379\"\n", "membership = \"http://h:1/p\"\n", "zone = \"a b\"\n"] {
+        for bad in [
+            "membership = \"etcd://127.0.0.1:2379\"\n",
+            "membership = \"http://h:1/p\"\n",
+            "zone = \"a b\"\n",
+        ] {
             let e = ConfigFile::parse(Path::new("f.toml"), bad).unwrap_err().to_string();
             assert!(e.contains("line 1"), "{bad}: {e}");
         }

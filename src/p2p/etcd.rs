@@ -18,8 +18,8 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 
-use super::membership::{Member, Membership, Zone, MAX_MEMBERS};
 use super::lock;
+use super::membership::{Member, Membership, Zone, MAX_MEMBERS};
 
 /// A member's key lives this long (seconds) after its last keep-alive: how
 /// long a dead member stays in the views.
@@ -99,7 +99,9 @@ impl std::str::FromStr for EtcdUrl {
         let (hosts, prefix) = rest.split_once('/').ok_or("has no /PREFIX after the hosts")?;
         let prefix = prefix.trim_end_matches('/');
         if prefix.is_empty() || prefix.len() > MAX_PREFIX {
-            return Err(format!("needs a PREFIX of 1 to {MAX_PREFIX} characters after the hosts"));
+            return Err(format!(
+                "needs a PREFIX of 1 to {MAX_PREFIX} characters after the hosts"
+            ));
         }
         if !prefix.bytes().all(|b| b.is_ascii_graphic()) || prefix.contains("//") {
             return Err("PREFIX must be visible ASCII without empty path segments".into());
@@ -166,7 +168,10 @@ fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Result<Member, String> {
         return Err(format!("{} bytes, more than {MAX_VALUE_BYTES}", value.len()));
     }
     let v: Value = serde_json::from_slice(value).map_err(|e| format!("not a member's JSON value: {e}"))?;
-    let addr: SocketAddr = v.addr.parse().map_err(|_| format!("addr {:?} is not ADDR:PORT", v.addr))?;
+    let addr: SocketAddr = v
+        .addr
+        .parse()
+        .map_err(|_| format!("addr {:?} is not ADDR:PORT", v.addr))?;
     if addr.to_string() != name || addr.ip().is_unspecified() || addr.port() == 0 {
         return Err(format!("addr {addr} is not the key's, or not one peers can reach"));
     }
@@ -225,7 +230,12 @@ impl Drop for Etcd {
 }
 
 /// Sessions, one after another with backoff, until told to leave.
-async fn run(url: EtcdUrl, membership: Arc<Membership>, me: Option<Registration>, mut leave: tokio::sync::watch::Receiver<bool>) {
+async fn run(
+    url: EtcdUrl,
+    membership: Arc<Membership>,
+    me: Option<Registration>,
+    mut leave: tokio::sync::watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_FIRST;
     // Logged once per change of state, not once per attempt.
     let mut down_logged = false;
@@ -263,7 +273,9 @@ async fn run(url: EtcdUrl, membership: Arc<Membership>, me: Option<Registration>
 
 /// Bounds one etcd call.
 async fn bounded<T>(what: &'static str, f: impl std::future::Future<Output = T>) -> Result<T, Error> {
-    tokio::time::timeout(RPC_TIMEOUT, f).await.map_err(|_| Error::TimedOut(what))
+    tokio::time::timeout(RPC_TIMEOUT, f)
+        .await
+        .map_err(|_| Error::TimedOut(what))
 }
 
 /// One session: register, read the members, follow them until an error
@@ -297,9 +309,12 @@ async fn session(
         load = (me.load)();
         put(&mut client, url, me, id, load).await?;
     }
-    let got = bounded("get", client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
-        .await?
-        .map_err(Error::Get)?;
+    let got = bounded(
+        "get",
+        client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?
+    .map_err(Error::Get)?;
     let revision = got.header().map_or(0, |h| h.revision());
     let mut known = Known::default();
     for kv in got.kvs() {
@@ -370,7 +385,9 @@ async fn session(
     if let (Ok(()), Some(id)) = (&ended, lease) {
         match bounded("lease revoke", client.lease_revoke(id)).await {
             Ok(Ok(_)) => tracing::info!(etcd = %url, "left the fleet: lease revoked"),
-            Ok(Err(e)) => tracing::warn!(etcd = %url, "could not revoke this host's lease: {}", crate::DisplayChain(&e)),
+            Ok(Err(e)) => {
+                tracing::warn!(etcd = %url, "could not revoke this host's lease: {}", crate::DisplayChain(&e))
+            }
             Err(e) => tracing::warn!(etcd = %url, "{e}"),
         }
     }
@@ -379,9 +396,12 @@ async fn session(
 
 async fn put(client: &mut Client, url: &EtcdUrl, me: &Registration, lease: i64, load: u64) -> Result<(), Error> {
     let value = encode(me.addr, me.zone.as_ref(), load);
-    bounded("put", client.put(url.key(me.addr), value, Some(PutOptions::new().with_lease(lease))))
-        .await?
-        .map_err(Error::Put)?;
+    bounded(
+        "put",
+        client.put(url.key(me.addr), value, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await?
+    .map_err(Error::Put)?;
     Ok(())
 }
 
@@ -457,11 +477,19 @@ mod tests {
 
     #[test]
     fn etcd_urls_parse_and_malformed_ones_say_why() {
-        let u: EtcdUrl = "etcd://127.0.0.1:2379,etcd.example:2379,[::1]:2379/fleet/a/".parse().unwrap();
+        let u: EtcdUrl = "etcd://127.0.0.1:2379,etcd.example:2379,[::1]:2379/fleet/a/"
+            .parse()
+            .unwrap();
         assert_eq!(u.endpoints.len(), 3);
         assert_eq!(u.members_prefix(), "/fleet/a/members/");
-        assert_eq!(u.key("10.0.0.1:7000".parse().unwrap()), "/fleet/a/members/10.0.0.1:7000");
-        assert_eq!(u.to_string(), "etcd://127.0.0.1:2379,etcd.example:2379,[::1]:2379/fleet/a");
+        assert_eq!(
+            u.key("10.0.0.1:7000".parse().unwrap()),
+            "/fleet/a/members/10.0.0.1:7000"
+        );
+        assert_eq!(
+            u.to_string(),
+            "etcd://127.0.0.1:2379,etcd.example:2379,[::1]:2379/fleet/a"
+        );
         for bad in [
             "http://127.0.0.1:2379/p",
             "etcd://127.0.0.1:2379",

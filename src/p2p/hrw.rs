@@ -172,9 +172,7 @@ mod tests {
             SocketAddr::V4(v4) => Some(["a", "b", "c"][usize::from(v4.ip().octets()[2] % 3)]),
             SocketAddr::V6(_) => None,
         };
-        let m = (0..36u8)
-            .map(|i| SocketAddr::from(([10, 0, i, 1], 7000)))
-            .collect();
+        let m = (0..36u8).map(|i| SocketAddr::from(([10, 0, i, 1], 7000))).collect();
         (m, zone_of)
     }
 
@@ -208,17 +206,33 @@ mod tests {
                     assert!(c.is_empty(), "the global home asked {c:?} before the store");
                     continue;
                 }
-                let first = c.first().copied().expect("a host that is not the global home asks someone");
-                let zone_home = ranked(&d, &m.iter().copied().filter(|x| zone_of(x) == zone_of(&me)).collect::<Vec<_>>(), 1)[0];
+                let first = c
+                    .first()
+                    .copied()
+                    .expect("a host that is not the global home asks someone");
+                let zone_home = ranked(
+                    &d,
+                    &m.iter()
+                        .copied()
+                        .filter(|x| zone_of(x) == zone_of(&me))
+                        .collect::<Vec<_>>(),
+                    1,
+                )[0];
                 if me == zone_home {
                     // The zone's home asks the global home, in another zone.
                     // (then the global home's failover candidates).
                     assert_eq!(first, global, "zone home {me}");
-                    assert!(c.iter().all(|x| zone_of(x) != zone_of(&me)), "{me} asks its own zone: {c:?}");
+                    assert!(
+                        c.iter().all(|x| zone_of(x) != zone_of(&me)),
+                        "{me} asks its own zone: {c:?}"
+                    );
                     asked_across.insert(zone_of(&me));
                 } else {
                     assert_eq!(first, zone_home, "{me} asks another than its zone's home");
-                    assert!(c.iter().all(|x| zone_of(x) == zone_of(&me)), "{me} asks out of its zone: {c:?}");
+                    assert!(
+                        c.iter().all(|x| zone_of(x) == zone_of(&me)),
+                        "{me} asks out of its zone: {c:?}"
+                    );
                 }
             }
             // One host per other zone crosses to the global home: two.
@@ -246,7 +260,11 @@ mod tests {
             if before.first() == Some(&gone) {
                 moved += 1;
             } else {
-                assert_eq!(before.first(), after.first(), "a chunk moved between members that stayed");
+                assert_eq!(
+                    before.first(),
+                    after.first(),
+                    "a chunk moved between members that stayed"
+                );
             }
         }
         // 12 members in the zone: about one chunk in 12 had the leaver as home.

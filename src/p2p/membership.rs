@@ -45,9 +45,8 @@ impl std::str::FromStr for Zone {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Zone, String> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_ZONE
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        let ok =
+            !s.is_empty() && s.len() <= MAX_ZONE && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if ok {
             Ok(Zone(s.to_string()))
         } else {
@@ -124,9 +123,14 @@ impl View {
 /// Where the view comes from.
 #[derive(Debug)]
 enum Source {
-    Static { listed: Vec<Member>, file: Option<PathBuf> },
+    Static {
+        listed: Vec<Member>,
+        file: Option<PathBuf>,
+    },
     /// Kept up to date by the etcd task; `name` is its URL, for status.
-    Etcd { name: String },
+    Etcd {
+        name: String,
+    },
 }
 
 /// The members in force, and this host.
@@ -364,7 +368,12 @@ mod tests {
         let got = parse_file(p, "10.0.0.1:7000 zone=a\n10.0.0.2:7000\n10.0.0.3:7000  zone=b-2 # c\n").unwrap();
         let zones: Vec<Option<&str>> = got.iter().map(|m| m.zone.as_ref().map(Zone::as_str)).collect();
         assert_eq!(zones, [Some("a"), None, Some("b-2")]);
-        for bad in ["10.0.0.1:7000 zone=", "10.0.0.1:7000 zone=a zone=b", "10.0.0.1:7000 a", "10.0.0.1:7000 zone=a/b"] {
+        for bad in [
+            "10.0.0.1:7000 zone=",
+            "10.0.0.1:7000 zone=a zone=b",
+            "10.0.0.1:7000 a",
+            "10.0.0.1:7000 zone=a/b",
+        ] {
             let e = parse_file(p, &format!("10.0.0.9:1\n{bad}\n")).unwrap_err().to_string();
             assert!(e.contains("line 2"), "{bad}: {e}");
         }
