@@ -140,6 +140,10 @@ impl Fixture {
     /// A daemon with one disk of the image, listening for peers on `me`,
     /// its membership in etcd at `etcd` under `prefix`.
     fn host(&self, name: &str, me: SocketAddr, etcd: SocketAddr, prefix: &str) -> Host {
+        self.host_in(name, me, etcd, prefix, &[])
+    }
+
+    fn host_in(&self, name: &str, me: SocketAddr, etcd: SocketAddr, prefix: &str, extra: &[&str]) -> Host {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("disk.sock");
@@ -164,6 +168,7 @@ impl Fixture {
             ),
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         let daemon = Daemon::start(&args);
@@ -336,4 +341,42 @@ fn a_daemon_whose_etcd_is_unreachable_serves_from_the_store_and_joins_once_etcd_
     }
     let other = f.host("h1", free_addrs(1)[0], etcd.client, &prefix);
     converge(&[&host, &other], &[me, other.addr], Duration::from_secs(20));
+}
+
+#[test]
+fn with_zones_in_etcd_each_chunk_crosses_zones_about_once() {
+    let etcd = Etcd::start(free_addrs(1)[0]);
+    let prefix = format!("sb-zones-{}", std::process::id());
+    let f = Fixture::new();
+    let addrs = free_addrs(4);
+    let zone = |i: usize| ["a", "b"][i / 2];
+    let hosts: Vec<Host> = (0..4)
+        .map(|i| f.host_in(&format!("h{i}"), addrs[i], etcd.client, &prefix, &["--zone", zone(i)]))
+        .collect();
+    converge(&hosts.iter().collect::<Vec<_>>(), &addrs, Duration::from_secs(30));
+    for (i, h) in hosts.iter().enumerate() {
+        assert_eq!(h.p2p()["zone"], zone(i));
+    }
+    std::thread::scope(|s| {
+        for (i, h) in hosts.iter().enumerate() {
+            let (socket, image) = (h.socket.clone(), &f.image);
+            s.spawn(move || read_all(&socket, image, &format!("h{i}")));
+        }
+    });
+    // Chunks each host got from a peer of the other zone.
+    let mut across = 0;
+    for (i, h) in hosts.iter().enumerate() {
+        for p in h.p2p()["peers"].as_array().unwrap() {
+            let peer: SocketAddr = p["addr"].as_str().unwrap().parse().unwrap();
+            let j = addrs.iter().position(|a| *a == peer).unwrap();
+            if zone(j) != zone(i) {
+                across += p["served"].as_u64().unwrap();
+            }
+        }
+    }
+    let (chunks, store) = (f.chunks(), f.store_requests());
+    eprintln!("2 zones of 2 hosts, {chunks} chunks: {across} crossed zones, the store served {store}");
+    // Without zones about half of the 4 x 256 peer fetches would cross.
+    assert!(across <= chunks * 5 / 4, "{across} chunks crossed zones");
+    assert!(store <= chunks * 5 / 4, "the store served {store} of {chunks} chunks");
 }
