@@ -35,6 +35,9 @@ apt-get install -y -q linux-image-amd64 busybox-static cpio e2fsprogs kmod gzip 
 # metrics endpoint, systemd-analyze to verify the unit.
 apt-get install -y -q --no-install-recommends libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     libxml2-utils prometheus systemd
+# etcd for the fleet membership test (tests/p2p_etcd.rs starts its own on
+# loopback; the packaged service is not needed), protoc for etcd-client's build.
+apt-get install -y -q --no-install-recommends etcd-server protobuf-compiler
 
 # An S3-compatible server for the S3 store test (moto, from PyPI), on loopback only.
 if [ ! -x /opt/streamblk-moto/bin/moto_server ]; then

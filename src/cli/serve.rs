@@ -101,6 +101,14 @@ pub struct ServeArgs {
     /// More members, one ADDR:PORT a line (# comments); re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub peers_file: Option<PathBuf>,
+    /// Fleet membership kept in etcd instead of --peers/--peers-file: this
+    /// host holds a leased key under PREFIX and follows the others'.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]/PREFIX")]
+    pub membership: Option<crate::p2p::etcd::EtcdUrl>,
+    /// This host's zone: each chunk's home is chosen in the zone first, and
+    /// the zone's home asks the chunk's home in the whole fleet.
+    #[arg(long, value_name = "NAME")]
+    pub zone: Option<crate::p2p::membership::Zone>,
     /// The cluster token (one line, at least 16 characters) that peer
     /// requests carry and the peer server requires. Needed for P2P.
     #[arg(long, value_name = "FILE")]
@@ -145,6 +153,8 @@ impl TryFrom<ServeArgs> for ServeRequest {
                 p2p_listen: a.p2p_listen,
                 peers: a.peers,
                 peers_file: a.peers_file,
+                membership: a.membership,
+                zone: a.zone,
                 p2p_token_file: a.p2p_token_file,
                 p2p_upload_rate: a.p2p_upload_rate,
                 p2p_upload_slots: a.p2p_upload_slots,

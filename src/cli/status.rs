@@ -81,6 +81,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &s.p2p {
         println!("{}", p2p_line(p));
+        println!("  {}", membership_line(p));
         for peer in &p.peers {
             println!("  {}", peer_line(peer));
         }
@@ -106,6 +107,26 @@ pub fn p2p_line(p: &P2pStatus) -> String {
         p.not_found,
         p.busy,
         p.failed
+    )
+}
+
+/// `membership etcd://10.0.0.9:2379/fleet (connected), zone a, 3 members, 5 changes`
+pub fn membership_line(p: &P2pStatus) -> String {
+    format!(
+        "membership {}{}, zone {}, {} members, {} changes",
+        if p.membership.is_empty() {
+            "static"
+        } else {
+            &p.membership
+        },
+        match p.membership_connected {
+            Some(true) => " (connected)",
+            Some(false) => " (not connected: last view kept)",
+            None => "",
+        },
+        p.zone.as_deref().unwrap_or("(none)"),
+        p.members.len(),
+        p.membership_changes
     )
 }
 
@@ -349,6 +370,21 @@ mod tests {
         assert!(
             l.starts_with("p2p on 127.0.0.1:7000, one of 2 members: uploaded 3 chunks (3.0 MiB)"),
             "{l}"
+        );
+        assert_eq!(
+            membership_line(&p),
+            "membership static, zone (none), 2 members, 0 changes"
+        );
+        let etcd = P2pStatus {
+            membership: "etcd://127.0.0.1:2379/fleet".into(),
+            membership_connected: Some(false),
+            zone: Some("a".into()),
+            membership_changes: 4,
+            ..p.clone()
+        };
+        assert_eq!(
+            membership_line(&etcd),
+            "membership etcd://127.0.0.1:2379/fleet (not connected: last view kept), zone a, 2 members, 4 changes"
         );
         let peer = PeerStatus {
             addr: "127.0.0.1:7001".into(),

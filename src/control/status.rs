@@ -45,6 +45,19 @@ pub struct P2pStatus {
     pub listen: Option<String>,
     /// The members in force (the list may name this host).
     pub members: Vec<String>,
+    /// Where they come from: `static`, or the etcd URL and prefix.
+    #[serde(default)]
+    pub membership: String,
+    /// With etcd: whether the daemon has a live session (without one it
+    /// keeps its last view).
+    #[serde(default)]
+    pub membership_connected: Option<bool>,
+    /// Times the view changed since the start.
+    #[serde(default)]
+    pub membership_changes: u64,
+    /// This host's zone (`--zone`).
+    #[serde(default)]
+    pub zone: Option<String>,
     /// This host is a member: it is home for some chunks.
     pub is_member: bool,
     /// Every peer asked so far.
@@ -568,6 +581,12 @@ fn p2p_metrics(p: &P2pStatus, metric: &mut MetricFn<'_>) {
         &one(p.members.len() as u64),
     );
     metric(
+        "p2p_membership_changes_total",
+        "Times this host's view of the fleet changed.",
+        "counter",
+        &one(p.membership_changes),
+    );
+    metric(
         "p2p_uploads_total",
         "Chunks uploaded to peers.",
         "counter",
@@ -728,6 +747,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("streamblk_p2p_members 2\n"), "{text}");
+        assert!(text.contains("streamblk_p2p_membership_changes_total 0\n"), "{text}");
         assert!(text.contains("streamblk_p2p_uploads_total 5\n"), "{text}");
         assert!(
             text.contains("streamblk_peer_bad_chunks_total{peer=\"127.0.0.1:7001\"} 2\n"),

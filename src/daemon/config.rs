@@ -12,6 +12,8 @@ use serde::Deserialize;
 use super::learn::{LearnConfig, LEARN_MAX_BYTES};
 use super::spec::{DiskSource, DiskSpec, Scalar};
 use crate::fetch::{FetchConfig, FillRate};
+use crate::p2p::etcd::EtcdUrl;
+use crate::p2p::membership::Zone;
 use crate::p2p::P2pConfig;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/streamblk/control.sock";
@@ -63,6 +65,8 @@ pub struct Options {
     pub p2p_listen: Option<SocketAddr>,
     pub peers: Option<PeerList>,
     pub peers_file: Option<PathBuf>,
+    pub membership: Option<EtcdUrl>,
+    pub zone: Option<Zone>,
     pub p2p_token_file: Option<PathBuf>,
     pub p2p_upload_rate: Option<f64>,
     pub p2p_upload_slots: Option<usize>,
@@ -125,6 +129,8 @@ impl Options {
             p2p_listen,
             peers,
             peers_file,
+            membership,
+            zone,
             p2p_token_file,
             p2p_upload_rate,
             p2p_upload_slots
@@ -161,6 +167,8 @@ impl Options {
             p2p_listen => "p2p-listen",
             peers => "peers",
             peers_file => "peers-file",
+            membership => "membership",
+            zone => "zone",
             p2p_token_file => "p2p-token-file",
             p2p_upload_rate => "p2p-upload-rate",
             p2p_upload_slots => "p2p-upload-slots"
@@ -302,8 +310,19 @@ const MAX_UPLOAD_SLOTS: usize = 64;
 /// The P2P settings, if any P2P option is set: a fleet needs its token.
 fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
     let peers = o.peers.clone().unwrap_or_default().0;
-    if o.p2p_listen.is_none() && peers.is_empty() && o.peers_file.is_none() {
+    if o.p2p_listen.is_none() && peers.is_empty() && o.peers_file.is_none() && o.membership.is_none() {
         return Ok(None);
+    }
+    if let Some(url) = o
+        .membership
+        .as_ref()
+        .filter(|_| !peers.is_empty() || o.peers_file.is_some())
+    {
+        return Err(ConfigError::Option(
+            "membership",
+            url.to_string(),
+            "cannot be given with --peers or --peers-file: the members come from etcd or from a static list, not both",
+        ));
     }
     if let Some(listen) = o.p2p_listen.filter(|a| a.ip().is_unspecified() || a.port() == 0) {
         // The peer list names this host by this address: it must be one
@@ -317,7 +336,7 @@ fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
     let token_file = o.p2p_token_file.clone().ok_or(ConfigError::Option(
         "p2p-token-file",
         String::new(),
-        "is needed with --p2p-listen, --peers or --peers-file (peers refuse requests without the cluster token)",
+        "is needed with --p2p-listen, --peers, --peers-file or --membership (peers refuse requests without the cluster token)",
     ))?;
     let rate = o.p2p_upload_rate.unwrap_or(0.0);
     if !(rate.is_finite() && rate >= 0.0) {
@@ -339,6 +358,8 @@ fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
         listen: o.p2p_listen,
         peers,
         peers_file: o.peers_file.clone(),
+        membership: o.membership.clone(),
+        zone: o.zone.clone(),
         token_file,
         upload_rate: (rate > 0.0).then_some((rate * 1e6) as u64),
         upload_slots: slots,
@@ -374,7 +395,7 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
         // serde's flatten loses deny_unknown_fields' line: check the
         // top-level keys here, with the line of each.
-        const KEYS: [&str; 25] = [
+        const KEYS: [&str; 27] = [
             "store",
             "store-proxy",
             "cache-dir",
@@ -396,6 +417,8 @@ impl ConfigFile {
             "p2p-listen",
             "peers",
             "peers-file",
+            "membership",
+            "zone",
             "p2p-token-file",
             "p2p-upload-rate",
             "p2p-upload-slots",
@@ -721,6 +744,29 @@ base = "/images/b.raw"
             let text = format!("{bad}peers = \"127.0.0.1:1\"\np2p-token-file = \"t\"\n");
             let r = ConfigFile::parse(Path::new("f.toml"), &text).and_then(|f| Settings::try_from(&f.options));
             assert!(r.is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn membership_in_etcd_takes_a_zone_and_refuses_a_static_list_too() {
+        let text = "membership = \"etcd://127.0.0.1:2379/fleet\"\nzone = \"a\"\np2p-listen = \"127.0.0.1:7000\"\n\
+                    p2p-token-file = \"t\"\n";
+        let f = ConfigFile::parse(Path::new("f.toml"), text).unwrap();
+        let p = Settings::try_from(&f.options).unwrap().p2p.unwrap();
+        assert_eq!(p.membership.unwrap().to_string(), "etcd://127.0.0.1:2379/fleet");
+        assert_eq!(p.zone.unwrap().as_str(), "a");
+        for extra in ["peers = \"127.0.0.1:1\"\n", "peers-file = \"/etc/streamblk/peers\"\n"] {
+            let f = ConfigFile::parse(Path::new("f.toml"), &format!("{text}{extra}")).unwrap();
+            let e = Settings::try_from(&f.options).unwrap_err().to_string();
+            assert!(e.contains("--membership") && e.contains("not both"), "{e}");
+        }
+        for bad in [
+            "membership = \"etcd://127.0.0.1:2379\"\n",
+            "membership = \"http://h:1/p\"\n",
+            "zone = \"a b\"\n",
+        ] {
+            let e = ConfigFile::parse(Path::new("f.toml"), bad).unwrap_err().to_string();
+            assert!(e.contains("line 1"), "{bad}: {e}");
         }
     }
 

@@ -442,6 +442,10 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
     // Stop taking requests, let those in flight finish, make writes durable.
     notify::notify("STOPPING=1");
     tracing::info!("shutting down");
+    // Out of the fleet first, so peers stop choosing this host as a home.
+    if let Some(p) = daemon.images.p2p() {
+        runtime.block_on(p.leave());
+    }
     let clean = daemon.shutdown();
     let _ = std::fs::remove_file(&settings.control_socket);
     if let Some(msg) = failure {

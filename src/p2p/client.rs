@@ -5,7 +5,9 @@
 //! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
 //! home costs one failed connect, not one per chunk; a peer that sent a
-//! bad chunk is not asked for that chunk again for a while.
+//! bad chunk is not asked for that chunk again for a while. With zones,
+//! the candidates are those of this host's zone, and a zone's home asks
+//! the chunk's global home (`hrw::candidates`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -366,28 +368,32 @@ enum Answer {
 
 impl Peers for PeerClient {
     fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
-        let members = self.membership.members();
-        let me = self.membership.self_addr();
+        let m = &self.membership;
+        let view = m.view();
+        let members = view.addrs();
+        let me = m.self_addr();
         // A host ranks itself even when its list forgets it: peers whose
         // lists name it ask it as home, and if it did not rank itself it
         // would ask them in turn (a wait cycle until timeouts).
-        let ranked = match me.filter(|me| !members.contains(me)) {
-            Some(me) => hrw::ranked(digest, &[&members[..], &[me]].concat(), CANDIDATES),
-            None => hrw::ranked(digest, &members, CANDIDATES),
+        let with_me;
+        let all = match me.filter(|me| !members.contains(me)) {
+            Some(me) => {
+                with_me = [&members[..], &[me]].concat();
+                &with_me[..]
+            }
+            None => &members[..],
         };
-        let mut out = Vec::new();
-        for m in ranked {
-            if Some(m) == me {
-                // This host is the chunk's (acting) home: it fetches it.
-                break;
+        // This host's zone is its own --zone, whatever a list says of it.
+        let zone_of = |a: &SocketAddr| {
+            if Some(*a) == me {
+                m.self_zone().map(|z| z.as_str())
+            } else {
+                view.zone(a).map(|z| z.as_str())
             }
-            // A peer down or bad for the chunk: the next one acts as home.
-            if self.stats(m).is_down() || self.is_bad(m, digest) {
-                continue;
-            }
-            out.push(m);
-        }
-        out
+        };
+        // A peer down or bad for the chunk: the next one acts as home.
+        let usable = |a: &SocketAddr| !self.stats(*a).is_down() && !self.is_bad(*a, digest);
+        hrw::candidates(digest, all, me, zone_of, usable, CANDIDATES)
     }
 
     fn get(

@@ -3,6 +3,12 @@
 //! its failover candidates. Pure functions: every host that has the same
 //! membership list computes the same homes, with no coordination, and a
 //! member leaving moves only the chunks it was home for.
+//!
+//! With zones, a chunk's candidates are ranked among the members of the
+//! requester's zone, and the zone's home asks the chunk's global home (the
+//! top member of the whole fleet) before the store, so a chunk crosses
+//! zones about once. The global home is the top member of its own zone
+//! too (scores do not depend on the zone), so it fetches from the store.
 
 use std::net::SocketAddr;
 
@@ -26,6 +32,52 @@ pub fn ranked(digest: &Digest, members: &[SocketAddr], n: usize) -> Vec<SocketAd
     let mut scored: Vec<(u64, SocketAddr)> = members.iter().map(|m| (score(digest, m), *m)).collect();
     scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     scored.into_iter().take(n).map(|(_, m)| m).collect()
+}
+
+/// Whom a host asks for a chunk, in order, before the store: the top `n`
+/// members of its zone (`zone_of(me)`; no zone is a zone of its own) that
+/// are `usable`, up to itself; and if it is its zone's acting home (it
+/// came first among the usable), the top `n` of the whole fleet outside
+/// its zone, up to itself: the global home and its failover candidates.
+/// An empty answer: this host fetches from the store. `members` should
+/// hold `me`; when no member shares the host's zone it asks the fleet's.
+/// Without zones this is the top `n` members up to this host.
+pub fn candidates<'a>(
+    digest: &Digest,
+    members: &[SocketAddr],
+    me: Option<SocketAddr>,
+    zone_of: impl Fn(&SocketAddr) -> Option<&'a str>,
+    usable: impl Fn(&SocketAddr) -> bool,
+    n: usize,
+) -> Vec<SocketAddr> {
+    let my_zone = match me {
+        Some(me) => zone_of(&me),
+        None => None,
+    };
+    let zone: Vec<SocketAddr> = members.iter().copied().filter(|m| zone_of(m) == my_zone).collect();
+    let mut out = Vec::new();
+    let mut zone_home = zone.is_empty();
+    for m in ranked(digest, &zone, n) {
+        if Some(m) == me {
+            // Acting home of the zone only if no one usable comes first.
+            zone_home = out.is_empty();
+            break;
+        }
+        if usable(&m) {
+            out.push(m);
+        }
+    }
+    if zone_home {
+        for m in ranked(digest, members, n) {
+            if Some(m) == me {
+                break;
+            }
+            if zone_of(&m) != my_zone && usable(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -112,5 +164,110 @@ mod tests {
         }
         assert_eq!(home(&Digest::of(b"x"), &[]), None);
         assert!(ranked(&Digest::of(b"x"), &[], 3).is_empty());
+    }
+
+    /// Zones a, b, c of 12 members each; the zone of a member by its address.
+    fn zoned() -> (Vec<SocketAddr>, impl Fn(&SocketAddr) -> Option<&'static str> + Copy) {
+        let zone_of = |m: &SocketAddr| match m {
+            SocketAddr::V4(v4) => Some(["a", "b", "c"][usize::from(v4.ip().octets()[2] % 3)]),
+            SocketAddr::V6(_) => None,
+        };
+        let m = (0..36u8).map(|i| SocketAddr::from(([10, 0, i, 1], 7000))).collect();
+        (m, zone_of)
+    }
+
+    #[test]
+    fn without_zones_the_candidates_are_the_top_members_up_to_this_host() {
+        let m = members(8);
+        let no_zone = |_: &SocketAddr| None;
+        for d in digests(500) {
+            let r = ranked(&d, &m, 3);
+            for me in [m[0], m[5]] {
+                let want: Vec<SocketAddr> = r.iter().copied().take_while(|x| *x != me).collect();
+                assert_eq!(candidates(&d, &m, Some(me), no_zone, |_| true, 3), want);
+            }
+            assert_eq!(candidates(&d, &m, None, no_zone, |_| true, 3), r);
+            let usable = |x: &SocketAddr| *x != r[0];
+            let skip_home: Vec<SocketAddr> = r.iter().copied().take_while(|x| *x != m[0]).filter(usable).collect();
+            assert_eq!(candidates(&d, &m, Some(m[0]), no_zone, usable, 3), skip_home);
+        }
+    }
+
+    #[test]
+    fn a_chunks_zone_home_is_in_the_zone_and_only_zone_homes_ask_the_one_global_home() {
+        let (m, zone_of) = zoned();
+        let mut crossings = 0;
+        for d in digests(300) {
+            let global = ranked(&d, &m, 1)[0];
+            let mut asked_across = std::collections::HashSet::new();
+            for &me in &m {
+                let c = candidates(&d, &m, Some(me), zone_of, |_| true, 3);
+                if me == global {
+                    assert!(c.is_empty(), "the global home asked {c:?} before the store");
+                    continue;
+                }
+                let first = c
+                    .first()
+                    .copied()
+                    .expect("a host that is not the global home asks someone");
+                let zone_home = ranked(
+                    &d,
+                    &m.iter()
+                        .copied()
+                        .filter(|x| zone_of(x) == zone_of(&me))
+                        .collect::<Vec<_>>(),
+                    1,
+                )[0];
+                if me == zone_home {
+                    // The zone's home asks the global home, in another zone.
+                    // (then the global home's failover candidates).
+                    assert_eq!(first, global, "zone home {me}");
+                    assert!(
+                        c.iter().all(|x| zone_of(x) != zone_of(&me)),
+                        "{me} asks its own zone: {c:?}"
+                    );
+                    asked_across.insert(zone_of(&me));
+                } else {
+                    assert_eq!(first, zone_home, "{me} asks another than its zone's home");
+                    assert!(
+                        c.iter().all(|x| zone_of(x) == zone_of(&me)),
+                        "{me} asks out of its zone: {c:?}"
+                    );
+                }
+            }
+            // One host per other zone crosses to the global home: two.
+            assert_eq!(asked_across.len(), 2);
+            crossings += asked_across.len();
+        }
+        assert_eq!(crossings, 600);
+    }
+
+    #[test]
+    fn a_member_leaving_a_zone_moves_only_the_chunks_it_was_home_for() {
+        let (m, zone_of) = zoned();
+        let gone = m[4];
+        let rest: Vec<SocketAddr> = m.iter().copied().filter(|a| *a != gone).collect();
+        let me = m[7]; // same zone as m[4] (7 % 3 == 4 % 3)
+        assert_eq!(zone_of(&me), zone_of(&gone));
+        let mut moved = 0;
+        for d in digests(3_000) {
+            let before = candidates(&d, &m, Some(me), zone_of, |_| true, 3);
+            let after = candidates(&d, &rest, Some(me), zone_of, |_| true, 3);
+            let global_before = ranked(&d, &m, 1)[0];
+            if global_before != gone {
+                assert_eq!(ranked(&d, &rest, 1)[0], global_before, "a global home moved");
+            }
+            if before.first() == Some(&gone) {
+                moved += 1;
+            } else {
+                assert_eq!(
+                    before.first(),
+                    after.first(),
+                    "a chunk moved between members that stayed"
+                );
+            }
+        }
+        // 12 members in the zone: about one chunk in 12 had the leaver as home.
+        assert!((150..350).contains(&moved), "{moved} of 3000");
     }
 }

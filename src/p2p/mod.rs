@@ -12,6 +12,7 @@
 mod client;
 mod conn;
 mod directory;
+pub mod etcd;
 pub mod hrw;
 mod index;
 pub mod membership;
@@ -143,12 +144,17 @@ impl Token {
 }
 
 /// The P2P settings (`--p2p-listen`, `--peers`, `--peers-file`,
-/// `--p2p-token-file`, `--p2p-upload-rate`, `--p2p-upload-slots`).
+/// `--membership`, `--zone`, `--p2p-token-file`, `--p2p-upload-rate`,
+/// `--p2p-upload-slots`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct P2pConfig {
     pub listen: Option<SocketAddr>,
     pub peers: Vec<SocketAddr>,
     pub peers_file: Option<PathBuf>,
+    /// Members kept in etcd instead of `peers` and `peers_file`.
+    pub membership: Option<etcd::EtcdUrl>,
+    /// This host's zone: homes are chosen in it first.
+    pub zone: Option<membership::Zone>,
     pub token_file: PathBuf,
     /// Upload cap, bytes per second (None: no cap).
     pub upload_rate: Option<u64>,
@@ -195,6 +201,7 @@ pub struct P2p {
     server: Option<Arc<Server>>,
     index: Arc<ChunkIndex>,
     listen: Option<SocketAddr>,
+    etcd: Option<etcd::Etcd>,
 }
 
 impl P2p {
@@ -202,11 +209,15 @@ impl P2p {
     /// `listen` is set) on `runtime`. `timeout` bounds one peer request.
     pub fn start(config: &P2pConfig, timeout: Duration, runtime: &tokio::runtime::Handle) -> Result<P2p, Error> {
         let token = Arc::new(Token::read(&config.token_file)?);
-        let membership = Arc::new(membership::Membership::new(
-            config.peers.clone(),
-            config.peers_file.clone(),
-            config.listen,
-        )?);
+        let membership = Arc::new(match &config.membership {
+            Some(url) => membership::Membership::dynamic(url.to_string(), config.listen, config.zone.clone()),
+            None => membership::Membership::with_zone(
+                config.peers.iter().copied().map(membership::Member::from).collect(),
+                config.peers_file.clone(),
+                config.listen,
+                config.zone.clone(),
+            )?,
+        });
         let client = Arc::new(PeerClient::new(
             token.clone(),
             membership.clone(),
@@ -236,15 +247,31 @@ impl P2p {
             }
             None => None,
         };
+        let etcd = config.membership.clone().map(|url| {
+            let me = config.listen.map(|addr| etcd::Registration {
+                addr,
+                zone: config.zone.clone(),
+                load: match &server {
+                    Some(s) => {
+                        let s = s.clone();
+                        Arc::new(move || s.queue_depth())
+                    }
+                    None => Arc::new(|| 0),
+                },
+            });
+            etcd::Etcd::start(url, membership.clone(), me, runtime)
+        });
         let members = membership.members();
         let is_member = config.listen.is_some_and(|a| members.contains(&a));
         tracing::info!(
             listen = ?config.listen,
             members = members.len(),
+            membership = %membership.source_name(),
+            zone = ?config.zone.as_ref().map(|z| z.as_str()),
             is_member,
             "P2P on"
         );
-        if config.listen.is_some() && !is_member {
+        if config.listen.is_some() && !is_member && etcd.is_none() {
             tracing::warn!(
                 "this host's --p2p-listen address is not in its peer list: it ranks itself as a home all the same, \
                  so peers whose lists name it agree with it"
@@ -255,7 +282,16 @@ impl P2p {
             server,
             index,
             listen: config.listen,
+            etcd,
         })
+    }
+
+    /// Leaves the fleet on the way out: with etcd, revokes this host's
+    /// lease so the others drop it at once (bounded in time).
+    pub async fn leave(&self) {
+        if let Some(e) = &self.etcd {
+            e.leave().await;
+        }
     }
 
     /// The peers, as a source for the fetch scheduler.
@@ -310,7 +346,12 @@ impl P2p {
                 down: s.is_down(),
             })
             .collect();
+        let m = self.client.membership();
         let mut st = P2pStatus {
+            membership: m.source_name(),
+            membership_connected: m.is_etcd().then(|| m.connected()),
+            membership_changes: m.changes(),
+            zone: m.self_zone().map(ToString::to_string),
             listen: self.listen.map(|a| a.to_string()),
             members: members.iter().map(ToString::to_string).collect(),
             is_member: self.listen.is_some_and(|a| members.contains(&a)),
