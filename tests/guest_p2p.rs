@@ -110,7 +110,10 @@ fn a_guest_boots_on_a_host_without_store_access_from_a_peer() {
         }
     }
     let from_a = fleet.store_requests_from(&a.1);
-    assert!(from_a > 0, "the store logged no request from A: its log would not show B's either");
+    assert!(
+        from_a > 0,
+        "the store logged no request from A: its log would not show B's either"
+    );
 
     // B: the guest boots, checks its files, writes, syncs, powers off.
     let (mut daemon_b, socket_b) = start_host(&fleet, dir.path(), &b, &peers, &id, "b");
@@ -153,8 +156,16 @@ fn a_guest_boots_on_a_host_without_store_access_from_a_peer() {
         fleet.store_requests_from(&b.1),
     );
     assert_eq!(status["images"][0]["id"].as_str(), Some(id.as_str()));
-    assert_eq!(f["store_chunks"].as_u64(), Some(0), "B fetched chunks from the store: {f}");
-    assert_eq!(f["peer_chunks"].as_u64(), Some(chunks), "B's chunks did not all come from peers: {f}");
+    assert_eq!(
+        f["store_chunks"].as_u64(),
+        Some(0),
+        "B fetched chunks from the store: {f}"
+    );
+    assert_eq!(
+        f["peer_chunks"].as_u64(),
+        Some(chunks),
+        "B's chunks did not all come from peers: {f}"
+    );
     assert_eq!(f["bad_peer_chunks"].as_u64(), Some(0), "{f}");
     assert_eq!(fleet.store_requests_from(&b.1), 0, "the store answered B");
     let uploads = daemon_a.status()["p2p"]["uploads"].as_u64().unwrap();

@@ -665,7 +665,7 @@ impl Inner {
             self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
             // Peers that hold the chunk serve it when the store does not:
             // a host with no store access, or a store down.
-            if let Some(fetched) = self.from_holders(flight, &entry, len).await {
+            if let Some(fetched) = self.ask_holders(flight, &entry, len).await {
                 return fetched;
             }
             if attempt == 1 {
@@ -697,7 +697,7 @@ impl Inner {
     /// failed; None if no peer does. Asked while the flight holds its
     /// fetch slot: a holder waits on nothing (it neither fetches nor
     /// redirects), so no wait cycle through this host can form.
-    async fn from_holders(&self, flight: &Flight, entry: &ChunkEntry, len: u64) -> Option<Result<Fetched, FetchError>> {
+    async fn ask_holders(&self, flight: &Flight, entry: &ChunkEntry, len: u64) -> Option<Result<Fetched, FetchError>> {
         let holders = self.peers.as_ref()?.holders(&entry.digest);
         if holders.is_empty() {
             return None;

@@ -701,12 +701,24 @@ mod tests {
 
         let e = client(&[other], None).manifest(&id).await.unwrap_err();
         assert!(
-            matches!(&e, ManifestError::Bad { source: crate::store::Error::ManifestDigest(_), .. }),
+            matches!(
+                &e,
+                ManifestError::Bad {
+                    source: crate::store::Error::ManifestDigest(_),
+                    ..
+                }
+            ),
             "{e:?}"
         );
         let e = client(&[invalid], None).manifest(&invalid_id).await.unwrap_err();
         assert!(
-            matches!(&e, ManifestError::Bad { source: crate::store::Error::BadManifest { .. }, .. }),
+            matches!(
+                &e,
+                ManifestError::Bad {
+                    source: crate::store::Error::BadManifest { .. },
+                    ..
+                }
+            ),
             "{e:?}"
         );
 
@@ -717,7 +729,11 @@ mod tests {
         assert_eq!((m, from), (good, honest));
         assert_eq!(Digest::of(&bytes), id);
         let lied = c.stats(other).bad_chunks.load(Ordering::Relaxed);
-        assert_eq!(lied, c.stats(other).requests.load(Ordering::Relaxed), "the liar was not counted");
+        assert_eq!(
+            lied,
+            c.stats(other).requests.load(Ordering::Relaxed),
+            "the liar was not counted"
+        );
 
         // This host itself is never asked; with no one else, no peers.
         let e = client(&[honest], Some(honest)).manifest(&id).await.unwrap_err();

@@ -249,7 +249,12 @@ fn check_token(token: &Token, method: &Method, headers: &HeaderMap) -> Result<()
 }
 
 /// Checks the token, then parses a manifest request: the image id asked.
-pub fn parse_manifest_request(token: &Token, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<ImageId, Refusal> {
+pub fn parse_manifest_request(
+    token: &Token,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<ImageId, Refusal> {
     check_token(token, method, headers)?;
     let hex = uri.path().strip_prefix("/manifests/").unwrap_or("");
     (hex.len() == 64 && uri.query().is_none())
@@ -888,14 +893,16 @@ mod tests {
         let copies = Arc::new(ManifestCopies::new(dir.path()));
         let bytes = b"{\"the manifest\":1}".to_vec();
         let id = Digest::of(&bytes);
-        let get = |id: String, auth: &str| {
-            format!("GET /manifests/{id} HTTP/1.1\r\nHost: peer\r\n{auth}\r\n")
-        };
+        let get = |id: String, auth: &str| format!("GET /manifests/{id} HTTP/1.1\r\nHost: peer\r\n{auth}\r\n");
         let auth = "Authorization: Bearer s3cret-token\r\n";
         // Before the daemon sets its copies, and for an id it has none of: 404.
-        assert!(exchange(addr, &get(id.to_hex(), auth)).await.starts_with("HTTP/1.1 404"));
+        assert!(exchange(addr, &get(id.to_hex(), auth))
+            .await
+            .starts_with("HTTP/1.1 404"));
         server.set_manifests(copies.clone());
-        assert!(exchange(addr, &get(id.to_hex(), auth)).await.starts_with("HTTP/1.1 404"));
+        assert!(exchange(addr, &get(id.to_hex(), auth))
+            .await
+            .starts_with("HTTP/1.1 404"));
         copies.save(&id, &bytes).unwrap();
         let answer = exchange(addr, &get(id.to_hex(), auth)).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -904,7 +911,9 @@ mod tests {
         // No token, a wrong one, a malformed id.
         assert!(exchange(addr, &get(id.to_hex(), "")).await.starts_with("HTTP/1.1 401"));
         let wrong = "Authorization: Bearer wrong-token-123\r\n";
-        assert!(exchange(addr, &get(id.to_hex(), wrong)).await.starts_with("HTTP/1.1 403"));
+        assert!(exchange(addr, &get(id.to_hex(), wrong))
+            .await
+            .starts_with("HTTP/1.1 403"));
         for bad in ["abc".to_string(), format!("{id}?x=1"), format!("{id}/..")] {
             let answer = exchange(addr, &get(bad.clone(), auth)).await;
             assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");

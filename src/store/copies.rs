@@ -71,9 +71,7 @@ impl ManifestCopies {
         }
         let mut buf = Vec::with_capacity(len as usize);
         // No further than the cap, whatever the file grew to.
-        file.take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut buf)
-            .map_err(err)?;
+        file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut buf).map_err(err)?;
         if Digest::of(&buf) != *id {
             tracing::warn!(copy = %path.display(), "a manifest copy does not hash to its id: removed");
             let _ = std::fs::remove_file(&path);
