@@ -170,5 +170,28 @@ fn a_guest_boots_on_a_host_without_store_access_from_a_peer() {
     assert_eq!(fleet.store_requests_from(&b.1), 0, "the store answered B");
     let uploads = daemon_a.status()["p2p"]["uploads"].as_u64().unwrap();
     assert!(uploads >= chunks, "A uploaded {uploads} chunks for B's {chunks}");
+
+    // What B cannot open, and says why: a name (it needs the store), and
+    // an id neither the store nor any peer has.
+    let add_fails = |image: &str| {
+        let spec = format!(
+            "name=x,socket={},overlay={},image={image}",
+            dir.path().join("x.sock").display(),
+            dir.path().join("x.overlay").display()
+        );
+        let control = daemon_b.control.display().to_string();
+        let out = Command::new(BIN)
+            .args(["disk", "add", &spec, "--control-socket", &control])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "B opened {image}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = add_fails("guest");
+    eprintln!("B, given a name: {}", e.trim());
+    assert!(e.contains("give the image by its id"), "{e}");
+    let e = add_fails(&"ab".repeat(32));
+    eprintln!("B, given an id nobody has: {}", e.trim());
+    assert!(e.contains("the store failed") && e.contains("no peer served it"), "{e}");
     assert!(daemon_b.terminate().success());
 }
