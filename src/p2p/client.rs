@@ -5,7 +5,10 @@
 //! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
 //! home costs one failed connect, not one per chunk; a peer that sent a
-//! bad chunk is not asked for that chunk again for a while.
+//! bad chunk is not asked for that chunk again for a while. Also, for a
+//! host the store fails: a chunk from the members that hold it (asked as
+//! holders: they never fetch or redirect), and an image's manifest by id,
+//! checked against the id and validated as a store's before it is used.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
