@@ -17,7 +17,7 @@ use crate::fetch::{BootWatch, FetchConfig, Fetcher, ProfileReplay, StreamedBase}
 use crate::p2p::P2p;
 use crate::profile::Profile;
 use crate::profile::TraceRecorder;
-use crate::store::{ImageId, ImageStore};
+use crate::store::{check_manifest, ImageId, ImageStore, Manifest, ManifestCopies};
 use crate::DisplayChain;
 
 /// An image some disk uses. Dropped with its last lease: the fill stops
@@ -134,6 +134,16 @@ pub(crate) struct Images {
     p2p: Option<Arc<P2p>>,
     /// Held while an image opens: opening is rare and short next to a boot.
     state: Mutex<State>,
+    /// The manifests of the images this host opened, served to peers.
+    copies: Arc<ManifestCopies>,
+}
+
+/// Where an opened image's manifest came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ManifestFrom {
+    Store,
+    /// This host's copy, or a peer: the store failed.
+    Elsewhere,
 }
 
 impl Images {
@@ -154,7 +164,11 @@ impl Images {
             runtime,
             p2p,
             state: Mutex::default(),
+            copies: Arc::new(ManifestCopies::new(&settings.cache_dir)),
         });
+        if let Some(p) = &images.p2p {
+            p.set_manifests(images.copies.clone());
+        }
         // A home fetches chunks for its peers whether or not it has their
         // image open: its fetcher exists from the start; and it serves
         // every chunk its chunk store holds, from the start too.
@@ -220,19 +234,25 @@ impl Images {
         }
         let fail = |e: &dyn std::error::Error| Error::OpenImage(name.to_string(), DisplayChain(e).to_string());
         let fetcher = self.fetcher(&mut s)?;
-        let (id, manifest) = self
-            .runtime
-            .block_on(fetcher.store().manifest(name))
-            .map_err(|e| fail(&e))?;
+        let (id, manifest, bytes, from) = self.runtime.block_on(self.find_manifest(fetcher.store(), name))?;
+        if let Err(e) = self.copies.save(&id, &bytes) {
+            tracing::warn!(image = %name, "keeping a copy of the manifest for peers failed: {}", DisplayChain(&e));
+        }
         if let Some(img) = s.by_id.get(&id).and_then(Weak::upgrade) {
             lock(&img.names).insert(name.to_string());
             s.by_name.insert(name.to_string(), Arc::downgrade(&img));
             return Ok(img);
         }
-        let store_profile = self
-            .runtime
-            .block_on(fetcher.store().profile(&id))
-            .map_err(|e| fail(&e))?;
+        let store_profile = match self.runtime.block_on(fetcher.store().profile(&id)) {
+            Ok(p) => p,
+            Err(e) if from == ManifestFrom::Store => return Err(fail(&e)),
+            // The store failed for the manifest too: boot without its
+            // profile rather than not at all.
+            Err(e) => {
+                tracing::warn!(image = %name, "no boot profile from the store: {}", DisplayChain(&e));
+                None
+            }
+        };
         let learner = (self.learn.boots > 0).then(|| {
             Learner::open(
                 &self.learning,
@@ -298,6 +318,65 @@ impl Images {
         s.by_id.insert(id, Arc::downgrade(&img));
         s.by_name.insert(name.to_string(), Arc::downgrade(&img));
         Ok(img)
+    }
+
+    /// Image `name`'s id, manifest and the manifest's bytes. The store is
+    /// the source of truth and is asked first; if it fails (other than
+    /// saying there is no such image), an image given by id is opened
+    /// from this host's copy of its manifest or from a peer's, either
+    /// checked exactly as the store's would be. A name needs the store.
+    async fn find_manifest(
+        &self,
+        store: &ImageStore,
+        name: &str,
+    ) -> Result<(ImageId, Manifest, bytes::Bytes, ManifestFrom), Error> {
+        use crate::store::Error as StoreError;
+        let fail = |why: String| Error::OpenImage(name.to_string(), why);
+        let final_answer = |e: &StoreError| matches!(e, StoreError::NoImage(_) | StoreError::BadName(_));
+        let id = match store.resolve(name).await {
+            Ok(id) => id,
+            Err(e) if final_answer(&e) => return Err(fail(DisplayChain(&e).to_string())),
+            Err(e) => {
+                return Err(fail(format!(
+                    "{} (a name is looked up in the store: give the image by its id to get its manifest from peers)",
+                    DisplayChain(&e)
+                )))
+            }
+        };
+        let store_failed = match store.manifest_of(name, &id).await {
+            Ok((m, bytes)) => return Ok((id, m, bytes, ManifestFrom::Store)),
+            Err(e) if final_answer(&e) => return Err(fail(DisplayChain(&e).to_string())),
+            Err(e) => DisplayChain(&e).to_string(),
+        };
+        let copy = match self.copies.load(&id) {
+            Ok(Some(bytes)) => check_manifest(name, &id, &bytes)
+                .map(|m| (m, bytes))
+                .map_err(|e| DisplayChain(&e).to_string()),
+            Ok(None) => Err("none".to_string()),
+            Err(e) => Err(DisplayChain(&e).to_string()),
+        };
+        let copy_failed = match copy {
+            Ok((m, bytes)) => {
+                tracing::warn!(image = %name, "the store failed ({store_failed}): opened from this host's copy of the manifest");
+                return Ok((id, m, bytes, ManifestFrom::Elsewhere));
+            }
+            Err(why) => why,
+        };
+        let Some(p2p) = &self.p2p else {
+            return Err(fail(format!(
+                "the store failed: {store_failed}; this host's copy: {copy_failed}; P2P is off"
+            )));
+        };
+        match p2p.manifest(&id).await {
+            Ok((m, bytes, peer)) => {
+                tracing::warn!(image = %name, %peer, "the store failed ({store_failed}): manifest from a peer, checked against the id");
+                Ok((id, m, bytes, ManifestFrom::Elsewhere))
+            }
+            Err(e) => Err(fail(format!(
+                "the store failed: {store_failed}; this host's copy: {copy_failed}; no peer served it: {}",
+                DisplayChain(&e)
+            ))),
+        }
     }
 
     /// Changes the background fill and profile streaming caps, now and for

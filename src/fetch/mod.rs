@@ -726,6 +726,11 @@ impl Inner {
                 Err(_) => FetchError::Timeout(entry.digest),
             };
             self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            // Peers that hold the chunk serve it when the store does not:
+            // a host with no store access, or a store down.
+            if let Some(fetched) = self.ask_holders(flight, &entry, len).await {
+                return fetched;
+            }
             if attempt == 1 {
                 tracing::warn!(error = %crate::DisplayChain(&err), "chunk fetch failed; retrying");
             }
@@ -763,20 +768,51 @@ impl Inner {
         (!candidates.is_empty()).then_some((candidates, entry, len))
     }
 
+    /// The flight's chunk from a peer that holds it, after the store
+    /// failed; None if no peer does. Asked while the flight holds its
+    /// fetch slot: a holder waits on nothing (it neither fetches nor
+    /// redirects), so no wait cycle through this host can form.
+    async fn ask_holders(&self, flight: &Flight, entry: &ChunkEntry, len: u64) -> Option<Result<Fetched, FetchError>> {
+        let holders = self.peers.as_ref()?.holders(&entry.digest);
+        if holders.is_empty() {
+            return None;
+        }
+        let class = Class::of(flight.class.load(Ordering::Acquire));
+        let (data, n) = self.ask_peers(holders, entry, len, class, true).await?;
+        let data = match self.deliver(flight, data).await {
+            Ok(data) => data,
+            Err(e) => return Some(Err(e)),
+        };
+        self.counters.peer_chunks.fetch_add(1, Ordering::Relaxed);
+        self.counters.peer_bytes.fetch_add(n, Ordering::Relaxed);
+        Some(Ok(Fetched {
+            bytes: n,
+            data,
+            from_peer: true,
+        }))
+    }
+
     /// The chunk's plaintext from the first of `candidates` that sends it
-    /// intact, and the bytes that came over the wire; None if none does
-    /// (the store is asked then). A peer's bytes are checked against the
-    /// manifest's digest here, before anything caches them.
+    /// intact (asked as holders if `held`, else as homes), and the bytes
+    /// that came over the wire; None if none does (the store is asked
+    /// then). A peer's bytes are checked against the manifest's digest
+    /// here, before anything caches them.
     async fn ask_peers(
         &self,
         candidates: Vec<SocketAddr>,
         entry: &ChunkEntry,
         len: u64,
         class: Class,
+        held: bool,
     ) -> Option<(Bytes, u64)> {
         let peers = self.peers.as_ref()?;
         for peer in candidates {
-            let got = tokio::time::timeout(self.config.attempt_timeout, peers.get(peer, *entry, len, class)).await;
+            let ask = if held {
+                peers.get_held(peer, *entry, len, class)
+            } else {
+                peers.get(peer, *entry, len, class)
+            };
+            let got = tokio::time::timeout(self.config.attempt_timeout, ask).await;
             match got {
                 Ok(Ok((sender, chunk))) => match (chunk.len() as u64, self.verify_peer_chunk(entry, len, chunk)) {
                     (wire, Ok(data)) => return Some((data, wire)),
@@ -950,7 +986,7 @@ async fn from_peers_or_requeue(
 ) {
     // The class it is wanted at now: a guest may have come to wait for it.
     let now = Class::of(flight.class.load(Ordering::Acquire));
-    let Some((data, n)) = inner.ask_peers(candidates, &entry, len, now).await else {
+    let Some((data, n)) = inner.ask_peers(candidates, &entry, len, now, false).await else {
         inner.requeue(&flight, class);
         return;
     };

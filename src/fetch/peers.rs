@@ -50,6 +50,25 @@ pub trait Peers: Send + Sync {
         class: Class,
     ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>>;
 
+    /// Peers that may hold a chunk the store did not serve this host (it
+    /// is the chunk's home, or its peers before it failed), best first.
+    /// They are asked only for what they hold ([`Peers::get_held`]).
+    fn holders(&self, _digest: &Digest) -> Vec<SocketAddr> {
+        Vec::new()
+    }
+
+    /// The chunk's bytes from `peer` if it holds them: it neither fetches
+    /// nor redirects, so asking it waits on nothing but its disk.
+    fn get_held(
+        &self,
+        peer: SocketAddr,
+        _entry: ChunkEntry,
+        _len: u64,
+        _class: Class,
+    ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
+        Box::pin(async move { Err(format!("{peer} is not asked for held chunks").into()) })
+    }
+
     /// `peer` sent bytes for `digest` that failed verification: count it,
     /// log it, and ask that peer no more for the chunk.
     fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str);

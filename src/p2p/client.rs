@@ -7,7 +7,10 @@
 //! home costs one failed connect, not one per chunk; a peer that sent a
 //! bad chunk is not asked for that chunk again for a while. With zones,
 //! the candidates are those of this host's zone, and a zone's home asks
-//! the chunk's global home (`hrw::candidates`).
+//! the chunk's global home (`hrw::candidates`). Also, for a host the store
+//! fails: a chunk from the members that hold it (asked as holders: they
+//! never fetch or redirect), and an image's manifest by id, checked
+//! against the id and validated as a store's before it is used.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
 use super::directory::REDIRECT_TO;
@@ -26,10 +29,12 @@ use super::{
     HEADER_WAIT,
 };
 use crate::fetch::{Class, PeerChunk, PeerError, Peers};
-use crate::store::{ChunkEntry, Digest};
+use crate::store::{check_manifest, ChunkEntry, Digest, ImageId, Manifest, MAX_MANIFEST_BYTES};
 
 /// Members examined per chunk: its home and two failover candidates.
 pub const CANDIDATES: usize = 3;
+/// Members asked for a manifest, at most (best by HRW of the image id).
+const MANIFEST_PEERS: usize = 4;
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
@@ -66,6 +71,41 @@ pub enum RequestError {
         peer: SocketAddr,
         digest: Digest,
         within: Duration,
+    },
+}
+
+/// Why a peer did not serve a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("no peer to ask (no member up but this host)")]
+    NoPeers,
+    #[error("request manifest {id} from peer {peer}")]
+    Send {
+        peer: SocketAddr,
+        id: ImageId,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("peer {peer} answered {status} for manifest {id}")]
+    Status {
+        peer: SocketAddr,
+        id: ImageId,
+        status: reqwest::StatusCode,
+    },
+    #[error("peer {peer} sent more than {MAX_MANIFEST_BYTES} bytes for manifest {id}")]
+    TooLarge { peer: SocketAddr, id: ImageId },
+    #[error("peer {peer} went {within:?} without answering for manifest {id}")]
+    NoAnswer {
+        peer: SocketAddr,
+        id: ImageId,
+        within: Duration,
+    },
+    #[error("peer {peer} sent a bad manifest for {id}")]
+    Bad {
+        peer: SocketAddr,
+        id: ImageId,
+        #[source]
+        source: crate::store::Error,
     },
 }
 
@@ -258,6 +298,90 @@ impl PeerClient {
         }
     }
 
+    /// Image `id`'s manifest from the first peer that sends one that
+    /// hashes to the id and validates, as a store's must: a lying peer is
+    /// logged and the next is asked. Peers are asked in HRW order of the
+    /// id, so hosts opening one image spread over a few members. Returns
+    /// the manifest, its bytes and who sent them; if none did, the last
+    /// peer's failure.
+    pub async fn manifest(&self, id: &ImageId) -> Result<(Manifest, Bytes, SocketAddr), ManifestError> {
+        let me = self.membership.self_addr();
+        let members: Vec<SocketAddr> = self
+            .membership
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| Some(*m) != me)
+            .collect();
+        let mut last = ManifestError::NoPeers;
+        for peer in hrw::ranked(id, &members, MANIFEST_PEERS) {
+            let stats = self.stats(peer);
+            if stats.is_down() {
+                continue;
+            }
+            match self.send_manifest(&stats, peer, id).await {
+                Ok(bytes) => match check_manifest(&id.to_hex(), id, &bytes) {
+                    Ok(m) => return Ok((m, bytes, peer)),
+                    Err(source) => {
+                        stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
+                        let e = ManifestError::Bad { peer, id: *id, source };
+                        tracing::warn!("{}; asking the next peer", crate::DisplayChain(&e));
+                        last = e;
+                    }
+                },
+                Err(e) => {
+                    stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("{}", crate::DisplayChain(&e));
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// One manifest request, each step within its time budget, its body
+    /// capped at [`MAX_MANIFEST_BYTES`] as it comes.
+    async fn send_manifest(&self, stats: &PeerStats, peer: SocketAddr, id: &ImageId) -> Result<Bytes, ManifestError> {
+        let id = *id;
+        let send_err = |source| ManifestError::Send { peer, id, source };
+        let no_answer = |within| ManifestError::NoAnswer { peer, id, within };
+        let Ok(_turn) = stats.in_flight.0.acquire().await else {
+            unreachable!("the semaphore is never closed")
+        };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let req = self
+            .http
+            .get(format!("http://{peer}/manifests/{id}"))
+            .header(reqwest::header::AUTHORIZATION, self.token.header())
+            .header(HEADER_CLASS, Class::Demand.name());
+        let first_byte = self.timeouts.first_byte;
+        let mut resp = tokio::time::timeout(first_byte, req.send())
+            .await
+            .map_err(|_| no_answer(first_byte))?
+            .map_err(send_err)?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::OK {
+            return Err(ManifestError::Status { peer, id, status });
+        }
+        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES) {
+            return Err(ManifestError::TooLarge { peer, id });
+        }
+        let mut buf = BytesMut::new();
+        let idle = self.timeouts.idle;
+        while let Some(part) = tokio::time::timeout(idle, resp.chunk())
+            .await
+            .map_err(|_| no_answer(idle))?
+            .map_err(send_err)?
+        {
+            if (buf.len() + part.len()) as u64 > MAX_MANIFEST_BYTES {
+                return Err(ManifestError::TooLarge { peer, id });
+            }
+            buf.extend_from_slice(&part);
+        }
+        stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf.freeze())
+    }
+
     /// One request and its answer, each step within its time budget.
     async fn send(&self, stats: &PeerStats, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
         let Ask { entry, len, class } = *ask;
@@ -411,6 +535,43 @@ impl Peers for PeerClient {
         })
     }
 
+    fn holders(&self, digest: &Digest) -> Vec<SocketAddr> {
+        let me = self.membership.self_addr();
+        let others: Vec<SocketAddr> = self
+            .membership
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| Some(*m) != me)
+            .collect();
+        hrw::ranked(digest, &others, CANDIDATES)
+            .into_iter()
+            .filter(|m| !self.stats(*m).is_down() && !self.is_bad(*m, digest))
+            .collect()
+    }
+
+    fn get_held(
+        &self,
+        peer: SocketAddr,
+        entry: ChunkEntry,
+        len: u64,
+        class: Class,
+    ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            // As a holder a home named: it serves what it holds, or 404.
+            match this.request(peer, &Ask { entry, len, class }, Hop::Redirected).await {
+                Ok(Answer::Chunk(b)) => Ok((peer, b)),
+                Ok(Answer::Redirect(_)) => Err(Box::new(RequestError::Status {
+                    peer,
+                    digest: entry.digest,
+                    status: reqwest::StatusCode::TEMPORARY_REDIRECT,
+                }) as PeerError),
+                Err(e) => Err(Box::new(e) as PeerError),
+            }
+        })
+    }
+
     fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str) {
         self.stats(peer).bad_chunks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %digest, "peer sent a bad chunk ({why}); not asked for it again, fetching elsewhere");
@@ -533,6 +694,88 @@ mod tests {
         for i in 0..50u32 {
             assert!(c.candidates(&Digest::of(&i.to_le_bytes())).is_empty());
         }
+    }
+
+    /// A peer answering every request with `body` (and its length).
+    fn serving(body: Vec<u8>) -> SocketAddr {
+        fake_peer(move |mut conn| {
+            let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+            let _ = conn.write_all(&body);
+        })
+    }
+
+    fn manifest_of(chunks: usize) -> Manifest {
+        Manifest {
+            version: crate::store::manifest::VERSION,
+            size: chunks as u64 * 65536,
+            chunk_size: 65536,
+            chunks: vec![None; chunks],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_manifest_that_is_not_the_ids_is_refused_and_the_next_peer_asked() {
+        let good = manifest_of(2);
+        let id = Digest::of(&good.to_bytes());
+        // Another image's valid manifest, sent for this id.
+        let other = serving(manifest_of(3).to_bytes());
+        // Hashes to its own id, but is no valid manifest (version 99).
+        let mut bad = manifest_of(2);
+        bad.version = 99;
+        let invalid_bytes = bad.to_bytes();
+        let invalid_id = Digest::of(&invalid_bytes);
+        let invalid = serving(invalid_bytes);
+        let honest = serving(good.to_bytes());
+
+        let e = client(&[other], None).manifest(&id).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ManifestError::Bad {
+                    source: crate::store::Error::ManifestDigest(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = client(&[invalid], None).manifest(&invalid_id).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ManifestError::Bad {
+                    source: crate::store::Error::BadManifest { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+
+        // With a liar and an honest peer, whichever is asked first: the
+        // honest one's manifest, and the liar counted if it was asked.
+        let c = client(&[other, honest], None);
+        let (m, bytes, from) = c.manifest(&id).await.unwrap();
+        assert_eq!((m, from), (good, honest));
+        assert_eq!(Digest::of(&bytes), id);
+        let lied = c.stats(other).bad_chunks.load(Ordering::Relaxed);
+        assert_eq!(
+            lied,
+            c.stats(other).requests.load(Ordering::Relaxed),
+            "the liar was not counted"
+        );
+
+        // This host itself is never asked; with no one else, no peers.
+        let e = client(&[honest], Some(honest)).manifest(&id).await.unwrap_err();
+        assert!(matches!(e, ManifestError::NoPeers), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_manifest_past_the_cap_is_refused_unread() {
+        let huge = fake_peer(|mut conn| {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_MANIFEST_BYTES + 1);
+            let _ = conn.write_all(head.as_bytes());
+        });
+        let e = client(&[huge], None).manifest(&Digest::of(b"x")).await.unwrap_err();
+        assert!(matches!(e, ManifestError::TooLarge { .. }), "{e:?}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use client::PeerClient;
+pub use client::{ManifestError, PeerClient};
 pub use index::ChunkIndex;
 pub use server::{Server, ServerLimits};
 
@@ -309,6 +309,21 @@ impl P2p {
     /// Makes every chunk of the host's chunk store servable by digest.
     pub fn set_chunk_store(&self, store: Arc<crate::cache::ChunkStore>) {
         self.index.set_store(store);
+    }
+
+    /// Makes the manifests this host keeps copies of servable by image id.
+    pub fn set_manifests(&self, copies: Arc<crate::store::ManifestCopies>) {
+        if let Some(s) = &self.server {
+            s.set_manifests(copies);
+        }
+    }
+
+    /// Image `id`'s manifest from a peer, verified as a store's is.
+    pub async fn manifest(
+        &self,
+        id: &crate::store::ImageId,
+    ) -> Result<(crate::store::Manifest, bytes::Bytes, SocketAddr), ManifestError> {
+        self.client.manifest(id).await
     }
 
     /// Makes an opened image's chunks servable by digest.

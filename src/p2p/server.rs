@@ -1,5 +1,6 @@
 //! The peer server: `GET /chunks/<digest>` over HTTP/1.1 for members that
-//! carry the cluster token. It serves a chunk its open images' caches hold;
+//! carry the cluster token, and `GET /manifests/<image id>` (the copies this
+//! host keeps of the manifests it opened, for hosts with no store access). It serves a chunk its open images' caches hold;
 //! as the chunk's home it fetches a chunk it does not hold once (single
 //! flight, through the fetch scheduler) and serves every requester from
 //! that copy. Uploads take a slot, demand before profile before
@@ -40,7 +41,7 @@ use super::{
     lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
 };
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
-use crate::store::{manifest, ChunkEntry, Digest};
+use crate::store::{manifest, ChunkEntry, Digest, ImageId, ManifestCopies};
 
 /// Connections served at once; more are closed at accept. Idle ones close
 /// after [`HEAD_TIMEOUT`].
@@ -100,6 +101,8 @@ pub struct ServerCounters {
     /// Refused: too many uploads waiting, or a fetch failed.
     pub busy: AtomicU64,
     pub failed: AtomicU64,
+    /// Manifests served (their bytes count in `upload_bytes`).
+    pub manifests: AtomicU64,
 }
 
 pub struct Server {
@@ -107,6 +110,8 @@ pub struct Server {
     index: Arc<ChunkIndex>,
     /// For chunks this host must fetch as a home; None without a store.
     fetcher: Mutex<Option<Fetcher>>,
+    /// The manifests it serves; None until the daemon sets them.
+    manifests: Mutex<Option<Arc<ManifestCopies>>>,
     loose: Arc<LooseChunks>,
     /// Held to look a loose chunk up and join (or start) its fetch, and to
     /// keep one a fetch brought: a fetch ends only after its chunk is kept,
@@ -230,8 +235,8 @@ impl Refusal {
     }
 }
 
-/// Checks the token, then parses the request. Pure: unit-tested below.
-pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<ChunkRequest, Refusal> {
+/// Checks the cluster token, then that the method is GET.
+fn check_token(token: &Token, method: &Method, headers: &HeaderMap) -> Result<(), Refusal> {
     let auth = headers.get(AUTHORIZATION).ok_or(Refusal::NoToken)?;
     let given = auth
         .to_str()
@@ -244,6 +249,27 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
     if method != Method::GET {
         return Err(Refusal::Method);
     }
+    Ok(())
+}
+
+/// Checks the token, then parses a manifest request: the image id asked.
+pub fn parse_manifest_request(
+    token: &Token,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<ImageId, Refusal> {
+    check_token(token, method, headers)?;
+    let hex = uri.path().strip_prefix("/manifests/").unwrap_or("");
+    (hex.len() == 64 && uri.query().is_none())
+        .then(|| Digest::from_hex(hex))
+        .flatten()
+        .ok_or_else(|| Refusal::Bad("path is not /manifests/<64 hex digits>".into()))
+}
+
+/// Checks the token, then parses the request. Pure: unit-tested below.
+pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<ChunkRequest, Refusal> {
+    check_token(token, method, headers)?;
     let bad = |why: &str| Refusal::Bad(why.to_string());
     let hex = uri
         .path()
@@ -421,6 +447,7 @@ impl Server {
             token,
             index,
             fetcher: Mutex::new(None),
+            manifests: Mutex::new(None),
             loose: Arc::new(LooseChunks::new(loose_cap)),
             loose_gate: Arc::default(),
             membership,
@@ -458,17 +485,99 @@ impl Server {
         lock(&self.fetcher).clone()
     }
 
+    /// Lets the server serve the manifests this host keeps copies of.
+    pub fn set_manifests(&self, copies: Arc<ManifestCopies>) {
+        *lock(&self.manifests) = Some(copies);
+    }
+
+    /// Counts a refused request and answers it.
+    fn refuse(&self, refusal: Refusal) -> Response<Body> {
+        let counter = match refusal {
+            Refusal::NoToken | Refusal::WrongToken => &self.counters.unauthorized,
+            _ => &self.counters.bad_requests,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.answer(refusal.status(), refusal.to_string())
+    }
+
+    /// A manifest this host keeps a copy of, held and paced like a chunk:
+    /// room in the upload buffer first (a manifest larger than the whole
+    /// buffer is never served), then a demand slot (a guest waits for
+    /// its image to open). The requester checks it against the id.
+    async fn handle_manifest(&self, req: &Request<Incoming>) -> Response<Body> {
+        let id = match parse_manifest_request(&self.token, req.method(), req.uri(), req.headers()) {
+            Ok(id) => id,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        let not_found = || {
+            self.counters.not_found.fetch_add(1, Ordering::Relaxed);
+            self.answer(StatusCode::NOT_FOUND, "no such manifest here".into())
+        };
+        let Some(copies) = lock(&self.manifests).clone() else {
+            return not_found();
+        };
+        let Some(len) = copies.len(&id) else {
+            return not_found();
+        };
+        let Ok(room) = self.buffer.clone().try_acquire_many_owned(kib(len)) else {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload buffer full".into());
+        };
+        let data = match tokio::task::spawn_blocking(move || copies.load(&id)).await {
+            Ok(Ok(Some(data))) if data.len() as u64 <= len => data,
+            Ok(Ok(None)) => return not_found(),
+            Ok(Ok(Some(_))) => {
+                // Replaced since its length was taken: ask again.
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                return self.answer(StatusCode::SERVICE_UNAVAILABLE, "manifest copy changed".into());
+            }
+            Ok(Err(e)) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                return self.answer(StatusCode::BAD_GATEWAY, crate::DisplayChain(&e).to_string());
+            }
+            Err(e) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                return self.answer(StatusCode::BAD_GATEWAY, e.to_string());
+            }
+        };
+        let slot_wait = tokio::time::timeout(SLOT_WAIT, self.slots.acquire(Class::Demand)).await;
+        let Ok(Ok(slot)) = slot_wait else {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload queue full".into());
+        };
+        self.counters.manifests.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .upload_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.upload(data, slot, room)
+    }
+
+    /// An answer carrying `data`, paced to the upload cap, holding `slot`
+    /// and `room` until it is sent.
+    fn upload(&self, data: Bytes, slot: SlotGuard, room: OwnedSemaphorePermit) -> Response<Body> {
+        let len = data.len();
+        let body = Upload {
+            data,
+            pace: self.rate.map(|rate| (self.bucket.clone(), rate as f64)),
+            wait: None,
+            _held: (slot, room),
+        }
+        .boxed();
+        let mut resp = Response::new(body);
+        self.headers(&mut resp);
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        resp
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path().starts_with("/manifests/") {
+            return self.handle_manifest(&req).await;
+        }
         let r = match parse_request(&self.token, req.method(), req.uri(), req.headers()) {
             Ok(r) => r,
-            Err(refusal) => {
-                let counter = match refusal {
-                    Refusal::NoToken | Refusal::WrongToken => &self.counters.unauthorized,
-                    _ => &self.counters.bad_requests,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                return self.answer(refusal.status(), refusal.to_string());
-            }
+            Err(refusal) => return self.refuse(refusal),
         };
         if r.from.is_some() && r.from == self.membership.self_addr() {
             // The peer list names this host by another address too: answer
@@ -547,20 +656,8 @@ impl Server {
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let len = data.len();
-        let body = Upload {
-            data,
-            pace: self.rate.map(|rate| (self.bucket.clone(), rate as f64)),
-            wait: None,
-            _held: (slot, room),
-        }
-        .boxed();
-        let mut resp = Response::new(body);
-        self.headers(&mut resp);
-        let h = resp.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-        h.insert(
+        let mut resp = self.upload(data, slot, room);
+        resp.headers_mut().insert(
             HEADER_FORM,
             HeaderValue::from_static(if stored { "stored" } else { "plain" }),
         );
@@ -816,6 +913,43 @@ mod tests {
         let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
         (status, body)
+    }
+
+    #[tokio::test]
+    async fn a_kept_manifest_is_served_by_id_to_token_holders_only() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = test_server(2, ServerLimits::default(), &[addr]);
+        tokio::spawn(serve(l, server.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let copies = Arc::new(ManifestCopies::new(dir.path()));
+        let bytes = b"{\"the manifest\":1}".to_vec();
+        let id = Digest::of(&bytes);
+        let get = |id: String, auth: &str| format!("GET /manifests/{id} HTTP/1.1\r\nHost: peer\r\n{auth}\r\n");
+        let auth = "Authorization: Bearer s3cret-token\r\n";
+        // Before the daemon sets its copies, and for an id it has none of: 404.
+        assert!(exchange(addr, &get(id.to_hex(), auth))
+            .await
+            .starts_with("HTTP/1.1 404"));
+        server.set_manifests(copies.clone());
+        assert!(exchange(addr, &get(id.to_hex(), auth))
+            .await
+            .starts_with("HTTP/1.1 404"));
+        copies.save(&id, &bytes).unwrap();
+        let answer = exchange(addr, &get(id.to_hex(), auth)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n{\"the manifest\":1}"), "{answer}");
+        assert_eq!(server.counters.manifests.load(Ordering::Relaxed), 1);
+        // No token, a wrong one, a malformed id.
+        assert!(exchange(addr, &get(id.to_hex(), "")).await.starts_with("HTTP/1.1 401"));
+        let wrong = "Authorization: Bearer wrong-token-123\r\n";
+        assert!(exchange(addr, &get(id.to_hex(), wrong))
+            .await
+            .starts_with("HTTP/1.1 403"));
+        for bad in ["abc".to_string(), format!("{id}?x=1"), format!("{id}/..")] {
+            let answer = exchange(addr, &get(bad.clone(), auth)).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

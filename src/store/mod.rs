@@ -3,6 +3,7 @@
 //! `manifests/<image id>`, `chunks/<digest>`, `names/<name>` (holds an id),
 //! `profiles/<image id>`. Everything read from a store is verified before use.
 
+mod copies;
 mod import;
 pub mod manifest;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use copies::ManifestCopies;
 pub use import::{import, ImportReport};
 pub use manifest::{verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, Manifest};
 use object_store::path::Path as ObjPath;
@@ -52,8 +54,12 @@ pub enum Error {
         #[source]
         source: manifest::Error,
     },
-    #[error("image {0}: manifest digest does not match its id (corrupt store?)")]
+    #[error("image {0}: manifest digest does not match its id (corrupt copy?)")]
     ManifestDigest(String),
+    #[error("read the manifest copy {0}")]
+    ReadCopy(std::path::PathBuf, #[source] std::io::Error),
+    #[error("write the manifest copy {0}")]
+    WriteCopy(std::path::PathBuf, #[source] std::io::Error),
     #[error("invalid image name {0:?}: use letters, digits, '-', '_' and '.'")]
     BadName(String),
 }
@@ -206,35 +212,35 @@ impl ImageStore {
 
     /// Resolves a name or an image id, and fetches and checks its manifest.
     pub async fn manifest(&self, image: &str) -> Result<(ImageId, Manifest), Error> {
-        // A missing name or manifest means no such image.
-        let no_image = |e| match e {
-            Error::NotFound(_) => Error::NoImage(image.to_string()),
-            e => e,
-        };
-        let id = match Digest::from_hex(image) {
-            Some(id) => id,
-            None => {
-                check_name(image)?;
-                let bytes = self
-                    .get(&format!("names/{image}"), MAX_NAME_BYTES)
-                    .await
-                    .map_err(no_image)?;
-                let text = String::from_utf8_lossy(&bytes);
-                Digest::from_hex(text.trim()).ok_or_else(|| Error::NoImage(image.to_string()))?
-            }
-        };
+        let id = self.resolve(image).await?;
+        let (m, _) = self.manifest_of(image, &id).await?;
+        Ok((id, m))
+    }
+
+    /// The id of `image`: itself if it is one (64 hex digits), else the id
+    /// its name holds in the store.
+    pub async fn resolve(&self, image: &str) -> Result<ImageId, Error> {
+        if let Some(id) = Digest::from_hex(image) {
+            return Ok(id);
+        }
+        check_name(image)?;
+        let bytes = self
+            .get(&format!("names/{image}"), MAX_NAME_BYTES)
+            .await
+            .map_err(|e| no_image(image, e))?;
+        let text = String::from_utf8_lossy(&bytes);
+        Digest::from_hex(text.trim()).ok_or_else(|| Error::NoImage(image.to_string()))
+    }
+
+    /// Image `id`'s manifest (`image` names it in errors), checked by
+    /// [`check_manifest`], and the bytes it was read from.
+    pub async fn manifest_of(&self, image: &str, id: &ImageId) -> Result<(Manifest, Bytes), Error> {
         let bytes = self
             .get(&format!("manifests/{id}"), MAX_MANIFEST_BYTES)
             .await
-            .map_err(no_image)?;
-        if Digest::of(&bytes) != id {
-            return Err(Error::ManifestDigest(image.to_string()));
-        }
-        let m = Manifest::parse(&bytes).map_err(|source| Error::BadManifest {
-            image: image.to_string(),
-            source,
-        })?;
-        Ok((id, m))
+            .map_err(|e| no_image(image, e))?;
+        let m = check_manifest(image, id, &bytes)?;
+        Ok((m, bytes))
     }
 
     /// A chunk's stored bytes, unverified (see [`verify_chunk`]); a body
@@ -281,6 +287,27 @@ impl ImageStore {
     pub async fn put_profile(&self, id: &ImageId, profile: Bytes) -> Result<(), Error> {
         self.put(&format!("profiles/{id}"), profile).await
     }
+}
+
+/// A missing name or manifest means no such image.
+fn no_image(image: &str, e: Error) -> Error {
+    match e {
+        Error::NotFound(_) => Error::NoImage(image.to_string()),
+        e => e,
+    }
+}
+
+/// Checks manifest bytes said to be image `id`'s, wherever they came from
+/// (the store, a peer, this host's copy): they must hash to the id, and
+/// parse and validate. `image` names the image in errors.
+pub fn check_manifest(image: &str, id: &ImageId, bytes: &[u8]) -> Result<Manifest, Error> {
+    if Digest::of(bytes) != *id {
+        return Err(Error::ManifestDigest(image.to_string()));
+    }
+    Manifest::parse(bytes).map_err(|source| Error::BadManifest {
+        image: image.to_string(),
+        source,
+    })
 }
 
 enum Capped {

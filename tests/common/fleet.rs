@@ -105,6 +105,15 @@ impl Fleet {
         chunk_bytes(&access_log(&self.access_log))
     }
 
+    /// Requests of any kind the store has answered for `ip`.
+    pub fn store_requests_from(&self, ip: &str) -> usize {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(ip))
+            .count()
+    }
+
     /// Chunk requests the store has answered.
     pub fn store_chunk_requests(&self) -> usize {
         access_log(&self.access_log)

@@ -89,7 +89,7 @@ pub fn start_nginx(ns: &str, ip: &str, root: &Path) -> (Child, tempfile::TempDir
         format!(
             "user root;\nworker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
              events {{ worker_connections 256; }}\n\
-             http {{\n  log_format store '$request_uri $status $body_bytes_sent';\n  access_log {log} store;\n\
+             http {{\n  log_format store '$request_uri $status $body_bytes_sent $remote_addr';\n  access_log {log} store;\n\
                client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fastcgi;\n\
                uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
                server {{ listen {ip}:8080; root {root}; sendfile on; }}\n}}\n",
