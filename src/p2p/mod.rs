@@ -15,6 +15,7 @@ mod directory;
 pub mod hrw;
 mod index;
 pub mod membership;
+pub mod policy;
 mod server;
 mod slots;
 
