@@ -17,6 +17,8 @@ mod index;
 pub mod membership;
 pub mod policy;
 mod server;
+#[doc(hidden)]
+pub mod sim;
 mod slots;
 
 use std::net::SocketAddr;
