@@ -7,7 +7,8 @@
 //! Environment: `SIM_HOSTS` (default "1 8 1000 10000"; the first is the
 //! baseline), `SIM_KILL_HOSTS` (default "1000"), `SIM_STORE_MBIT`
 //! (default "100 1000"), `SIM_PROFILE` (default "off on"),
-//! `SIM_UPLOAD_SLOTS` (default 4).
+//! `SIM_UPLOAD_SLOTS` (default 4), `SIM_COUNT_UPLOADS` (1: the what-if of
+//! `Config::count_uploads`).
 
 use streamblk::p2p_sim::{run, Config, Report, Workload};
 
@@ -55,8 +56,13 @@ fn main() {
     let hosts = numbers("SIM_HOSTS", "1 8 1000 10000");
     let kill_hosts = numbers("SIM_KILL_HOSTS", "1000");
     let stores = numbers("SIM_STORE_MBIT", "100 1000");
-    let slots: usize = env("SIM_UPLOAD_SLOTS", "4").parse().expect("SIM_UPLOAD_SLOTS: a number");
-    let profiles: Vec<bool> = env("SIM_PROFILE", "off on").split_whitespace().map(|p| p == "on").collect();
+    let slots: usize = env("SIM_UPLOAD_SLOTS", "4")
+        .parse()
+        .expect("SIM_UPLOAD_SLOTS: a number");
+    let profiles: Vec<bool> = env("SIM_PROFILE", "off on")
+        .split_whitespace()
+        .map(|p| p == "on")
+        .collect();
     let w = Workload::debian_like();
     println!(
         "P2P fleet simulation: every host boots at once with an empty cache; {}; hosts 1 Gbit/s up and down, RTT 0.2 ms, store 1 ms a request; {slots} upload slots; reads one at a time, as the fleet benchmark.\n",
@@ -70,6 +76,7 @@ fn main() {
                 store_rate: store * 1_000_000,
                 profile,
                 upload_slots: slots,
+                count_uploads: env("SIM_COUNT_UPLOADS", "0") == "1",
                 ..Config::fleet(n as usize)
             };
             let base = run(&cfg(hosts[0]), &w);
@@ -80,13 +87,16 @@ fn main() {
             }
             for &n in &kill_hosts {
                 let at = base.median_time().mul_f64(0.3);
-                let r = run(&Config { kill_at: Some(at), ..cfg(n) }, &w);
+                let r = run(
+                    &Config {
+                        kill_at: Some(at),
+                        ..cfg(n)
+                    },
+                    &w,
+                );
                 assert!(r.complete, "N={n}, home killed: a host did not get its chunks");
                 let (victim, homed) = r.killed.clone().expect("a host was killed");
-                let refetched = homed
-                    .iter()
-                    .filter(|&&c| r.store_fetches[c as usize] > 1)
-                    .count();
+                let refetched = homed.iter().filter(|&&c| r.store_fetches[c as usize] > 1).count();
                 let what = format!(
                     "home killed at {:.0} ms (host {victim}, home of {} chunks, {refetched} fetched again)",
                     at.as_secs_f64() * 1e3,

@@ -23,9 +23,9 @@ pub use boot::BootWatch;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 pub use peers::{PeerError, Peers};
+pub use rate::FillRate;
 /// The profile order with peers, for the P2P simulator.
 pub(crate) use replay::fleet_order;
-pub use rate::FillRate;
 pub use replay::ProfileReplay;
 use tokio::sync::{watch, Notify};
 // tokio's clock, so that tests can run the scheduler on paused time.

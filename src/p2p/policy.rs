@@ -108,7 +108,13 @@ pub fn source(held: bool, hop: Hop, can_fetch: bool) -> Source {
 
 /// The server is sending a chunk to `from`: the home names it to later
 /// requesters (it holds the chunk once it has checked it). Members only.
-pub fn served<M: Moment>(directory: &mut Directory<M>, digest: Digest, from: Option<SocketAddr>, is_member: bool, now: M) {
+pub fn served<M: Moment>(
+    directory: &mut Directory<M>,
+    digest: Digest,
+    from: Option<SocketAddr>,
+    is_member: bool,
+    now: M,
+) {
     if let (Some(from), true) = (from, is_member) {
         directory.record(digest, from, now);
     }
@@ -131,7 +137,11 @@ pub enum Reply {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Ask `peer` with `hop`, after a pause of `after`.
-    Ask { peer: SocketAddr, hop: Hop, after: Duration },
+    Ask {
+        peer: SocketAddr,
+        hop: Hop,
+        after: Duration,
+    },
     /// `peer` sent the chunk.
     Got(SocketAddr),
     /// This candidate failed: the next candidate, or the store.
@@ -255,15 +265,35 @@ mod tests {
         let mut dir: Directory<Duration> = Directory::default();
         let d = Digest::of(b"c");
         let t = Duration::from_secs(1);
-        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 10, 4, t), None, "no holders known");
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 10, 4, t),
+            None,
+            "no holders known"
+        );
         served(&mut dir, d, Some(addr(1)), true, t);
         served(&mut dir, d, Some(addr(2)), false, t);
-        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 3, 4, t), None, "redirected with a slot free");
-        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 4, 4, t), Some(vec![addr(1)]), "a non-member was recorded");
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 3, 4, t),
+            None,
+            "redirected with a slot free"
+        );
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 4, 4, t),
+            Some(vec![addr(1)]),
+            "a non-member was recorded"
+        );
         for hop in [Hop::Direct, Hop::Redirected] {
-            assert_eq!(redirect(&mut dir, &d, hop, Some(addr(9)), 100, 4, t), None, "{hop:?} redirected");
+            assert_eq!(
+                redirect(&mut dir, &d, hop, Some(addr(9)), 100, 4, t),
+                None,
+                "{hop:?} redirected"
+            );
         }
-        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(1)), 100, 4, t), None, "sent to itself");
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(1)), 100, 4, t),
+            None,
+            "sent to itself"
+        );
     }
 
     #[test]
@@ -279,7 +309,14 @@ mod tests {
     fn a_redirect_is_followed_least_loaded_first_skipping_self_home_and_bad_then_home_direct() {
         let (home, me) = (addr(0), addr(9));
         let (mut r, first) = Requester::new(home, Some(me));
-        assert_eq!(first, Step::Ask { peer: home, hop: Hop::Home, after: Duration::ZERO });
+        assert_eq!(
+            first,
+            Step::Ask {
+                peer: home,
+                hop: Hop::Home,
+                after: Duration::ZERO
+            }
+        );
         let queue = |h: SocketAddr| match h.port() - 7000 {
             1 => 5,
             2 => 0,
@@ -288,17 +325,43 @@ mod tests {
         };
         let skip = |h: SocketAddr| h == addr(4);
         let named = vec![addr(1), me, addr(4), addr(3), home, addr(2)];
-        let ask = |h| Step::Ask { peer: h, hop: Hop::Redirected, after: Duration::ZERO };
-        assert_eq!(r.on_reply(home, Hop::Home, Reply::Redirect(named), LONG, queue, skip), ask(addr(2)));
-        assert_eq!(r.on_reply(addr(2), Hop::Redirected, Reply::Failed, LONG, queue, skip), ask(addr(3)));
-        assert_eq!(r.on_reply(addr(3), Hop::Redirected, Reply::Busy, LONG, queue, skip), ask(addr(1)));
-        let direct = Step::Ask { peer: home, hop: Hop::Direct, after: Duration::ZERO };
-        assert_eq!(r.on_reply(addr(1), Hop::Redirected, Reply::Failed, LONG, queue, skip), direct);
-        assert_eq!(r.on_reply(home, Hop::Direct, Reply::Chunk, LONG, queue, skip), Step::Got(home));
+        let ask = |h| Step::Ask {
+            peer: h,
+            hop: Hop::Redirected,
+            after: Duration::ZERO,
+        };
+        assert_eq!(
+            r.on_reply(home, Hop::Home, Reply::Redirect(named), LONG, queue, skip),
+            ask(addr(2))
+        );
+        assert_eq!(
+            r.on_reply(addr(2), Hop::Redirected, Reply::Failed, LONG, queue, skip),
+            ask(addr(3))
+        );
+        assert_eq!(
+            r.on_reply(addr(3), Hop::Redirected, Reply::Busy, LONG, queue, skip),
+            ask(addr(1))
+        );
+        let direct = Step::Ask {
+            peer: home,
+            hop: Hop::Direct,
+            after: Duration::ZERO,
+        };
+        assert_eq!(
+            r.on_reply(addr(1), Hop::Redirected, Reply::Failed, LONG, queue, skip),
+            direct
+        );
+        assert_eq!(
+            r.on_reply(home, Hop::Direct, Reply::Chunk, LONG, queue, skip),
+            Step::Got(home)
+        );
         // A direct request is not redirected again.
         let (mut r, _) = Requester::new(home, Some(me));
         r.on_reply(home, Hop::Home, Reply::Redirect(vec![]), LONG, queue, skip);
-        assert_eq!(r.on_reply(home, Hop::Direct, Reply::Redirect(vec![addr(1)]), LONG, queue, skip), Step::GiveUp);
+        assert_eq!(
+            r.on_reply(home, Hop::Direct, Reply::Redirect(vec![addr(1)]), LONG, queue, skip),
+            Step::GiveUp
+        );
     }
 
     #[test]
@@ -306,15 +369,32 @@ mod tests {
         let home = addr(0);
         let (mut r, _) = Requester::new(home, None);
         let mut pauses = Vec::new();
-        while let Step::Ask { after, hop: Hop::Home, .. } = r.on_reply(home, Hop::Home, Reply::Busy, LONG, |_| 0, |_| false) {
+        while let Step::Ask {
+            after, hop: Hop::Home, ..
+        } = r.on_reply(home, Hop::Home, Reply::Busy, LONG, |_| 0, |_| false)
+        {
             pauses.push(after.as_millis());
             if pauses.len() == 7 {
                 break;
             }
         }
         assert_eq!(pauses, [50, 100, 200, 400, 800, 800, 800]);
-        assert_eq!(r.on_reply(home, Hop::Home, Reply::Busy, Duration::from_millis(100), |_| 0, |_| false), Step::GiveUp);
+        assert_eq!(
+            r.on_reply(
+                home,
+                Hop::Home,
+                Reply::Busy,
+                Duration::from_millis(100),
+                |_| 0,
+                |_| false
+            ),
+            Step::GiveUp
+        );
         let (mut r, _) = Requester::new(home, None);
-        assert_eq!(r.on_reply(home, Hop::Home, Reply::Failed, LONG, |_| 0, |_| false), Step::GiveUp, "an unreachable home was asked again");
+        assert_eq!(
+            r.on_reply(home, Hop::Home, Reply::Failed, LONG, |_| 0, |_| false),
+            Step::GiveUp,
+            "an unreachable home was asked again"
+        );
     }
 }

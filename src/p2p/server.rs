@@ -507,7 +507,13 @@ impl Server {
         // The requester holds the chunk once it has checked it: a home
         // names it to later requesters when its slots are busy.
         let is_member = r.from.is_some_and(|f| self.membership.members().contains(&f));
-        policy::served(&mut lock(&self.directory), r.digest, r.from, is_member, std::time::Instant::now());
+        policy::served(
+            &mut lock(&self.directory),
+            r.digest,
+            r.from,
+            is_member,
+            std::time::Instant::now(),
+        );
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);

@@ -65,6 +65,10 @@ pub struct Config {
     /// Kill, at this time, the member that is home for the most chunks
     /// from 30% of the profile on (as a SIGKILL: connections refused).
     pub kill_at: Option<Duration>,
+    /// A what-if, not the daemon: a request stays in the server's active
+    /// count (which decides redirects) until its upload is sent, not only
+    /// until the answer's head (the daemon's `Active` guard).
+    pub count_uploads: bool,
     pub seed: u64,
 }
 
@@ -80,6 +84,7 @@ impl Config {
             profile: false,
             upload_slots: 4,
             kill_at: None,
+            count_uploads: false,
             seed: 1,
         }
     }
@@ -425,7 +430,10 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
             progress: 0,
             // The daemon shuffles only with peers.
             order: if cfg.hosts > 1 {
-                fleet_order(n, cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h + 1).wrapping_mul(0xd1b5_4a32_d192_ed03))
+                fleet_order(
+                    n,
+                    cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h + 1).wrapping_mul(0xd1b5_4a32_d192_ed03),
+                )
             } else {
                 (0..n as u32).collect()
             },
@@ -696,7 +704,7 @@ impl Sim<'_> {
                 return;
             }
         }
-        self.from_store(f);
+        self.fetch_from_store(f);
     }
 
     /// Asks the flight's next candidate, or goes back to the queue for
@@ -733,7 +741,7 @@ impl Sim<'_> {
         }
     }
 
-    fn from_store(&mut self, f: u32) {
+    fn fetch_from_store(&mut self, f: u32) {
         let (h, c) = {
             let fl = self.flights[f as usize].as_ref().expect("a live flight");
             (fl.host, fl.chunk)
@@ -790,7 +798,7 @@ impl Sim<'_> {
         for (r, gen) in fl.servers {
             let req = &self.reqs[r as usize];
             if req.gen == gen && req.state == ReqState::Fetching {
-                self.to_slot(r);
+                self.take_slot(r);
             }
         }
         self.stream(h);
@@ -800,7 +808,9 @@ impl Sim<'_> {
     // Requests between hosts.
 
     fn send(&mut self, f: u32) {
-        let Some(fl) = self.flights[f as usize].as_ref() else { return };
+        let Some(fl) = self.flights[f as usize].as_ref() else {
+            return;
+        };
         if !self.hosts[fl.host as usize].alive {
             return;
         }
@@ -873,7 +883,15 @@ impl Sim<'_> {
         let server = &mut self.hosts[to as usize];
         let before = server.active;
         server.active += 1;
-        if let Some(holders) = policy::redirect(&mut server.directory, &digest, hop, Some(addr(from)), before, slots, now) {
+        if let Some(holders) = policy::redirect(
+            &mut server.directory,
+            &digest,
+            hop,
+            Some(addr(from)),
+            before,
+            slots,
+            now,
+        ) {
             self.reply(r, Reply::Redirect(holders));
             return;
         }
@@ -891,13 +909,13 @@ impl Sim<'_> {
         let (gen, class, deadline) = (req.gen, req.class, req.deadline);
         self.at(deadline, Ev::Deadline(r, gen));
         match policy::source(held, hop, true) {
-            Source::Held => self.to_slot(r),
+            Source::Held => self.take_slot(r),
             Source::NotHere => self.reply(r, Reply::Failed),
             Source::Fetch => self.want(to, chunk, class, Waiter::Server(r, gen)),
         }
     }
 
-    fn to_slot(&mut self, r: u32) {
+    fn take_slot(&mut self, r: u32) {
         let Req { to, class, gen, .. } = self.reqs[r as usize];
         let server = &mut self.hosts[to as usize];
         if server.slots_free > 0 {
@@ -930,9 +948,7 @@ impl Sim<'_> {
 
     /// Sends the chunk: the home names the requester to later ones.
     fn upload(&mut self, r: u32) {
-        let Req {
-            from, to, chunk, ..
-        } = self.reqs[r as usize];
+        let Req { from, to, chunk, .. } = self.reqs[r as usize];
         let len = self.w.chunks[chunk as usize].len as u64;
         let digest = self.w.chunks[chunk as usize].digest;
         let now = Duration::from_nanos(self.now);
@@ -942,7 +958,9 @@ impl Sim<'_> {
         req.queue = server.active;
         req.state = ReqState::Uploading;
         // The answer's head is out: the request leaves the active count.
-        server.active -= 1;
+        if !self.cfg.count_uploads {
+            server.active -= 1;
+        }
         server.uploaded += len;
         let start = self.now.max(server.up_free);
         server.up_free = start + Self::tx(len, self.cfg.host_rate);
@@ -958,6 +976,9 @@ impl Sim<'_> {
         let server = &mut self.hosts[to as usize];
         if !server.alive {
             return;
+        }
+        if self.cfg.count_uploads {
+            server.active -= 1;
         }
         server.buffer_free += buffer;
         server.slots_free += 1;
@@ -978,7 +999,12 @@ impl Sim<'_> {
 
     fn chunk_in(&mut self, r: u32) {
         let Req {
-            flight, from, to, chunk, hop, ..
+            flight,
+            from,
+            to,
+            chunk,
+            hop,
+            ..
         } = self.reqs[r as usize];
         self.free_reqs.push(r);
         if !self.hosts[from as usize].alive {
@@ -1021,7 +1047,9 @@ impl Sim<'_> {
 
     /// The requester's next step, as `policy::Requester` decides it.
     fn decide(&mut self, f: u32, to: u32, hop: Hop, reply: Reply) {
-        let Some(fl) = self.flights[f as usize].as_mut() else { return };
+        let Some(fl) = self.flights[f as usize].as_mut() else {
+            return;
+        };
         let mut requester = fl.requester.take().expect("a flight asking peers");
         let (h, deadline) = (fl.host, fl.deadline);
         let left = Duration::from_nanos(deadline.saturating_sub(self.now));
@@ -1096,7 +1124,11 @@ mod tests {
             let r = run(&cfg, &small());
             assert!(r.complete, "profile {profile}: a host is missing chunks");
             assert_eq!(r.times.len(), 50);
-            assert_eq!(r.store_fetches, vec![1; 12], "profile {profile}: a chunk was fetched twice or never");
+            assert_eq!(
+                r.store_fetches,
+                vec![1; 12],
+                "profile {profile}: a chunk was fetched twice or never"
+            );
             assert!((r.egress() - 1.0).abs() < 1e-9, "egress {}", r.egress());
             // 49 hosts got every chunk from peers.
             assert_eq!(r.peer_bytes, 49 * 12 * (256 << 10));
@@ -1113,7 +1145,10 @@ mod tests {
         // Sequential misses: each costs an RTT, the store's delay and its bytes at 100 Mbit/s.
         let floor = Duration::from_nanos(w.working_set() * 80) + Duration::from_micros(1200) * 12;
         let t = r.max_time();
-        assert!(t + Duration::from_micros(1) >= floor && t < floor + Duration::from_millis(5), "{t:?} vs {floor:?}");
+        assert!(
+            t + Duration::from_micros(1) >= floor && t < floor + Duration::from_millis(5),
+            "{t:?} vs {floor:?}"
+        );
     }
 
     #[test]
