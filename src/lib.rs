@@ -12,6 +12,9 @@ pub(crate) mod fetch;
 pub(crate) mod metrics;
 pub mod overlay;
 pub(crate) mod p2p;
+/// The P2P fleet simulator, for `benches/p2p_sim.rs`.
+#[doc(hidden)]
+pub use p2p::sim as p2p_sim;
 pub mod profile;
 pub mod storage;
 pub mod store;

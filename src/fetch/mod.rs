@@ -26,6 +26,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 pub use lru::{ChunkLru, StoredForm};
 pub use peers::{PeerChunk, PeerError, Peers};
 pub use rate::FillRate;
+/// The profile order with peers, for the P2P simulator.
+pub(crate) use replay::fleet_order;
 pub use replay::ProfileReplay;
 use tokio::sync::{watch, Notify};
 // tokio's clock, so that tests can run the scheduler on paused time.

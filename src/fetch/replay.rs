@@ -217,7 +217,7 @@ const BLOCK_HEAD: usize = 8;
 /// The order to stream `n` profile positions in, with peers: each block of
 /// [`BLOCK`] keeps its head in order and shuffles the rest by `seed` (one
 /// per host), so no position moves out of its block.
-fn fleet_order(n: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn fleet_order(n: usize, seed: u64) -> Vec<u32> {
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut x = seed | 1;
     let mut next = move || {

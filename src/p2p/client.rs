@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 
 use super::directory::REDIRECT_TO;
 use super::membership::Membership;
-use super::server::Hop;
+use super::policy::{Hop, Reply, Requester, Step, CANDIDATES};
 use super::{
     hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE,
     HEADER_WAIT,
@@ -31,8 +31,6 @@ use super::{
 use crate::fetch::{Class, PeerChunk, PeerError, Peers};
 use crate::store::{check_manifest, ChunkEntry, Digest, ImageId, Manifest, MAX_MANIFEST_BYTES};
 
-/// Members examined per chunk: its home and two failover candidates.
-pub const CANDIDATES: usize = 3;
 /// Members asked for a manifest, at most (best by HRW of the image id).
 const MANIFEST_PEERS: usize = 4;
 /// How long a peer that sent a bad chunk is not asked for it again.
@@ -43,9 +41,6 @@ const MAX_BAD: usize = 4096;
 /// idle pooled connections (8) it stays under the connections a server
 /// takes from one member (32), so a burst is queued, never refused.
 const MAX_IN_FLIGHT: usize = 16;
-/// The first pause before asking a busy home again, doubled up to the last.
-const BUSY_PAUSE: Duration = Duration::from_millis(50);
-const BUSY_PAUSE_MAX: Duration = Duration::from_millis(800);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -242,59 +237,59 @@ impl PeerClient {
         r
     }
 
-    /// Asks the chunk's home; if it redirects, the holders it names (not
-    /// this host, not down, not bad for the chunk; least loaded first), then
-    /// the home again, told not to redirect. Returns who sent the bytes.
+    /// Asks the chunk's home, following its answers as `policy::Requester`
+    /// decides: the holders a busy home names, least loaded first, then the
+    /// home again, told not to redirect; a home that answers busy (503) is
+    /// asked again after a pause until `deadline`, since the next candidate
+    /// would fetch the chunk from the store a second time. Only a home that
+    /// cannot be reached is given up at once. Returns who sent the bytes.
     async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, PeerChunk), RequestError> {
         let digest = ask.entry.digest;
         // Room for one last request before the scheduler's own timeout.
         let last = self.timeouts.first_byte + self.timeouts.idle;
         let deadline = Instant::now() + self.timeout.saturating_sub(last);
-        let mut holders = match self.ask_home(home, &ask, Hop::Home, deadline).await? {
-            Answer::Chunk(b) => return Ok((home, b)),
-            Answer::Redirect(holders) => holders,
-        };
-        // The least loaded first, as their last answers said (stable: the
-        // home's turn order otherwise).
-        holders.sort_by_key(|h| self.stats(*h).queue.load(Ordering::Relaxed));
-        self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
-        let me = self.membership.self_addr();
-        for h in holders {
-            if Some(h) == me || h == home || self.stats(h).is_down() || self.is_bad(h, &digest) {
-                continue;
-            }
-            match self.request(h, &ask, Hop::Redirected).await {
-                Ok(Answer::Chunk(b)) => return Ok((h, b)),
-                Ok(Answer::Redirect(_)) => {}
-                Err(e) => tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e)),
-            }
-        }
-        match self.ask_home(home, &ask, Hop::Direct, deadline).await? {
-            Answer::Chunk(b) => Ok((home, b)),
-            Answer::Redirect(_) => Err(RequestError::Status {
-                peer: home,
-                digest,
-                status: reqwest::StatusCode::TEMPORARY_REDIRECT,
-            }),
-        }
-    }
-
-    /// Asks the home, and again after a short pause while it answers busy
-    /// (503), until `deadline`. A busy home is alive and will have the
-    /// chunk; the next candidate would fetch it from the store a second
-    /// time. Only a home that cannot be reached is given up at once.
-    async fn ask_home(&self, home: SocketAddr, ask: &Ask, hop: Hop, deadline: Instant) -> Result<Answer, RequestError> {
-        let mut pause = BUSY_PAUSE;
+        let (mut requester, mut step) = Requester::new(home, self.membership.self_addr());
+        // What the home last answered, if it was not the chunk.
+        let mut home_err = None;
         loop {
-            match self.request(home, ask, hop).await {
-                Err(RequestError::Status { status, .. })
-                    if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && Instant::now() + pause < deadline =>
-                {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
-                }
-                r => return r,
+            let Step::Ask { peer, hop, after } = step else {
+                return Err(home_err.unwrap_or(RequestError::Status {
+                    peer: home,
+                    digest,
+                    status: reqwest::StatusCode::TEMPORARY_REDIRECT,
+                }));
+            };
+            if !after.is_zero() {
+                tokio::time::sleep(after).await;
             }
+            let reply = match self.request(peer, &ask, hop).await {
+                Ok(Answer::Chunk(b)) => return Ok((peer, b)),
+                Ok(Answer::Redirect(holders)) => {
+                    self.stats(home).redirects.fetch_add(1, Ordering::Relaxed);
+                    Reply::Redirect(holders)
+                }
+                Err(e) => {
+                    let busy = matches!(&e, RequestError::Status { status, .. } if *status == reqwest::StatusCode::SERVICE_UNAVAILABLE);
+                    if hop == Hop::Redirected {
+                        tracing::debug!("holder did not serve: {}", crate::DisplayChain(&e));
+                    } else {
+                        home_err = Some(e);
+                    }
+                    if busy {
+                        Reply::Busy
+                    } else {
+                        Reply::Failed
+                    }
+                }
+            };
+            step = requester.on_reply(
+                peer,
+                hop,
+                reply,
+                deadline.saturating_duration_since(Instant::now()),
+                |h| self.stats(h).queue.load(Ordering::Relaxed),
+                |h| self.stats(h).is_down() || self.is_bad(h, &digest),
+            );
         }
     }
 

@@ -21,25 +21,52 @@ const MAX_CHUNKS: usize = 1 << 16;
 /// Holders named in one redirect.
 pub const REDIRECT_TO: usize = 3;
 
-#[derive(Default)]
-pub struct Directory {
-    holders: HashMap<Digest, Vec<(SocketAddr, Instant)>>,
+/// A point in time: the daemon's clock, or a simulated one.
+pub trait Moment: Copy {
+    /// Time from `earlier` to this moment (zero if it is later).
+    fn since(self, earlier: Self) -> Duration;
+}
+
+impl Moment for Instant {
+    fn since(self, earlier: Self) -> Duration {
+        self.saturating_duration_since(earlier)
+    }
+}
+
+/// Simulated time: the time since the simulation started.
+impl Moment for Duration {
+    fn since(self, earlier: Self) -> Duration {
+        self.saturating_sub(earlier)
+    }
+}
+
+pub struct Directory<M = Instant> {
+    holders: HashMap<Digest, Vec<(SocketAddr, M)>>,
     /// Turns the pick over the holders, so that redirects spread.
     turn: usize,
 }
 
-impl Directory {
+impl<M> Default for Directory<M> {
+    fn default() -> Self {
+        Directory {
+            holders: HashMap::new(),
+            turn: 0,
+        }
+    }
+}
+
+impl<M: Moment> Directory<M> {
     /// `holder` has `digest` as of `now`.
-    pub fn record(&mut self, digest: Digest, holder: SocketAddr, now: Instant) {
+    pub fn record(&mut self, digest: Digest, holder: SocketAddr, now: M) {
         if self.holders.len() >= MAX_CHUNKS && !self.holders.contains_key(&digest) {
             self.holders
-                .retain(|_, v| v.iter().any(|(_, t)| now.duration_since(*t) < HOLDER_TTL));
+                .retain(|_, v| v.iter().any(|(_, t)| now.since(*t) < HOLDER_TTL));
             if self.holders.len() >= MAX_CHUNKS {
                 self.holders.clear();
             }
         }
         let v = self.holders.entry(digest).or_default();
-        v.retain(|(h, t)| *h != holder && now.duration_since(*t) < HOLDER_TTL);
+        v.retain(|(h, t)| *h != holder && now.since(*t) < HOLDER_TTL);
         v.push((holder, now));
         if v.len() > MAX_HOLDERS {
             v.remove(0);
@@ -48,13 +75,13 @@ impl Directory {
 
     /// Up to [`REDIRECT_TO`] live holders of `digest` other than `asker`,
     /// starting at a different one each time.
-    pub fn pick(&mut self, digest: &Digest, asker: Option<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
+    pub fn pick(&mut self, digest: &Digest, asker: Option<SocketAddr>, now: M) -> Vec<SocketAddr> {
         let Some(v) = self.holders.get(digest) else {
             return Vec::new();
         };
         let live: Vec<SocketAddr> = v
             .iter()
-            .filter(|(h, t)| Some(*h) != asker && now.duration_since(*t) < HOLDER_TTL)
+            .filter(|(h, t)| Some(*h) != asker && now.since(*t) < HOLDER_TTL)
             .map(|(h, _)| *h)
             .collect();
         if live.is_empty() {
@@ -81,7 +108,7 @@ mod tests {
 
     #[test]
     fn holders_are_named_in_turn_never_to_themselves_and_expire() {
-        let mut d = Directory::default();
+        let mut d: Directory = Directory::default();
         let c = Digest::of(b"c");
         let t0 = Instant::now();
         assert!(d.pick(&c, None, t0).is_empty());

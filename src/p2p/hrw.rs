@@ -55,18 +55,10 @@ pub fn candidates<'a>(
         None => None,
     };
     let zone: Vec<SocketAddr> = members.iter().copied().filter(|m| zone_of(m) == my_zone).collect();
-    let mut out = Vec::new();
-    let mut zone_home = zone.is_empty();
-    for m in ranked(digest, &zone, n) {
-        if Some(m) == me {
-            // Acting home of the zone only if no one usable comes first.
-            zone_home = out.is_empty();
-            break;
-        }
-        if usable(&m) {
-            out.push(m);
-        }
-    }
+    let in_zone = ranked(digest, &zone, n);
+    let mut out = super::policy::candidates(&in_zone, me, |m| !usable(&m));
+    // Acting home of the zone only if no one usable comes before it.
+    let zone_home = zone.is_empty() || (me.is_some_and(|me| in_zone.contains(&me)) && out.is_empty());
     if zone_home {
         for m in ranked(digest, members, n) {
             if Some(m) == me {

@@ -16,7 +16,10 @@ pub mod etcd;
 pub mod hrw;
 mod index;
 pub mod membership;
+pub mod policy;
 mod server;
+#[doc(hidden)]
+pub mod sim;
 mod slots;
 
 use std::net::SocketAddr;

@@ -36,6 +36,7 @@ use super::conn::{ConnLimits, Refused, WriteTimeout};
 use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
+use super::policy::{self, Source};
 use super::slots::{SlotGuard, UploadSlots};
 use super::{
     lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
@@ -190,26 +191,7 @@ pub struct ChunkRequest {
     pub stored: bool,
 }
 
-/// How far a request has gone (see [`HEADER_HOP`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hop {
-    /// To the chunk's home: it may fetch the chunk, or redirect.
-    Home,
-    /// To a holder the home named: only a chunk held is served.
-    Redirected,
-    /// To the home again, the holders having failed: it serves or queues.
-    Direct,
-}
-
-impl Hop {
-    pub fn name(self) -> Option<&'static str> {
-        match self {
-            Hop::Home => None,
-            Hop::Redirected => Some("redirected"),
-            Hop::Direct => Some("direct"),
-        }
-    }
-}
+pub use super::policy::Hop;
 
 /// Why a request is refused, and its status.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -650,9 +632,14 @@ impl Server {
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         // The requester holds the chunk once it has checked it: a home
         // names it to later requesters when its slots are busy.
-        if let Some(from) = r.from.filter(|f| self.membership.members().contains(f)) {
-            lock(&self.directory).record(r.digest, from, std::time::Instant::now());
-        }
+        let is_member = r.from.is_some_and(|f| self.membership.members().contains(&f));
+        policy::served(
+            &mut lock(&self.directory),
+            r.digest,
+            r.from,
+            is_member,
+            std::time::Instant::now(),
+        );
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -678,13 +665,16 @@ impl Server {
     /// as the chunk's home and found at least as many requests `before` it
     /// as there are upload slots.
     fn redirect(&self, r: &ChunkRequest, before: u64) -> Option<Response<Body>> {
-        if r.hop != Hop::Home || before < self.upload_slots as u64 {
-            return None;
-        }
-        let holders = lock(&self.directory).pick(&r.digest, r.from, std::time::Instant::now());
-        if holders.is_empty() {
-            return None;
-        }
+        let now = std::time::Instant::now();
+        let holders = policy::redirect(
+            &mut lock(&self.directory),
+            &r.digest,
+            r.hop,
+            r.from,
+            before,
+            self.upload_slots,
+            now,
+        )?;
         self.counters.redirects.fetch_add(1, Ordering::Relaxed);
         let list: Vec<String> = holders.iter().map(ToString::to_string).collect();
         let mut resp = self.answer(StatusCode::TEMPORARY_REDIRECT, String::new());
@@ -713,10 +703,10 @@ impl Server {
         }
         if let Some((cache, c, ready)) = self.index.find(&r.digest) {
             if !ready {
-                if r.hop == Hop::Redirected {
+                let fetcher = self.fetcher();
+                let (Source::Fetch, Some(fetcher)) = (policy::source(false, r.hop, fetcher.is_some()), fetcher) else {
                     return Ok(None);
-                }
-                let Some(fetcher) = self.fetcher() else { return Ok(None) };
+                };
                 self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
                 match tokio::time::timeout_at(deadline, fetcher.want(&cache, c, r.class)).await {
                     Ok(Ok(())) => {}
@@ -737,7 +727,10 @@ impl Server {
             if let Some(data) = self.loose.get(&r.digest) {
                 return Ok(Some(data));
             }
-            let (Some((entry, len)), Some(fetcher), false) = (r.entry, self.fetcher(), r.hop == Hop::Redirected) else {
+            let fetcher = self.fetcher().filter(|_| r.entry.is_some());
+            let (Source::Fetch, Some(fetcher), Some((entry, len))) =
+                (policy::source(false, r.hop, fetcher.is_some()), fetcher, r.entry)
+            else {
                 return Ok(None);
             };
             if !flights.join(entry, len, Instant::now()) {

@@ -1,0 +1,400 @@
+//! The P2P decisions, as pure functions and state machines: which members
+//! a requester asks for a chunk and in what order, what a home does with a
+//! request (redirect it to holders, serve it, fetch the chunk once, or say
+//! it is not here), and what a requester does with each answer (follow a
+//! redirect least loaded first, ask a busy home again after a pause, give
+//! up on a home that cannot be reached). Inputs are the membership, the
+//! digest, a clock and what was counted; outputs are actions. The server
+//! and client carry them out over HTTP; the simulator (`sim`) carries out
+//! the very same ones over simulated links, so what it reports is about
+//! this code. Nothing here does I/O, sleeps or reads the time.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::directory::Directory;
+pub use super::directory::Moment;
+use crate::store::Digest;
+
+/// Members examined per chunk: its home and two failover candidates.
+pub const CANDIDATES: usize = 3;
+/// The first pause before asking a busy home again, doubled up to the last.
+pub const BUSY_PAUSE: Duration = Duration::from_millis(50);
+pub const BUSY_PAUSE_MAX: Duration = Duration::from_millis(800);
+
+/// How far a request has gone (see [`super::HEADER_HOP`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hop {
+    /// To the chunk's home: it may fetch the chunk, or redirect.
+    Home,
+    /// To a holder the home named: only a chunk held is served.
+    Redirected,
+    /// To the home again, the holders having failed: it serves or queues.
+    Direct,
+}
+
+impl Hop {
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Hop::Home => None,
+            Hop::Redirected => Some("redirected"),
+            Hop::Direct => Some("direct"),
+        }
+    }
+}
+
+/// The peers a host asks for a chunk, best first, from the chunk's
+/// members ranked by HRW (`hrw::ranked`, home first): up to this host,
+/// which fetches from the store itself when it comes first (it is the
+/// acting home); members `skip` says are down or bad for the chunk are
+/// passed over, so the next one acts as home. Empty: the store.
+pub fn candidates(ranked: &[SocketAddr], me: Option<SocketAddr>, skip: impl Fn(SocketAddr) -> bool) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for &m in ranked {
+        if Some(m) == me {
+            break;
+        }
+        if skip(m) {
+            continue;
+        }
+        out.push(m);
+    }
+    out
+}
+
+/// A home's answer to a request on its arrival: the holders to redirect
+/// it to, or None to take it (serve, fetch or queue). Only a request that
+/// came to the home as such (`Hop::Home`) and found at least as many
+/// requests `before` it as there are upload `slots` is redirected, and
+/// only if the directory knows a live holder other than the asker.
+pub fn redirect<M: Moment>(
+    directory: &mut Directory<M>,
+    digest: &Digest,
+    hop: Hop,
+    from: Option<SocketAddr>,
+    before: u64,
+    slots: usize,
+    now: M,
+) -> Option<Vec<SocketAddr>> {
+    if hop != Hop::Home || before < slots as u64 {
+        return None;
+    }
+    let holders = directory.pick(digest, from, now);
+    (!holders.is_empty()).then_some(holders)
+}
+
+/// Where a server gets a chunk it took a request for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// It holds it: serve it.
+    Held,
+    /// Fetch it (single flight: join the fetch under way, if any), then serve it.
+    Fetch,
+    /// Not here: 404.
+    NotHere,
+}
+
+/// A server that does not hold a chunk fetches it for a requester that
+/// asked it as a home (once more when directed back), never for one a home
+/// redirected to it: a holder that is not one yet says so, and the
+/// requester asks the next holder, so a redirect never costs a store fetch.
+pub fn source(held: bool, hop: Hop, can_fetch: bool) -> Source {
+    match (held, hop, can_fetch) {
+        (true, _, _) => Source::Held,
+        (false, Hop::Redirected, _) | (false, _, false) => Source::NotHere,
+        (false, _, true) => Source::Fetch,
+    }
+}
+
+/// The server is sending a chunk to `from`: the home names it to later
+/// requesters (it holds the chunk once it has checked it). Members only.
+pub fn served<M: Moment>(
+    directory: &mut Directory<M>,
+    digest: Digest,
+    from: Option<SocketAddr>,
+    is_member: bool,
+    now: M,
+) {
+    if let (Some(from), true) = (from, is_member) {
+        directory.record(digest, from, now);
+    }
+}
+
+/// What a peer answered, as the requester's decisions need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The chunk's bytes (checked by the caller afterwards).
+    Chunk,
+    /// A home named holders (only heeded on `Hop::Home`).
+    Redirect(Vec<SocketAddr>),
+    /// 503: alive, busy or still fetching.
+    Busy,
+    /// Anything else: unreachable, 404, a bad answer.
+    Failed,
+}
+
+/// What the requester does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Ask `peer` with `hop`, after a pause of `after`.
+    Ask {
+        peer: SocketAddr,
+        hop: Hop,
+        after: Duration,
+    },
+    /// `peer` sent the chunk.
+    Got(SocketAddr),
+    /// This candidate failed: the next candidate, or the store.
+    GiveUp,
+}
+
+/// One requester asking one candidate (its acting home) for a chunk: the
+/// home; if it redirects, the holders it names (not this host, not the
+/// home, none `skip` rules out; least loaded first by the queue depth
+/// their last answers gave, ties in the home's order), then the home
+/// again, told not to redirect. A busy home is asked again after a pause
+/// (50 ms, doubling to 800 ms) while time is left: a busy home is alive
+/// and will have the chunk, and the next candidate would fetch it from
+/// the store a second time. Only a home that fails otherwise is given up.
+#[derive(Clone, Debug)]
+pub struct Requester {
+    home: SocketAddr,
+    me: Option<SocketAddr>,
+    /// Holders not asked yet, in the order to ask them.
+    holders: Vec<SocketAddr>,
+    pause: Duration,
+}
+
+impl Requester {
+    /// The requester and its first step (ask the home).
+    pub fn new(home: SocketAddr, me: Option<SocketAddr>) -> (Requester, Step) {
+        let r = Requester {
+            home,
+            me,
+            holders: Vec::new(),
+            pause: BUSY_PAUSE,
+        };
+        let first = Step::Ask {
+            peer: home,
+            hop: Hop::Home,
+            after: Duration::ZERO,
+        };
+        (r, first)
+    }
+
+    /// The next step after `peer`, asked with `hop`, answered `reply`.
+    /// `time_left`: until the request as a whole must end (busy homes are
+    /// asked again only within it). `queue`: a peer's queue depth at its
+    /// last answer. `skip`: a peer down or bad for the chunk.
+    pub fn on_reply(
+        &mut self,
+        peer: SocketAddr,
+        hop: Hop,
+        reply: Reply,
+        time_left: Duration,
+        queue: impl Fn(SocketAddr) -> u64,
+        skip: impl Fn(SocketAddr) -> bool,
+    ) -> Step {
+        match (hop, reply) {
+            (_, Reply::Chunk) => Step::Got(peer),
+            (Hop::Home | Hop::Direct, Reply::Busy) if self.pause < time_left => {
+                let after = self.pause;
+                self.pause = (self.pause * 2).min(BUSY_PAUSE_MAX);
+                Step::Ask { peer, hop, after }
+            }
+            (Hop::Home, Reply::Redirect(mut holders)) => {
+                // Stable: the home's turn order among equals.
+                holders.sort_by_key(|h| queue(*h));
+                holders.reverse();
+                self.holders = holders;
+                self.next_holder(skip)
+            }
+            (Hop::Redirected, _) => self.next_holder(skip),
+            (Hop::Home | Hop::Direct, _) => Step::GiveUp,
+        }
+    }
+
+    /// The next holder worth asking, or the home again (direct).
+    fn next_holder(&mut self, skip: impl Fn(SocketAddr) -> bool) -> Step {
+        while let Some(h) = self.holders.pop() {
+            if Some(h) == self.me || h == self.home || skip(h) {
+                continue;
+            }
+            return Step::Ask {
+                peer: h,
+                hop: Hop::Redirected,
+                after: Duration::ZERO,
+            };
+        }
+        self.pause = BUSY_PAUSE;
+        Step::Ask {
+            peer: self.home,
+            hop: Hop::Direct,
+            after: Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::p2p::hrw;
+
+    fn addr(i: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 7000 + i))
+    }
+
+    const LONG: Duration = Duration::from_secs(6);
+
+    #[test]
+    fn candidates_stop_at_this_host_and_pass_over_skipped_members() {
+        let members: Vec<SocketAddr> = (0..10).map(addr).collect();
+        let d = Digest::of(b"chunk");
+        let ranked = hrw::ranked(&d, &members, CANDIDATES);
+        assert_eq!(candidates(&ranked, None, |_| false), ranked);
+        // This host second: only the home is asked; first: the store.
+        assert_eq!(candidates(&ranked, Some(ranked[1]), |_| false), vec![ranked[0]]);
+        assert!(candidates(&ranked, Some(ranked[0]), |_| false).is_empty());
+        // The home down: the next candidate acts as home.
+        assert_eq!(candidates(&ranked, None, |m| m == ranked[0]), ranked[1..].to_vec());
+        assert!(candidates(&ranked, Some(ranked[1]), |m| m == ranked[0]).is_empty());
+    }
+
+    #[test]
+    fn a_home_redirects_only_home_requests_beyond_its_slots_and_only_to_known_holders() {
+        let mut dir: Directory<Duration> = Directory::default();
+        let d = Digest::of(b"c");
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 10, 4, t),
+            None,
+            "no holders known"
+        );
+        served(&mut dir, d, Some(addr(1)), true, t);
+        served(&mut dir, d, Some(addr(2)), false, t);
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 3, 4, t),
+            None,
+            "redirected with a slot free"
+        );
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), 4, 4, t),
+            Some(vec![addr(1)]),
+            "a non-member was recorded"
+        );
+        for hop in [Hop::Direct, Hop::Redirected] {
+            assert_eq!(
+                redirect(&mut dir, &d, hop, Some(addr(9)), 100, 4, t),
+                None,
+                "{hop:?} redirected"
+            );
+        }
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(1)), 100, 4, t),
+            None,
+            "sent to itself"
+        );
+    }
+
+    #[test]
+    fn a_server_fetches_only_for_a_home_request_never_for_a_redirected_one() {
+        assert_eq!(source(true, Hop::Redirected, false), Source::Held);
+        assert_eq!(source(false, Hop::Redirected, true), Source::NotHere);
+        assert_eq!(source(false, Hop::Home, true), Source::Fetch);
+        assert_eq!(source(false, Hop::Direct, true), Source::Fetch);
+        assert_eq!(source(false, Hop::Home, false), Source::NotHere);
+    }
+
+    #[test]
+    fn a_redirect_is_followed_least_loaded_first_skipping_self_home_and_bad_then_home_direct() {
+        let (home, me) = (addr(0), addr(9));
+        let (mut r, first) = Requester::new(home, Some(me));
+        assert_eq!(
+            first,
+            Step::Ask {
+                peer: home,
+                hop: Hop::Home,
+                after: Duration::ZERO
+            }
+        );
+        let queue = |h: SocketAddr| match h.port() - 7000 {
+            1 => 5,
+            2 => 0,
+            3 => 2,
+            _ => 1,
+        };
+        let skip = |h: SocketAddr| h == addr(4);
+        let named = vec![addr(1), me, addr(4), addr(3), home, addr(2)];
+        let ask = |h| Step::Ask {
+            peer: h,
+            hop: Hop::Redirected,
+            after: Duration::ZERO,
+        };
+        assert_eq!(
+            r.on_reply(home, Hop::Home, Reply::Redirect(named), LONG, queue, skip),
+            ask(addr(2))
+        );
+        assert_eq!(
+            r.on_reply(addr(2), Hop::Redirected, Reply::Failed, LONG, queue, skip),
+            ask(addr(3))
+        );
+        assert_eq!(
+            r.on_reply(addr(3), Hop::Redirected, Reply::Busy, LONG, queue, skip),
+            ask(addr(1))
+        );
+        let direct = Step::Ask {
+            peer: home,
+            hop: Hop::Direct,
+            after: Duration::ZERO,
+        };
+        assert_eq!(
+            r.on_reply(addr(1), Hop::Redirected, Reply::Failed, LONG, queue, skip),
+            direct
+        );
+        assert_eq!(
+            r.on_reply(home, Hop::Direct, Reply::Chunk, LONG, queue, skip),
+            Step::Got(home)
+        );
+        // A direct request is not redirected again.
+        let (mut r, _) = Requester::new(home, Some(me));
+        r.on_reply(home, Hop::Home, Reply::Redirect(vec![]), LONG, queue, skip);
+        assert_eq!(
+            r.on_reply(home, Hop::Direct, Reply::Redirect(vec![addr(1)]), LONG, queue, skip),
+            Step::GiveUp
+        );
+    }
+
+    #[test]
+    fn a_busy_home_is_asked_again_with_doubling_pauses_while_time_is_left_never_given_up_early() {
+        let home = addr(0);
+        let (mut r, _) = Requester::new(home, None);
+        let mut pauses = Vec::new();
+        while let Step::Ask {
+            after, hop: Hop::Home, ..
+        } = r.on_reply(home, Hop::Home, Reply::Busy, LONG, |_| 0, |_| false)
+        {
+            pauses.push(after.as_millis());
+            if pauses.len() == 7 {
+                break;
+            }
+        }
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 800, 800]);
+        assert_eq!(
+            r.on_reply(
+                home,
+                Hop::Home,
+                Reply::Busy,
+                Duration::from_millis(100),
+                |_| 0,
+                |_| false
+            ),
+            Step::GiveUp
+        );
+        let (mut r, _) = Requester::new(home, None);
+        assert_eq!(
+            r.on_reply(home, Hop::Home, Reply::Failed, LONG, |_| 0, |_| false),
+            Step::GiveUp,
+            "an unreachable home was asked again"
+        );
+    }
+}
