@@ -216,7 +216,8 @@ impl Storm<'_> {
                     r => return Err(format!("host {i}: read at {offset}+{len}: {r:?}")),
                 }
                 latencies.push(at.elapsed());
-                file.read_exact_at(&mut want[..len], offset).map_err(|e| e.to_string())?;
+                file.read_exact_at(&mut want[..len], offset)
+                    .map_err(|e| e.to_string())?;
                 if c.buf()[..len] != want[..len] {
                     fail(&format!("host {i} read wrong bytes at {offset}+{len}"));
                 }
@@ -337,7 +338,10 @@ fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host
     let mut hosts: Vec<Host> = (0..n).map(|_| Host::default()).collect();
     for (i, r) in replays.into_iter().enumerate() {
         let Some(r) = r else { continue };
-        match r.join().unwrap_or_else(|_| fail(&format!("host {i}'s replay panicked"))) {
+        match r
+            .join()
+            .unwrap_or_else(|_| fail(&format!("host {i}'s replay panicked")))
+        {
             Ok((time, latencies)) if killed != Some(i) => {
                 hosts[i] = Host {
                     measured: true,
@@ -422,7 +426,11 @@ fn main() {
     let mut base: Option<(u64, f64)> = None;
     let runs = counts.iter().enumerate().flat_map(|(k, &n)| {
         // The first count is the baseline: one cold storm.
-        let these = if k == 0 { vec![Scenario::Cold] } else { scenarios.clone() };
+        let these = if k == 0 {
+            vec![Scenario::Cold]
+        } else {
+            scenarios.clone()
+        };
         these.into_iter().map(move |s| (n, s))
     });
     for (n, scenario) in runs {

@@ -1,6 +1,7 @@
 //! The peer client: which peers to ask for a chunk (its home by HRW, then
 //! the failover candidates, up to this host, which ranks itself whether or
-//! not its peer list names it), and the request itself,
+//! not its peer list names it; then the one after this host, asked only
+//! whether it holds the chunk), and the request itself,
 //! following a busy home's redirect to holders (and back to the home, told
 //! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
@@ -168,6 +169,14 @@ impl PeerClient {
         let mut v: Vec<_> = lock(&self.peers).iter().map(|(a, s)| (*a, s.clone())).collect();
         v.sort_by_key(|(a, _)| *a);
         v
+    }
+
+    /// This host ranks before `peer` for the chunk: it is the chunk's
+    /// (acting) home as far as `peer` goes.
+    fn ranks_after_me(&self, peer: SocketAddr, digest: &Digest) -> bool {
+        self.membership
+            .self_addr()
+            .is_some_and(|me| (hrw::score(digest, &me), peer) > (hrw::score(digest, &peer), me))
     }
 
     fn is_bad(&self, peer: SocketAddr, digest: &Digest) -> bool {
@@ -365,16 +374,24 @@ impl Peers for PeerClient {
             None => hrw::ranked(digest, &members, CANDIDATES),
         };
         let mut out = Vec::new();
+        let mut after_me = false;
         for m in ranked {
             if Some(m) == me {
-                // This host is the chunk's (acting) home: it fetches it.
-                break;
+                // This host is the chunk's (acting) home: it fetches it...
+                after_me = true;
+                continue;
             }
             // A peer down or bad for the chunk: the next one acts as home.
             if self.stats(m).is_down() || self.is_bad(m, digest) {
                 continue;
             }
             out.push(m);
+            if after_me {
+                // ...after asking the member after it, which acted as home
+                // while this host was away (not yet started, restarting,
+                // taken for down), whether it holds the chunk (see `get`).
+                break;
+            }
         }
         out
     }
@@ -387,10 +404,26 @@ impl Peers for PeerClient {
         class: Class,
     ) -> BoxFuture<'static, Result<(SocketAddr, Bytes), PeerError>> {
         let this = self.clone();
+        let ask = Ask { entry, len, class };
+        let holder_only = self.ranks_after_me(peer, &entry.digest);
         Box::pin(async move {
-            this.get_chunk(peer, Ask { entry, len, class })
-                .await
-                .map_err(|e| Box::new(e) as PeerError)
+            let got = if holder_only {
+                // As a holder: it serves only a chunk it has, never fetches
+                // it as home for this host (which is the home), nor redirects.
+                match this.request(peer, &ask, Hop::Redirected).await {
+                    Ok(Answer::Chunk(b)) => Ok((peer, b)),
+                    // Only a request to a home is read as a redirect.
+                    Ok(Answer::Redirect(_)) => Err(RequestError::Status {
+                        peer,
+                        digest: entry.digest,
+                        status: reqwest::StatusCode::TEMPORARY_REDIRECT,
+                    }),
+                    Err(e) => Err(e),
+                }
+            } else {
+                this.get_chunk(peer, ask).await
+            };
+            got.map_err(|e| Box::new(e) as PeerError)
         })
     }
 
@@ -447,6 +480,11 @@ mod tests {
     /// A peer on 127.0.0.1 that reads each request's head and hands the
     /// connection to `answer`, one thread a connection.
     fn fake_peer(answer: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+        fake_peer_with_head(move |_, conn| answer(conn))
+    }
+
+    /// Like `fake_peer`, showing `answer` the request's head too.
+    fn fake_peer_with_head(answer: impl Fn(&str, TcpStream) + Send + Sync + 'static) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let answer = Arc::new(answer);
@@ -463,7 +501,7 @@ mod tests {
                         }
                         head.push(byte[0]);
                     }
-                    answer(conn);
+                    answer(&String::from_utf8_lossy(&head), conn);
                 });
             }
         });
@@ -521,12 +559,54 @@ mod tests {
             let d = Digest::of(&i.to_le_bytes());
             // What a peer that lists this host computes.
             let ranked = hrw::ranked(&d, &everyone, CANDIDATES);
-            let before_me: Vec<SocketAddr> = ranked.iter().copied().take_while(|m| *m != me).collect();
-            assert_eq!(c.candidates(&d), before_me, "chunk {i}");
+            // Those before it as homes, then the one after it as a holder.
+            let at = ranked.iter().position(|m| *m == me);
+            let asked: Vec<SocketAddr> = ranked[..at.map_or(ranked.len(), |k| (k + 2).min(ranked.len()))]
+                .iter()
+                .copied()
+                .filter(|m| *m != me)
+                .collect();
+            assert_eq!(c.candidates(&d), asked, "chunk {i}");
             home_here += usize::from(ranked[0] == me);
         }
         // The chunks its peers ask it for as home: it fetches them itself.
         assert!(home_here > 20, "home for {home_here} of 200 chunks");
+    }
+
+    #[tokio::test]
+    async fn a_home_asks_the_member_after_it_only_whether_it_holds_the_chunk() {
+        // Records each request's hop and serves the chunk.
+        let hops = Arc::new(Mutex::new(Vec::new()));
+        let seen = hops.clone();
+        let other = fake_peer_with_head(move |head, mut conn| {
+            let hop = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-streamblk-hop: ")
+                    .map(str::to_string)
+            });
+            seen.lock().unwrap().push(hop);
+            let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len()).as_bytes());
+            let _ = conn.write_all(CHUNK);
+        });
+        let d = entry().digest;
+        // A host address that ranks before `other` for the chunk, and one after.
+        let me_at = |first: bool| {
+            (1..200u16)
+                .map(|p| SocketAddr::from(([127, 0, 0, 2], 7000 + p)))
+                .find(|me| (hrw::ranked(&d, &[*me, other], 2)[0] == *me) == first)
+                .unwrap()
+        };
+        for (home_here, hop) in [(true, Some("redirected".to_string())), (false, None)] {
+            let me = me_at(home_here);
+            let c = client(&[me, other], Some(me));
+            // Either way `other` is asked before the store...
+            assert_eq!(c.candidates(&d), vec![other], "home here: {home_here}");
+            let (from, data) = c.get(other, entry(), CHUNK.len() as u64, Class::Demand).await.unwrap();
+            assert_eq!((from, &data[..]), (other, CHUNK));
+            // ...as a holder when this host is the home (it would not fetch
+            // the chunk for this host), as the home otherwise.
+            assert_eq!(hops.lock().unwrap().pop(), Some(hop), "home here: {home_here}");
+        }
     }
 
     #[tokio::test]
