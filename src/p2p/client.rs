@@ -28,6 +28,8 @@ use crate::store::{ChunkEntry, Digest};
 
 /// Members examined per chunk: its home and two failover candidates.
 pub const CANDIDATES: usize = 3;
+/// How long a peer whose host refused the connection is skipped.
+const REFUSED_DOWN_FOR: Duration = Duration::from_millis(250);
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
@@ -76,6 +78,25 @@ impl RequestError {
             RequestError::Status { .. } | RequestError::TooLong { .. } | RequestError::NotMember { .. } => false,
         }
     }
+
+    /// The peer's host answered that nothing listens there: its daemon is
+    /// down, starting or restarting, and asking again costs a round trip.
+    fn is_refused(&self) -> bool {
+        let RequestError::Send { source, .. } = self else {
+            return false;
+        };
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(err) = e {
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                return true;
+            }
+            e = err.source();
+        }
+        false
+    }
 }
 
 /// One peer as this host sees it.
@@ -93,6 +114,8 @@ pub struct PeerStats {
     /// Its upload queue depth at its last answer.
     pub queue: AtomicU64,
     down_until: Mutex<Option<Instant>>,
+    /// When it was last logged as unreachable.
+    warned: Mutex<Option<Instant>>,
     in_flight: InFlight,
 }
 
@@ -197,10 +220,20 @@ impl PeerClient {
         if let Err(e) = &r {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             if e.is_unreachable() {
-                let down_for = self.timeouts.down_for;
+                // A refusing host is skipped only briefly: a member that
+                // starts (or restarts) mid-storm is its chunks' home again
+                // at once, instead of the next candidate fetching them too.
+                let down_for = if e.is_refused() {
+                    REFUSED_DOWN_FOR
+                } else {
+                    self.timeouts.down_for
+                };
                 let mut down = lock(&stats.down_until);
-                if !down.is_some_and(|t| t > Instant::now()) {
+                let mut warned = lock(&stats.warned);
+                // One warning per `timeouts.down_for`, however often it refuses.
+                if !warned.is_some_and(|t| t.elapsed() < self.timeouts.down_for) {
                     tracing::warn!(%peer, "peer unreachable, skipped for {down_for:?}: {}", crate::DisplayChain(e));
+                    *warned = Some(Instant::now());
                 }
                 *down = Some(Instant::now() + down_for);
             }
@@ -546,6 +579,31 @@ mod tests {
         for i in 0..50u32 {
             assert!(c.candidates(&Digest::of(&i.to_le_bytes())).is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn a_refusing_peer_is_skipped_briefly_and_asked_again_once_it_listens() {
+        // A port nothing listens on, then a peer on it.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let c = client(&[port], None);
+        let r = c.clone().get_chunk(port, ask()).await;
+        assert!(r.as_ref().is_err_and(RequestError::is_refused), "{:?}", r.err());
+        assert!(c.stats(port).is_down(), "a refusing peer was asked again at once");
+        let listener = TcpListener::bind(port).unwrap();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut head = [0u8; 1024];
+                let _ = conn.read(&mut head);
+                let ok = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len());
+                let _ = conn.write_all(ok.as_bytes());
+                let _ = conn.write_all(CHUNK);
+            }
+        });
+        // Well before the down time of an unreachable peer (60 s here).
+        std::thread::sleep(REFUSED_DOWN_FOR + Duration::from_millis(100));
+        assert_eq!(c.candidates(&entry().digest), vec![port]);
+        let (from, data) = c.clone().get_chunk(port, ask()).await.unwrap();
+        assert_eq!((from, &data[..]), (port, CHUNK));
     }
 
     #[test]
