@@ -120,6 +120,8 @@ struct Host {
     /// It replayed in the storm (not beforehand, and was not killed): its
     /// time, latencies and fetches count.
     measured: bool,
+    /// Its daemon ran to the end (not killed).
+    live: bool,
     time: Duration,
     latencies: Vec<Duration>,
     store_bytes: u64,
@@ -338,11 +340,15 @@ fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host
     let mut hosts: Vec<Host> = (0..n).map(|_| Host::default()).collect();
     for (i, r) in replays.into_iter().enumerate() {
         let Some(r) = r else { continue };
+        if killed == Some(i) {
+            // Its read in flight ends at READ_TIMEOUT; not waited for.
+            continue;
+        }
         match r
             .join()
             .unwrap_or_else(|_| fail(&format!("host {i}'s replay panicked")))
         {
-            Ok((time, latencies)) if killed != Some(i) => {
+            Ok((time, latencies)) => {
                 hosts[i] = Host {
                     measured: true,
                     time,
@@ -350,8 +356,6 @@ fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host
                     ..Host::default()
                 }
             }
-            Ok(_) => {}
-            Err(e) if killed == Some(i) => eprintln!("bench-fleet: killed host {i}: {e}"),
             Err(e) => fail(&e),
         }
     }
@@ -360,6 +364,7 @@ fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host
         let Some(d) = d else { continue };
         let st = d.status();
         let get = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        h.live = true;
         h.upload_bytes = get(&st["p2p"]["upload_bytes"]);
         if h.measured {
             h.store_bytes = get(&st["fetch"]["store_bytes"]);
@@ -439,7 +444,7 @@ fn main() {
         let times: Vec<f64> = measured.iter().map(|h| h.time.as_secs_f64()).collect();
         let (med, max) = (median(times.clone()), times.iter().cloned().fold(0.0, f64::max));
         let (base_egress, base_time) = *base.get_or_insert((egress, med));
-        let uploads: Vec<f64> = hosts.iter().map(|h| h.upload_bytes as f64).collect();
+        let uploads: Vec<f64> = hosts.iter().filter(|h| h.live).map(|h| h.upload_bytes as f64).collect();
         let mean_up = uploads.iter().sum::<f64>() / uploads.len() as f64;
         let max_up = uploads.iter().cloned().fold(0.0, f64::max);
         let mut lat: Vec<Duration> = measured.iter().flat_map(|h| h.latencies.iter().copied()).collect();
