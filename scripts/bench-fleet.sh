@@ -5,7 +5,11 @@
 # namespaces on one bridge, each behind FLEET_HOST_RATE (default 1gbit),
 # the store (nginx) behind FLEET_STORE_RATE (default 100mbit), replay the
 # recorded boot trace of the Debian guest at once, caches empty, P2P on
-# when N > 1. Uses the guest, store and trace of scripts/bench-boot.sh in
+# when N > 1. The first N is a cold baseline; every other N runs the
+# scenarios of FLEET_SCENARIOS (default "cold warm kill liar join": caches
+# empty; one host warm first; a home SIGKILLed at 30% of the reads; a host
+# serving corrupt chunks; half the hosts joining at 30%; see benches/fleet.rs).
+# Uses the guest, store and trace of scripts/bench-boot.sh in
 # BENCH_DIR (default /var/tmp/streamblk-bench), made by it if missing.
 # Prints a markdown table (see benches/fleet.rs).
 set -euo pipefail

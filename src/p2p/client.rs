@@ -1,6 +1,7 @@
 //! The peer client: which peers to ask for a chunk (its home by HRW, then
 //! the failover candidates, up to this host, which ranks itself whether or
-//! not its peer list names it), and the request itself,
+//! not its peer list names it; then the one after this host, asked only
+//! whether it holds the chunk), and the request itself,
 //! following a busy home's redirect to holders (and back to the home, told
 //! not to redirect, if none of them serves: never to the store). A
 //! peer that cannot be reached is skipped for a few seconds, so a dead
@@ -33,6 +34,8 @@ use crate::store::{check_manifest, ChunkEntry, Digest, ImageId, Manifest, MAX_MA
 
 /// Members asked for a manifest, at most (best by HRW of the image id).
 const MANIFEST_PEERS: usize = 4;
+/// How long a peer whose host refused the connection is skipped.
+const REFUSED_DOWN_FOR: Duration = Duration::from_millis(250);
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
@@ -113,6 +116,25 @@ impl RequestError {
             RequestError::Status { .. } | RequestError::TooLong { .. } | RequestError::NotMember { .. } => false,
         }
     }
+
+    /// The peer's host answered that nothing listens there: its daemon is
+    /// down, starting or restarting, and asking again costs a round trip.
+    fn is_refused(&self) -> bool {
+        let RequestError::Send { source, .. } = self else {
+            return false;
+        };
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(err) = e {
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                return true;
+            }
+            e = err.source();
+        }
+        false
+    }
 }
 
 /// One peer as this host sees it.
@@ -130,6 +152,8 @@ pub struct PeerStats {
     /// Its upload queue depth at its last answer.
     pub queue: AtomicU64,
     down_until: Mutex<Option<Instant>>,
+    /// When it was last logged as unreachable.
+    warned: Mutex<Option<Instant>>,
     in_flight: InFlight,
 }
 
@@ -208,6 +232,14 @@ impl PeerClient {
         v
     }
 
+    /// This host ranks before `peer` for the chunk: it is the chunk's
+    /// (acting) home as far as `peer` goes.
+    fn ranks_after_me(&self, peer: SocketAddr, digest: &Digest) -> bool {
+        self.membership
+            .self_addr()
+            .is_some_and(|me| (hrw::score(digest, &me), peer) > (hrw::score(digest, &peer), me))
+    }
+
     fn is_bad(&self, peer: SocketAddr, digest: &Digest) -> bool {
         lock(&self.bad)
             .get(&(peer, *digest))
@@ -226,10 +258,20 @@ impl PeerClient {
         if let Err(e) = &r {
             stats.failures.fetch_add(1, Ordering::Relaxed);
             if e.is_unreachable() {
-                let down_for = self.timeouts.down_for;
+                // A refusing host is skipped only briefly: a member that
+                // starts (or restarts) mid-storm is its chunks' home again
+                // at once, instead of the next candidate fetching them too.
+                let down_for = if e.is_refused() {
+                    REFUSED_DOWN_FOR
+                } else {
+                    self.timeouts.down_for
+                };
                 let mut down = lock(&stats.down_until);
-                if !down.is_some_and(|t| t > Instant::now()) {
+                let mut warned = lock(&stats.warned);
+                // One warning per `timeouts.down_for`, however often it refuses.
+                if !warned.is_some_and(|t| t.elapsed() < self.timeouts.down_for) {
                     tracing::warn!(%peer, "peer unreachable, skipped for {down_for:?}: {}", crate::DisplayChain(e));
+                    *warned = Some(Instant::now());
                 }
                 *down = Some(Instant::now() + down_for);
             }
@@ -512,7 +554,20 @@ impl Peers for PeerClient {
         };
         // A peer down or bad for the chunk: the next one acts as home.
         let usable = |a: &SocketAddr| !self.stats(*a).is_down() && !self.is_bad(*a, digest);
-        hrw::candidates(digest, all, me, zone_of, usable, CANDIDATES)
+        let mut out = hrw::candidates(digest, all, me, zone_of, usable, CANDIDATES);
+        // If this host ranks among the chunk's candidates in its zone, the
+        // zone's member after it is asked too, only whether it holds the
+        // chunk (see `get`): it acted as home while this host was away (not
+        // yet started, restarting, taken for down).
+        if let Some(me) = me {
+            let my_zone = zone_of(&me);
+            let zone: Vec<SocketAddr> = all.iter().copied().filter(|a| zone_of(a) == my_zone).collect();
+            let ranked = hrw::ranked(digest, &zone, CANDIDATES);
+            if let Some(next) = ranked.iter().skip_while(|a| **a != me).skip(1).find(|a| usable(a)) {
+                out.push(*next);
+            }
+        }
+        out
     }
 
     fn get(
@@ -523,10 +578,26 @@ impl Peers for PeerClient {
         class: Class,
     ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
         let this = self.clone();
+        let ask = Ask { entry, len, class };
+        let holder_only = self.ranks_after_me(peer, &entry.digest);
         Box::pin(async move {
-            this.get_chunk(peer, Ask { entry, len, class })
-                .await
-                .map_err(|e| Box::new(e) as PeerError)
+            let got = if holder_only {
+                // As a holder: it serves only a chunk it has, never fetches
+                // it as home for this host (which is the home), nor redirects.
+                match this.request(peer, &ask, Hop::Redirected).await {
+                    Ok(Answer::Chunk(b)) => Ok((peer, b)),
+                    // Only a request to a home is read as a redirect.
+                    Ok(Answer::Redirect(_)) => Err(RequestError::Status {
+                        peer,
+                        digest: entry.digest,
+                        status: reqwest::StatusCode::TEMPORARY_REDIRECT,
+                    }),
+                    Err(e) => Err(e),
+                }
+            } else {
+                this.get_chunk(peer, ask).await
+            };
+            got.map_err(|e| Box::new(e) as PeerError)
         })
     }
 
@@ -628,6 +699,11 @@ mod tests {
     /// A peer on 127.0.0.1 that reads each request's head and hands the
     /// connection to `answer`, one thread a connection.
     fn fake_peer(answer: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+        fake_peer_with_head(move |_, conn| answer(conn))
+    }
+
+    /// Like `fake_peer`, showing `answer` the request's head too.
+    fn fake_peer_with_head(answer: impl Fn(&str, TcpStream) + Send + Sync + 'static) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let answer = Arc::new(answer);
@@ -644,7 +720,7 @@ mod tests {
                         }
                         head.push(byte[0]);
                     }
-                    answer(conn);
+                    answer(&String::from_utf8_lossy(&head), conn);
                 });
             }
         });
@@ -773,6 +849,31 @@ mod tests {
         assert!(matches!(e, ManifestError::TooLarge { .. }), "{e:?}");
     }
 
+    #[tokio::test]
+    async fn a_refusing_peer_is_skipped_briefly_and_asked_again_once_it_listens() {
+        // A port nothing listens on, then a peer on it.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let c = client(&[port], None);
+        let r = c.clone().get_chunk(port, ask()).await;
+        assert!(r.as_ref().is_err_and(RequestError::is_refused), "{:?}", r.err());
+        assert!(c.stats(port).is_down(), "a refusing peer was asked again at once");
+        let listener = TcpListener::bind(port).unwrap();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut head = [0u8; 1024];
+                let _ = conn.read(&mut head);
+                let ok = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len());
+                let _ = conn.write_all(ok.as_bytes());
+                let _ = conn.write_all(CHUNK);
+            }
+        });
+        // Well before the down time of an unreachable peer (60 s here).
+        std::thread::sleep(REFUSED_DOWN_FOR + Duration::from_millis(100));
+        assert_eq!(c.candidates(&entry().digest), vec![port]);
+        let (from, data) = c.clone().get_chunk(port, ask()).await.unwrap();
+        assert_eq!((from, &plain(data)[..]), (port, CHUNK));
+    }
+
     #[test]
     fn a_host_missing_from_its_peer_list_still_ranks_itself() {
         let me: SocketAddr = "127.0.0.1:7000".parse().unwrap();
@@ -784,12 +885,54 @@ mod tests {
             let d = Digest::of(&i.to_le_bytes());
             // What a peer that lists this host computes.
             let ranked = hrw::ranked(&d, &everyone, CANDIDATES);
-            let before_me: Vec<SocketAddr> = ranked.iter().copied().take_while(|m| *m != me).collect();
-            assert_eq!(c.candidates(&d), before_me, "chunk {i}");
+            // Those before it as homes, then the one after it as a holder.
+            let at = ranked.iter().position(|m| *m == me);
+            let asked: Vec<SocketAddr> = ranked[..at.map_or(ranked.len(), |k| (k + 2).min(ranked.len()))]
+                .iter()
+                .copied()
+                .filter(|m| *m != me)
+                .collect();
+            assert_eq!(c.candidates(&d), asked, "chunk {i}");
             home_here += usize::from(ranked[0] == me);
         }
         // The chunks its peers ask it for as home: it fetches them itself.
         assert!(home_here > 20, "home for {home_here} of 200 chunks");
+    }
+
+    #[tokio::test]
+    async fn a_home_asks_the_member_after_it_only_whether_it_holds_the_chunk() {
+        // Records each request's hop and serves the chunk.
+        let hops = Arc::new(Mutex::new(Vec::new()));
+        let seen = hops.clone();
+        let other = fake_peer_with_head(move |head, mut conn| {
+            let hop = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-streamblk-hop: ")
+                    .map(str::to_string)
+            });
+            seen.lock().unwrap().push(hop);
+            let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len()).as_bytes());
+            let _ = conn.write_all(CHUNK);
+        });
+        let d = entry().digest;
+        // A host address that ranks before `other` for the chunk, and one after.
+        let me_at = |first: bool| {
+            (1..200u16)
+                .map(|p| SocketAddr::from(([127, 0, 0, 2], 7000 + p)))
+                .find(|me| (hrw::ranked(&d, &[*me, other], 2)[0] == *me) == first)
+                .unwrap()
+        };
+        for (home_here, hop) in [(true, Some("redirected".to_string())), (false, None)] {
+            let me = me_at(home_here);
+            let c = client(&[me, other], Some(me));
+            // Either way `other` is asked before the store...
+            assert_eq!(c.candidates(&d), vec![other], "home here: {home_here}");
+            let (from, data) = c.get(other, entry(), CHUNK.len() as u64, Class::Demand).await.unwrap();
+            assert_eq!((from, &plain(data)[..]), (other, CHUNK));
+            // ...as a holder when this host is the home (it would not fetch
+            // the chunk for this host), as the home otherwise.
+            assert_eq!(hops.lock().unwrap().pop(), Some(hop), "home here: {home_here}");
+        }
     }
 
     #[tokio::test]
