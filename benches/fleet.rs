@@ -150,14 +150,25 @@ struct Storm<'a> {
 }
 
 impl Storm<'_> {
+    /// Starts host `i`'s daemon and waits for its disk's socket.
     fn start(&mut self, i: usize, p2p: bool) {
+        self.launch(i, p2p);
+        wait_for_socket(&self.sockets[i]);
+    }
+
+    /// Starts host `i`'s daemon (its socket is there a moment later).
+    fn launch(&mut self, i: usize, p2p: bool) {
         let (ns, ip) = self.fleet.hosts[i].clone();
         let host = self.dir.join(format!("h{i}"));
         std::fs::create_dir_all(&host).unwrap();
         let socket = host.join("d.sock");
         let _ = std::fs::remove_file(&socket);
         let token = self.dir.join("token");
-        std::fs::write(&token, "fleet-bench-token\n").unwrap();
+        if !token.exists() {
+            // Once: rewriting it under daemons that are starting would let
+            // one of them read it half written.
+            std::fs::write(&token, "fleet-bench-token\n").unwrap();
+        }
         let mut args = vec![
             "--store".to_string(),
             self.fleet.store_url.clone(),
@@ -188,7 +199,6 @@ impl Storm<'_> {
             ]);
         }
         self.daemons[i] = Some(Daemon::start_in(Some(&ns), &args));
-        wait_for_socket(&socket);
         self.sockets[i] = socket;
     }
 
@@ -311,8 +321,16 @@ fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host
         Scenario::Join => (0..n.div_ceil(2)).collect(),
         _ => (0..n).collect(),
     };
+    // All at once, as a storm starts: daemons started one after another
+    // would each stream the profile before the next is up, asking homes
+    // that are not there yet (stand-ins fetch from the store, the home
+    // again once it is up), and replays started after them would find
+    // the early hosts' caches already full.
     for &i in &first {
-        s.start(i, p2p);
+        s.launch(i, p2p);
+    }
+    for &i in &first {
+        wait_for_socket(&s.sockets[i]);
     }
     let mut replays: Vec<Option<Replay>> = (0..n).map(|_| None).collect();
     for &i in &first {
