@@ -251,29 +251,6 @@ impl Storm<'_> {
     }
 }
 
-/// Flips a byte in every slot of every slab of the chunk store under `cache`.
-fn corrupt_chunk_store(cache: &Path) -> u64 {
-    let mut flipped = 0;
-    for e in std::fs::read_dir(cache.join("chunks")).unwrap() {
-        let path = e.unwrap().path();
-        let Some(size) = path
-            .file_name()
-            .and_then(|n| n.to_str()?.strip_prefix("slab.")?.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let len = file.metadata().unwrap().len();
-        for slot in 0..len / size {
-            let mut b = [0u8];
-            file.read_exact_at(&mut b, slot * size + 1000).unwrap();
-            file.write_all_at(&[b[0] ^ 0x5a], slot * size + 1000).unwrap();
-            flipped += 1;
-        }
-    }
-    flipped
-}
-
 /// One storm of `n` hosts (P2P on if `n > 1`) in `scenario`: each host's
 /// numbers and the store's egress during the storm.
 fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host>, u64) {
@@ -308,7 +285,7 @@ fn storm(dir: &Path, work: &Workload, n: usize, scenario: Scenario) -> (Vec<Host
             if !d.terminate().success() {
                 fail("the liar-to-be did not stop cleanly");
             }
-            if corrupt_chunk_store(&s.dir.join("h0/cache")) == 0 {
+            if common::fleet::corrupt_chunk_store(&s.dir.join("h0/cache")) == 0 {
                 fail("the liar's chunk store holds nothing");
             }
             s.start(0, true);

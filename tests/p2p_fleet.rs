@@ -230,28 +230,6 @@ fn a_boot_storm_reads_the_store_about_once_with_p2p() {
     assert!(peer_bytes > 0, "no host read a chunk from a peer");
 }
 
-/// Flips a byte in every slot of every slab of the chunk store under
-/// `cache`; how many slots it changed.
-fn corrupt_chunk_store(cache: &Path) -> u64 {
-    let mut flipped = 0;
-    for e in std::fs::read_dir(cache.join("chunks")).unwrap() {
-        let path = e.unwrap().path();
-        let Some(size) = path
-            .file_name()
-            .and_then(|n| n.to_str()?.strip_prefix("slab.")?.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let mut data = std::fs::read(&path).unwrap();
-        for slot in 0..data.len() as u64 / size {
-            data[(slot * size + 1000) as usize] ^= 0x5a;
-            flipped += 1;
-        }
-        std::fs::write(&path, data).unwrap();
-    }
-    flipped
-}
-
 /// Members ranked for a chunk, home first, as `src/p2p/hrw.rs` ranks
 /// them: by the first 8 bytes of blake3(digest || member).
 fn ranked<'a>(chunk: &[u8], members: &'a [String]) -> Vec<&'a String> {
@@ -306,7 +284,7 @@ fn a_peer_serving_corrupt_chunks_is_refused_and_every_host_reads_the_image() {
     let mut h0 = start_host(&fleet, &run, 0, None);
     join_readers(vec![read_image(0, h0.socket.clone(), image.clone(), Instant::now())]);
     assert!(h0.daemon.terminate().success());
-    let flipped = corrupt_chunk_store(&run.join("h0/cache"));
+    let flipped = common::fleet::corrupt_chunk_store(&run.join("h0/cache"));
     assert_eq!(flipped, CHUNKS, "the liar's chunk store does not hold the image");
     let h0 = start_host(&fleet, &run, 0, Some(&members));
     let before = fleet.store_chunk_bytes();

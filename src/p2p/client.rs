@@ -240,6 +240,17 @@ impl PeerClient {
             .is_some_and(|me| (hrw::score(digest, &me), peer) > (hrw::score(digest, &peer), me))
     }
 
+    /// The members other than this host.
+    fn others(&self) -> Vec<SocketAddr> {
+        let me = self.membership.self_addr();
+        self.membership
+            .members()
+            .iter()
+            .copied()
+            .filter(|m| Some(*m) != me)
+            .collect()
+    }
+
     fn is_bad(&self, peer: SocketAddr, digest: &Digest) -> bool {
         lock(&self.bad)
             .get(&(peer, *digest))
@@ -342,16 +353,8 @@ impl PeerClient {
     /// the manifest, its bytes and who sent them; if none did, the last
     /// peer's failure.
     pub async fn manifest(&self, id: &ImageId) -> Result<(Manifest, Bytes, SocketAddr), ManifestError> {
-        let me = self.membership.self_addr();
-        let members: Vec<SocketAddr> = self
-            .membership
-            .members()
-            .iter()
-            .copied()
-            .filter(|m| Some(*m) != me)
-            .collect();
         let mut last = ManifestError::NoPeers;
-        for peer in hrw::ranked(id, &members, MANIFEST_PEERS) {
+        for peer in hrw::ranked(id, &self.others(), MANIFEST_PEERS) {
             let stats = self.stats(peer);
             if stats.is_down() {
                 continue;
@@ -602,15 +605,7 @@ impl Peers for PeerClient {
     }
 
     fn holders(&self, digest: &Digest) -> Vec<SocketAddr> {
-        let me = self.membership.self_addr();
-        let others: Vec<SocketAddr> = self
-            .membership
-            .members()
-            .iter()
-            .copied()
-            .filter(|m| Some(*m) != me)
-            .collect();
-        hrw::ranked(digest, &others, CANDIDATES)
+        hrw::ranked(digest, &self.others(), CANDIDATES)
             .into_iter()
             .filter(|m| !self.stats(*m).is_down() && !self.is_bad(*m, digest))
             .collect()

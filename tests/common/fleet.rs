@@ -3,6 +3,7 @@
 //! are shaped with tbf (upload on the host's end, download on the switch's).
 //! Every address lives inside the namespaces; everything is removed on drop.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
@@ -133,4 +134,29 @@ impl Drop for Fleet {
         delete_netns(&self.store_ns);
         delete_netns(&self.switch);
     }
+}
+
+/// Flips a byte in every slot of every slab of the chunk store under
+/// `cache` (a daemon that is not running): a liar serving them. Returns
+/// the slots changed.
+pub fn corrupt_chunk_store(cache: &Path) -> u64 {
+    let mut flipped = 0;
+    for e in std::fs::read_dir(cache.join("chunks")).unwrap() {
+        let path = e.unwrap().path();
+        let Some(size) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("slab.")?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        for slot in 0..len / size {
+            let mut b = [0u8];
+            file.read_exact_at(&mut b, slot * size + 1000).unwrap();
+            file.write_all_at(&[b[0] ^ 0x5a], slot * size + 1000).unwrap();
+            flipped += 1;
+        }
+    }
+    flipped
 }
