@@ -29,6 +29,8 @@
 #   BENCH_DIR=/var/tmp/streamblk-bench   work files (guest, store, per-run logs)
 #   BENCH_RATES="100mbit 1gbit"          BENCH_RUNS=3
 #   BENCH_MODES="local copy lazy profile auto learned"
+#   BENCH_AUTO_FILL=auto  --fill-rate of auto (a number: a fixed cap, to tell
+#                         the rate controller from the link's limit)
 #   BENCH_FILL_RATE=0     streamblk --fill-rate of lazy and profile (MB/s; 0 =
 #                         no background fill); auto and learned use the default
 #   BENCH_DELAY_MS=1      store latency per request
@@ -229,7 +231,7 @@ run_one() {      # MODE RATE RUN
         ;;
     auto)
         t0=$(now)
-        start_streamblk "$dir" "" auto
+        start_streamblk "$dir" "" "${BENCH_AUTO_FILL:-auto}"
         ;;
     learned)
         [ -d "$WORK/learned-$rate" ] || die "no learned profile for $rate: run mode auto first"
