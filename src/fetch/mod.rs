@@ -176,10 +176,10 @@ const NO_CAP: u64 = u64::MAX;
 /// their own beside the store's (`low_concurrency`), since they cost the
 /// store nothing (the design brief's simulation: 4 -> 1.51x one host's
 /// boot time at 1,000 hosts, 16 -> 1.27x).
-const PEER_WINDOW: usize = 16;
+pub(crate) const PEER_WINDOW: usize = 16;
 /// How far down a class's queue a worker looks for a flight whose window
 /// has room when the head's is full.
-const SCAN: usize = 64;
+pub(crate) const SCAN: usize = 64;
 /// Bytes of stored forms kept for peers: a boot's working set as stored
 /// (about 20 MiB for a Debian boot) while a fleet boots it.
 const STORED_FORM_BYTES: u64 = 64 << 20;

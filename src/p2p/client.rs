@@ -35,7 +35,7 @@ use crate::store::{check_manifest, ChunkEntry, Digest, ImageId, Manifest, MAX_MA
 /// Members asked for a manifest, at most (best by HRW of the image id).
 const MANIFEST_PEERS: usize = 4;
 /// How long a peer whose host refused the connection is skipped.
-const REFUSED_DOWN_FOR: Duration = Duration::from_millis(250);
+pub(crate) const REFUSED_DOWN_FOR: Duration = Duration::from_millis(250);
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
