@@ -10,6 +10,8 @@
 //! this code. Nothing here does I/O, sleeps or reads the time.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::directory::Directory;
@@ -60,6 +62,39 @@ pub fn candidates(ranked: &[SocketAddr], me: Option<SocketAddr>, skip: impl Fn(S
         out.push(m);
     }
     out
+}
+
+/// A server's load, as its redirects and its answers' queue depth count
+/// it: the chunk requests it is handling, each from its arrival until its
+/// guard drops, which an answer with a chunk holds until the chunk's last
+/// byte is sent (the server's upload body holds it), not only until the
+/// answer's head is out: a home whose slots are all uploading redirects
+/// the next request, instead of taking it as if idle.
+#[derive(Debug, Default)]
+pub struct Load(Arc<AtomicU64>);
+
+/// One request counted in a [`Load`] until dropped.
+#[derive(Debug)]
+pub struct LoadGuard(Arc<AtomicU64>);
+
+impl Load {
+    /// A request arrives: the requests before it (what [`redirect`]
+    /// takes as `before`), and its guard.
+    pub fn arrive(&self) -> (u64, LoadGuard) {
+        let before = self.0.fetch_add(1, Ordering::Relaxed);
+        (before, LoadGuard(self.0.clone()))
+    }
+
+    /// Requests counted now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A home's answer to a request on its arrival: the holders to redirect
@@ -396,5 +431,32 @@ mod tests {
             Step::GiveUp,
             "an unreachable home was asked again"
         );
+    }
+
+    #[test]
+    fn a_request_stays_in_the_load_until_its_upload_guard_drops_so_the_next_is_redirected() {
+        let mut dir: Directory<Duration> = Directory::default();
+        let d = Digest::of(b"c");
+        let t = Duration::from_secs(1);
+        served(&mut dir, d, Some(addr(1)), true, t);
+        let load = Load::default();
+        // One slot: the first request is taken.
+        let (before, first) = load.arrive();
+        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t), None);
+        // Its answer's head is out; its body (holding the guard) is not.
+        struct Body(#[allow(dead_code)] LoadGuard);
+        let body = Body(first);
+        let (before, second) = load.arrive();
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t),
+            Some(vec![addr(1)]),
+            "a home uploading on its only slot took another request"
+        );
+        drop(second);
+        assert_eq!(load.get(), 1);
+        drop(body);
+        assert_eq!(load.get(), 0);
+        let (before, _third) = load.arrive();
+        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t), None);
     }
 }

@@ -21,8 +21,8 @@
 //! on peers holds none), at most 4 profile/background flights on the store
 //! and 16 waiting on peers (`fetch::PEER_WINDOW`), taken as the scheduler
 //! takes them (`fetch::SCAN`); the profile streamed 4 at a time in a 64 MiB
-//! window ahead of the reads; the peer server's active count (arrival to
-//! the answer's head), 4 upload slots granted by class, at most 64
+//! window ahead of the reads; the peer server's load (`policy::Load`: a
+//! request from its arrival until its upload is sent), 4 upload slots granted by class, at most 64
 //! waiting, a 64 MiB upload buffer, answers within the requester's wait
 //! (1.5 s) or 503; a client deadline of 6 s for asking a busy home again; a
 //! refusing peer skipped for 250 ms (a reset connection is not a refusal);
@@ -37,7 +37,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::directory::Directory;
-use super::policy::{self, Hop, Reply, Requester, Source, Step, CANDIDATES};
+use super::policy::{self, Hop, Load, LoadGuard, Reply, Requester, Source, Step, CANDIDATES};
 use super::slots::MAX_WAITING;
 use super::{hrw, PeerTimeouts, ServerLimits};
 use super::client::REFUSED_DOWN_FOR;
@@ -72,10 +72,6 @@ pub struct Config {
     /// Kill, at this time, the member that is home for the most chunks
     /// from 30% of the profile on (as a SIGKILL: connections refused).
     pub kill_at: Option<Duration>,
-    /// A what-if, not the daemon: a request stays in the server's active
-    /// count (which decides redirects) until its upload is sent, not only
-    /// until the answer's head (the daemon's `Active` guard).
-    pub count_uploads: bool,
     pub seed: u64,
 }
 
@@ -91,7 +87,6 @@ impl Config {
             profile: false,
             upload_slots: 4,
             kill_at: None,
-            count_uploads: false,
             seed: 1,
         }
     }
@@ -342,6 +337,8 @@ struct Req {
     reset: bool,
     /// The server's queue depth in its answer.
     queue: u64,
+    /// Its place in the server's load, until answered or uploaded.
+    load: Option<LoadGuard>,
     buffer: u64,
 }
 
@@ -356,7 +353,7 @@ struct Host {
     running_peer: usize,
     store_fetches: usize,
     // The peer server.
-    active: u64,
+    active: Load,
     slots_free: usize,
     slot_queue: [VecDeque<(u32, u32)>; 3],
     slot_waiting: usize,
@@ -446,7 +443,7 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
             running_low: 0,
             running_peer: 0,
             store_fetches: 0,
-            active: 0,
+            active: Load::default(),
             slots_free: cfg.upload_slots.max(1),
             slot_queue: Default::default(),
             slot_waiting: 0,
@@ -917,6 +914,7 @@ impl Sim<'_> {
             refused: false,
             reset: false,
             queue: 0,
+            load: None,
             buffer: 0,
         };
         let r = match self.free_reqs.pop() {
@@ -939,9 +937,9 @@ impl Sim<'_> {
         let to = self.reqs[r as usize].to as usize;
         let req = &mut self.reqs[r as usize];
         if req.state != ReqState::Over && !req.refused {
-            // The server's count: the request is in it until answered.
-            req.queue = self.hosts[to].active;
-            self.hosts[to].active -= 1;
+            // The server's load: the request is in it until answered.
+            req.queue = self.hosts[to].active.get();
+            req.load = None;
             self.hosts[to].buffer_free += req.buffer;
             req.buffer = 0;
         }
@@ -970,8 +968,8 @@ impl Sim<'_> {
         let slots = self.cfg.upload_slots.max(1);
         let now = Duration::from_nanos(self.now);
         let server = &mut self.hosts[to as usize];
-        let before = server.active;
-        server.active += 1;
+        let (before, load) = server.active.arrive();
+        self.reqs[r as usize].load = Some(load);
         if let Some(holders) = policy::redirect(
             &mut server.directory,
             &digest,
@@ -1045,12 +1043,8 @@ impl Sim<'_> {
         let server = &mut self.hosts[to as usize];
         policy::served(&mut server.directory, digest, Some(addr(from)), true, now);
         let req = &mut self.reqs[r as usize];
-        req.queue = server.active;
+        req.queue = server.active.get();
         req.state = ReqState::Uploading;
-        // The answer's head is out: the request leaves the active count.
-        if !self.cfg.count_uploads {
-            server.active -= 1;
-        }
         server.uploaded += len;
         let start = self.now.max(server.up_free);
         server.up_free = start + Self::tx(len, self.cfg.host_rate);
@@ -1063,12 +1057,11 @@ impl Sim<'_> {
     fn sent(&mut self, r: u32) {
         let Req { to, buffer, .. } = self.reqs[r as usize];
         self.reqs[r as usize].buffer = 0;
+        // The last byte is out: the request leaves the server's load.
+        self.reqs[r as usize].load = None;
         let server = &mut self.hosts[to as usize];
         if !server.alive {
             return;
-        }
-        if self.cfg.count_uploads {
-            server.active -= 1;
         }
         server.buffer_free += buffer;
         server.slots_free += 1;
@@ -1174,6 +1167,7 @@ impl Sim<'_> {
             if req.to == k && matches!(req.state, ReqState::Fetching | ReqState::WaitingSlot) {
                 self.reqs[r as usize].refused = true;
                 self.reqs[r as usize].reset = true;
+                self.reqs[r as usize].load = None;
                 self.reqs[r as usize].state = ReqState::Over;
                 self.r.failed += 1;
                 self.at(self.now + self.half_rtt(), Ev::Answer(r));
@@ -1230,8 +1224,9 @@ mod tests {
                 "profile {profile}: a chunk was fetched twice or never"
             );
             assert!((r.egress() - 1.0).abs() < 1e-9, "egress {}", r.egress());
-            // 49 hosts got every chunk from peers.
-            assert_eq!(r.peer_bytes, 49 * 12 * (256 << 10));
+            // 49 hosts got every chunk from peers, as stored.
+            let stored: u64 = small().chunks.iter().map(|c| c.stored as u64).sum();
+            assert_eq!(r.peer_bytes, 49 * stored);
         }
     }
 
