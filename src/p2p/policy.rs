@@ -179,8 +179,13 @@ pub enum Step {
     },
     /// `peer` sent the chunk.
     Got(SocketAddr),
-    /// This candidate failed: the next candidate, or the store.
+    /// This candidate could not be reached or refused: the next
+    /// candidate, or the store.
     GiveUp,
+    /// The home answered busy until the time for peers was up: it is
+    /// alive and will have the chunk, and the next candidate would fetch
+    /// it from the store a second time, so none is asked: the store.
+    Store,
 }
 
 /// One requester asking one candidate (its acting home) for a chunk: the
@@ -188,9 +193,13 @@ pub enum Step {
 /// home, none `skip` rules out; least loaded first by the queue depth
 /// their last answers gave, ties in the home's order), then the home
 /// again, told not to redirect. A busy home is asked again after a pause
-/// (50 ms, doubling to 800 ms) while time is left: a busy home is alive
-/// and will have the chunk, and the next candidate would fetch it from
-/// the store a second time. Only a home that fails otherwise is given up.
+/// (50 ms, doubling to 800 ms) while time is left (the fetch's, not one
+/// request's): a busy home is alive and will have the chunk, and the next
+/// candidate would fetch it from the store a second time; if it is still
+/// busy when time is up, the store ([`Step::Store`]), not the next
+/// candidate. Only a home that fails otherwise (unreachable, hung, or an
+/// answer that is neither the chunk, a redirect nor busy) is given up for
+/// the next candidate.
 #[derive(Clone, Debug)]
 pub struct Requester {
     home: SocketAddr,
@@ -218,7 +227,7 @@ impl Requester {
     }
 
     /// The next step after `peer`, asked with `hop`, answered `reply`.
-    /// `time_left`: until the request as a whole must end (busy homes are
+    /// `time_left`: until the fetch's time for peers is up (busy homes are
     /// asked again only within it). `queue`: a peer's queue depth at its
     /// last answer. `skip`: a peer down or bad for the chunk.
     pub fn on_reply(
@@ -237,6 +246,7 @@ impl Requester {
                 self.pause = (self.pause * 2).min(BUSY_PAUSE_MAX);
                 Step::Ask { peer, hop, after }
             }
+            (Hop::Home | Hop::Direct, Reply::Busy) => Step::Store,
             (Hop::Home, Reply::Redirect(mut holders)) => {
                 // Stable: the home's turn order among equals.
                 holders.sort_by_key(|h| queue(*h));
@@ -423,13 +433,43 @@ mod tests {
                 |_| 0,
                 |_| false
             ),
-            Step::GiveUp
+            Step::Store,
+            "a home busy to the end was failed over to the next candidate"
         );
         let (mut r, _) = Requester::new(home, None);
         assert_eq!(
             r.on_reply(home, Hop::Home, Reply::Failed, LONG, |_| 0, |_| false),
             Step::GiveUp,
             "an unreachable home was asked again"
+        );
+    }
+
+    #[test]
+    fn a_home_busy_until_time_is_up_sends_the_fetch_to_the_store_not_the_next_candidate() {
+        let home = addr(0);
+        for hop in [Hop::Home, Hop::Direct] {
+            let (mut r, _) = Requester::new(home, None);
+            if hop == Hop::Direct {
+                r.on_reply(home, Hop::Home, Reply::Redirect(vec![]), LONG, |_| 0, |_| false);
+            }
+            assert!(
+                matches!(
+                    r.on_reply(home, hop, Reply::Busy, LONG, |_| 0, |_| false),
+                    Step::Ask { peer, hop: h, .. } if peer == home && h == hop
+                ),
+                "{hop:?}: a busy home with time left was not asked again"
+            );
+            assert_eq!(
+                r.on_reply(home, hop, Reply::Busy, Duration::ZERO, |_| 0, |_| false),
+                Step::Store,
+                "{hop:?}: a home busy to the end was failed over to the next candidate"
+            );
+        }
+        // Unreachable (or any other failure): the next candidate.
+        let (mut r, _) = Requester::new(home, None);
+        assert_eq!(
+            r.on_reply(home, Hop::Home, Reply::Failed, LONG, |_| 0, |_| false),
+            Step::GiveUp
         );
     }
 

@@ -24,7 +24,8 @@
 //! window ahead of the reads; the peer server's load (`policy::Load`: a
 //! request from its arrival until its upload is sent), 4 upload slots granted by class, at most 64
 //! waiting, a 64 MiB upload buffer, answers within the requester's wait
-//! (1.5 s) or 503; a client deadline of 6 s for asking a busy home again; a
+//! (1.5 s) or 503; a busy home asked again until the fetch's deadline less
+//! one request's budgets (26 s), then the store, not the next candidate; a
 //! refusing peer skipped for 250 ms (a reset connection is not a refusal);
 //! a host among a chunk's candidates asks the member ranked after it
 //! whether it holds the chunk (as a holder: it neither fetches nor
@@ -497,7 +498,9 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
         low: fc.low_concurrency.max(1),
         window: (PROFILE_WINDOW_BYTES / chunk_len).max(1) as usize,
         server_wait: ns(timeouts.server_wait()),
-        client_deadline: ns(fc.attempt_timeout.saturating_sub(timeouts.first_byte + timeouts.idle)),
+        // The client's time for a home: the fetch's deadline (its `timeout`),
+        // less room for one last request.
+        client_deadline: ns(fc.deadline.saturating_sub(timeouts.first_byte + timeouts.idle)),
         refused_for: ns(REFUSED_DOWN_FOR),
     };
     if let Some(at) = cfg.kill_at {
@@ -822,6 +825,12 @@ impl Sim<'_> {
                 self.at(self.now + ns(after), Ev::Send(f));
             }
             Step::GiveUp => self.next_candidate(f),
+            Step::Store => {
+                // No other candidate: the store (`fetch`'s `StillBusy`).
+                let fl = self.flights[f as usize].as_mut().expect("a live flight");
+                fl.next_candidate = fl.candidates.len();
+                self.next_candidate(f);
+            }
             Step::Got(_) => self.done(f),
         }
     }
