@@ -192,7 +192,8 @@ pub enum Step {
 /// home; if it redirects, the holders it names (not this host, not the
 /// home, none `skip` rules out; least loaded first by the queue depth
 /// their last answers gave, ties in the home's order), then the home
-/// again, told not to redirect. A busy home is asked again after a pause
+/// again, told not to redirect. A busy home is asked again, as its home
+/// (it may redirect by then, having learnt holders), after a pause
 /// (50 ms, doubling to 800 ms) while time is left (the fetch's, not one
 /// request's): a busy home is alive and will have the chunk, and the next
 /// candidate would fetch it from the store a second time; if it is still
@@ -244,7 +245,14 @@ impl Requester {
             (Hop::Home | Hop::Direct, Reply::Busy) if self.pause < time_left => {
                 let after = self.pause;
                 self.pause = (self.pause * 2).min(BUSY_PAUSE_MAX);
-                Step::Ask { peer, hop, after }
+                // As its home again, even after holders failed: by then it
+                // may know holders to send this host to, and a request
+                // told not to redirect would only queue at a busy home.
+                Step::Ask {
+                    peer,
+                    hop: Hop::Home,
+                    after,
+                }
             }
             (Hop::Home | Hop::Direct, Reply::Busy) => Step::Store,
             (Hop::Home, Reply::Redirect(mut holders)) => {
@@ -445,19 +453,21 @@ mod tests {
     }
 
     #[test]
-    fn a_home_busy_until_time_is_up_sends_the_fetch_to_the_store_not_the_next_candidate() {
+    fn a_busy_home_is_asked_again_as_home_and_busy_until_time_is_up_sends_the_fetch_to_the_store() {
         let home = addr(0);
         for hop in [Hop::Home, Hop::Direct] {
             let (mut r, _) = Requester::new(home, None);
             if hop == Hop::Direct {
                 r.on_reply(home, Hop::Home, Reply::Redirect(vec![]), LONG, |_| 0, |_| false);
             }
+            // Asked again as its home, even after holders failed: by then
+            // it may redirect to holders rather than queue this request.
             assert!(
                 matches!(
                     r.on_reply(home, hop, Reply::Busy, LONG, |_| 0, |_| false),
-                    Step::Ask { peer, hop: h, .. } if peer == home && h == hop
+                    Step::Ask { peer, hop: Hop::Home, .. } if peer == home
                 ),
-                "{hop:?}: a busy home with time left was not asked again"
+                "{hop:?}: a busy home with time left was not asked again as home"
             );
             assert_eq!(
                 r.on_reply(home, hop, Reply::Busy, Duration::ZERO, |_| 0, |_| false),
