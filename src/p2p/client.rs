@@ -980,7 +980,10 @@ mod tests {
         let c = client_within(&[always], None, Duration::from_millis(1500));
         let t = Instant::now();
         let r = c.clone().get_chunk(always, ask()).await;
-        assert!(matches!(r, Err(RequestError::StillBusy { peer, .. }) if peer == always), "{r:?}");
+        assert!(
+            matches!(r, Err(RequestError::StillBusy { peer, .. }) if peer == always),
+            "{r:?}"
+        );
         assert!(
             t.elapsed() < Duration::from_millis(1500),
             "asked past the request's time"

@@ -37,11 +37,11 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::client::REFUSED_DOWN_FOR;
 use super::directory::Directory;
 use super::policy::{self, Hop, Load, LoadGuard, Reply, Requester, Source, Step, CANDIDATES};
 use super::slots::MAX_WAITING;
 use super::{hrw, PeerTimeouts, ServerLimits};
-use super::client::REFUSED_DOWN_FOR;
 use crate::fetch::{fleet_order, Class, FetchConfig, PEER_WINDOW, SCAN};
 use crate::store::Digest;
 
