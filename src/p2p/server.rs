@@ -1058,6 +1058,47 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_request_counts_in_the_load_until_its_uploads_last_byte_not_its_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let membership = Arc::new(Membership::new(Vec::new(), None, None).unwrap());
+        // 1 MB/s: a 1 MiB chunk's body takes about a second after its head.
+        let server = Arc::new(Server::new(
+            Arc::new(token()),
+            Arc::default(),
+            membership,
+            1,
+            Some(1_000_000),
+            1 << 30,
+            ServerLimits::default(),
+        ));
+        let d = hold_chunk(&server, 1 << 20, 7);
+        let addr = listen(&server).await;
+        // Spend the bucket's burst, so that the next body is paced.
+        assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(server.queue_depth(), 0);
+        let req = chunk_request(&d).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (mut answer, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert_eq!(
+            server.queue_depth(),
+            1,
+            "a request whose body is still going out left the load with its head"
+        );
+        while conn.read(&mut buf).await.unwrap() > 0 {}
+        assert!(
+            eventually(|| server.queue_depth() == 0).await,
+            "the sent upload stayed in the load"
+        );
+    }
+
     /// Waits up to 5 s for `ok`; whether it came true.
     async fn eventually(ok: impl Fn() -> bool) -> bool {
         let t = Instant::now();
