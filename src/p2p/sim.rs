@@ -70,6 +70,11 @@ pub struct Config {
     pub profile: bool,
     /// `--p2p-upload-slots`.
     pub upload_slots: usize,
+    /// A what-if, not the daemon yet (fix 1): a request for a chunk its
+    /// home is fetching waits for the fetch without reserving upload
+    /// buffer, and once the chunk is there it is redirected if the home
+    /// knows holders and has as many requests before it as slots.
+    pub park_cold: bool,
     /// Kill, at this time, the member that is home for the most chunks
     /// from 30% of the profile on (as a SIGKILL: connections refused).
     pub kill_at: Option<Duration>,
@@ -87,6 +92,7 @@ impl Config {
             store_delay: Duration::from_millis(1),
             profile: false,
             upload_slots: 4,
+            park_cold: false,
             kill_at: None,
             seed: 1,
         }
@@ -892,7 +898,11 @@ impl Sim<'_> {
         for (r, gen) in fl.servers {
             let req = &self.reqs[r as usize];
             if req.gen == gen && req.state == ReqState::Fetching {
-                self.take_slot(r);
+                if self.cfg.park_cold && req.buffer == 0 {
+                    self.unpark(r);
+                } else {
+                    self.take_slot(r);
+                }
             }
         }
         self.stream(h);
@@ -992,14 +1002,17 @@ impl Sim<'_> {
             return;
         }
         let need = (self.w.chunks[chunk as usize].len as u64).div_ceil(1024);
-        if server.buffer_free < need {
-            self.reply(r, Reply::Busy);
-            return;
-        }
-        server.buffer_free -= need;
         let held = server.held[chunk as usize];
+        let park = self.cfg.park_cold && policy::source(held, hop, true) == Source::Fetch;
+        if !park {
+            if server.buffer_free < need {
+                self.reply(r, Reply::Busy);
+                return;
+            }
+            server.buffer_free -= need;
+            self.reqs[r as usize].buffer = need;
+        }
         let req = &mut self.reqs[r as usize];
-        req.buffer = need;
         // The requester's wait: a fetch and a slot must come within it.
         req.deadline = self.now + self.server_wait;
         let (gen, class, deadline) = (req.gen, req.class, req.deadline);
@@ -1009,6 +1022,40 @@ impl Sim<'_> {
             Source::NotHere => self.reply(r, Reply::Failed),
             Source::Fetch => self.want(to, chunk, class, Waiter::Server(r, gen)),
         }
+    }
+
+    /// The what-if `park_cold`: the chunk a parked request waited for is
+    /// here: redirected as on arrival (the home may know holders now),
+    /// else it reserves upload buffer and waits for a slot.
+    fn unpark(&mut self, r: u32) {
+        let Req {
+            from, to, chunk, hop, ..
+        } = self.reqs[r as usize];
+        let digest = self.w.chunks[chunk as usize].digest;
+        let slots = self.cfg.upload_slots.max(1);
+        let now = Duration::from_nanos(self.now);
+        let server = &mut self.hosts[to as usize];
+        let before = server.active.get().saturating_sub(1);
+        if let Some(holders) = policy::redirect(
+            &mut server.directory,
+            &digest,
+            hop,
+            Some(addr(from)),
+            before,
+            slots,
+            now,
+        ) {
+            self.reply(r, Reply::Redirect(holders));
+            return;
+        }
+        let need = (self.w.chunks[chunk as usize].len as u64).div_ceil(1024);
+        if server.buffer_free < need {
+            self.reply(r, Reply::Busy);
+            return;
+        }
+        server.buffer_free -= need;
+        self.reqs[r as usize].buffer = need;
+        self.take_slot(r);
     }
 
     fn take_slot(&mut self, r: u32) {
