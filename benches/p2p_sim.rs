@@ -7,8 +7,8 @@
 //! Environment: `SIM_HOSTS` (default "1 8 1000 10000"; the first is the
 //! baseline), `SIM_KILL_HOSTS` (default "1000"), `SIM_STORE_MBIT`
 //! (default "100 1000"), `SIM_PROFILE` (default "off on"),
-//! `SIM_UPLOAD_SLOTS` (default 4), `SIM_COUNT_UPLOADS` (1: the what-if of
-//! `Config::count_uploads`).
+//! `SIM_UPLOAD_SLOTS` (default 4), `SIM_PARK_COLD` (1: the what-if of
+//! `Config::park_cold`).
 
 use streamblk::p2p_sim::{run, Config, Report, Workload};
 
@@ -76,7 +76,7 @@ fn main() {
                 store_rate: store * 1_000_000,
                 profile,
                 upload_slots: slots,
-                count_uploads: env("SIM_COUNT_UPLOADS", "0") == "1",
+                park_cold: env("SIM_PARK_COLD", "0") == "1",
                 ..Config::fleet(n as usize)
             };
             let base = run(&cfg(hosts[0]), &w);

@@ -361,7 +361,7 @@ pub fn run(request: ServeRequest) -> Result<(), Error> {
     let (failed, mut failures) = tokio::sync::mpsc::unbounded_channel();
     let p2p = match &settings.p2p {
         Some(c) => Some(Arc::new(
-            crate::p2p::P2p::start(c, settings.fetch.attempt_timeout, runtime.handle()).map_err(Error::P2p)?,
+            crate::p2p::P2p::start(c, settings.fetch.deadline, runtime.handle()).map_err(Error::P2p)?,
         )),
         None => None,
     };

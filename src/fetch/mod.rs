@@ -24,7 +24,7 @@ pub use boot::BootWatch;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 pub use lru::{ChunkLru, StoredForm};
-pub use peers::{PeerChunk, PeerError, Peers};
+pub use peers::{PeerChunk, PeerError, Peers, StillBusy};
 pub use rate::FillRate;
 /// The profile order with peers, for the P2P simulator.
 pub(crate) use replay::fleet_order;
@@ -176,10 +176,10 @@ const NO_CAP: u64 = u64::MAX;
 /// their own beside the store's (`low_concurrency`), since they cost the
 /// store nothing (the design brief's simulation: 4 -> 1.51x one host's
 /// boot time at 1,000 hosts, 16 -> 1.27x).
-const PEER_WINDOW: usize = 16;
+pub(crate) const PEER_WINDOW: usize = 16;
 /// How far down a class's queue a worker looks for a flight whose window
 /// has room when the head's is full.
-const SCAN: usize = 64;
+pub(crate) const SCAN: usize = 64;
 /// Bytes of stored forms kept for peers: a boot's working set as stored
 /// (about 20 MiB for a Debian boot) while a fleet boots it.
 const STORED_FORM_BYTES: u64 = 64 << 20;
@@ -798,7 +798,10 @@ impl Inner {
     /// intact (asked as holders if `held`, else as homes), and the bytes
     /// that came over the wire; None if none does (the store is asked
     /// then). A peer's bytes are checked against the manifest's digest
-    /// here, before anything caches them.
+    /// here, before anything caches them. A holder has `attempt_timeout`;
+    /// a home the fetch's `deadline` (a busy home is asked again within
+    /// it), and one busy to the end ([`StillBusy`]) ends the asking: the
+    /// next candidate would fetch the chunk from the store a second time.
     async fn ask_peers(
         &self,
         candidates: Vec<SocketAddr>,
@@ -814,7 +817,12 @@ impl Inner {
             } else {
                 peers.get(peer, *entry, len, class)
             };
-            let got = tokio::time::timeout(self.config.attempt_timeout, ask).await;
+            let within = if held {
+                self.config.attempt_timeout
+            } else {
+                self.config.deadline
+            };
+            let got = tokio::time::timeout(within, ask).await;
             match got {
                 Ok(Ok((sender, chunk))) => match (chunk.len() as u64, self.verify_peer_chunk(entry, len, chunk)) {
                     (wire, Ok(data)) => return Some((data, wire)),
@@ -826,6 +834,9 @@ impl Inner {
                 Ok(Err(e)) => {
                     self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, digest = %entry.digest, "peer did not serve the chunk: {e}");
+                    if e.is::<StillBusy>() {
+                        return None;
+                    }
                 }
                 Err(_) => {
                     self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
@@ -1203,6 +1214,8 @@ mod tests {
         Down,
         /// Answers nothing for a long while, then fails.
         Hangs,
+        /// A home busy until the time for peers was up.
+        Busy,
     }
 
     /// Peers for the tests: chunk digests map to their candidates.
@@ -1268,6 +1281,12 @@ mod tests {
                     Peer::Good => {}
                     Peer::Liar => data[100] ^= 1,
                     Peer::Down => return Err("connection refused".into()),
+                    Peer::Busy => {
+                        return Err(Box::new(StillBusy {
+                            peer,
+                            source: "503".into(),
+                        }) as PeerError)
+                    }
                     Peer::Hangs => {
                         tokio::time::sleep(Duration::from_secs(3)).await;
                         return Err("timed out".into());
@@ -1415,6 +1434,27 @@ mod tests {
             .stored_form(&d)
             .expect("the verified stored form was not kept for peers");
         assert_eq!((kept.bytes, kept.zstd), (form, true));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_home_busy_to_the_end_sends_the_fetch_to_the_store_not_to_the_next_candidate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Busy, Peer::Good]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(0), Class::Demand).await.unwrap();
+        let n = fetcher.counters();
+        assert_eq!((count(&n.peer_chunks), count(&n.store_chunks)), (0, 1));
+        assert_eq!(
+            peers.asked.lock().unwrap().len(),
+            1,
+            "the candidate after a busy home was asked"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

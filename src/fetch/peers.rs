@@ -32,6 +32,18 @@ impl PeerChunk {
 /// Why a peer did not serve a chunk (it is asked no more for this fetch).
 pub type PeerError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A peer error after which no other peer is asked for the chunk: its home
+/// answered busy until the fetch's time for peers was up. It is alive and
+/// will have the chunk, and the next candidate would fetch it from the
+/// store a second time; the store is asked instead.
+#[derive(Debug, thiserror::Error)]
+#[error("home {peer} was busy until the time for peers was up: {source}")]
+pub struct StillBusy {
+    pub peer: SocketAddr,
+    #[source]
+    pub source: PeerError,
+}
+
 /// Other hosts that may serve a chunk.
 pub trait Peers: Send + Sync {
     /// The peers to ask for a chunk, best first. Empty when this host

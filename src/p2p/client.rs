@@ -29,13 +29,13 @@ use super::{
     hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE,
     HEADER_WAIT,
 };
-use crate::fetch::{Class, PeerChunk, PeerError, Peers};
+use crate::fetch::{Class, PeerChunk, PeerError, Peers, StillBusy};
 use crate::store::{check_manifest, ChunkEntry, Digest, ImageId, Manifest, MAX_MANIFEST_BYTES};
 
 /// Members asked for a manifest, at most (best by HRW of the image id).
 const MANIFEST_PEERS: usize = 4;
 /// How long a peer whose host refused the connection is skipped.
-const REFUSED_DOWN_FOR: Duration = Duration::from_millis(250);
+pub(crate) const REFUSED_DOWN_FOR: Duration = Duration::from_millis(250);
 /// How long a peer that sent a bad chunk is not asked for it again.
 const BAD_FOR: Duration = Duration::from_secs(300);
 /// (peer, chunk) pairs remembered as bad; the oldest go beyond it.
@@ -70,6 +70,8 @@ pub enum RequestError {
         digest: Digest,
         within: Duration,
     },
+    #[error("home {peer} answered busy for chunk {digest} until the time for peers was up")]
+    StillBusy { peer: SocketAddr, digest: Digest },
 }
 
 /// Why a peer did not serve a manifest.
@@ -113,7 +115,10 @@ impl RequestError {
         match self {
             RequestError::Send { source, .. } => source.is_connect() || source.is_timeout(),
             RequestError::NoAnswer { .. } => true,
-            RequestError::Status { .. } | RequestError::TooLong { .. } | RequestError::NotMember { .. } => false,
+            RequestError::Status { .. }
+            | RequestError::TooLong { .. }
+            | RequestError::NotMember { .. }
+            | RequestError::StillBusy { .. } => false,
         }
     }
 
@@ -181,7 +186,8 @@ pub struct PeerClient {
     membership: Arc<Membership>,
     peers: Arc<Mutex<HashMap<SocketAddr, Arc<PeerStats>>>>,
     bad: Arc<Mutex<HashMap<(SocketAddr, Digest), Instant>>>,
-    /// Bounds one chunk's requests, busy homes asked again included.
+    /// Bounds asking one home for a chunk, busy answers included: the
+    /// fetch's deadline.
     timeout: Duration,
     timeouts: PeerTimeouts,
 }
@@ -293,9 +299,11 @@ impl PeerClient {
     /// Asks the chunk's home, following its answers as `policy::Requester`
     /// decides: the holders a busy home names, least loaded first, then the
     /// home again, told not to redirect; a home that answers busy (503) is
-    /// asked again after a pause until `deadline`, since the next candidate
-    /// would fetch the chunk from the store a second time. Only a home that
-    /// cannot be reached is given up at once. Returns who sent the bytes.
+    /// asked again after a pause until `deadline` (the fetch's), since the
+    /// next candidate would fetch the chunk from the store a second time;
+    /// busy until then, it is [`RequestError::StillBusy`] (the store, not
+    /// the next candidate). Only a home that cannot be reached, or answers
+    /// otherwise, is given up at once. Returns who sent the bytes.
     async fn get_chunk(self, home: SocketAddr, ask: Ask) -> Result<(SocketAddr, PeerChunk), RequestError> {
         let digest = ask.entry.digest;
         // Room for one last request before the scheduler's own timeout.
@@ -305,6 +313,9 @@ impl PeerClient {
         // What the home last answered, if it was not the chunk.
         let mut home_err = None;
         loop {
+            if step == Step::Store {
+                return Err(RequestError::StillBusy { peer: home, digest });
+            }
             let Step::Ask { peer, hop, after } = step else {
                 return Err(home_err.unwrap_or(RequestError::Status {
                     peer: home,
@@ -600,7 +611,13 @@ impl Peers for PeerClient {
             } else {
                 this.get_chunk(peer, ask).await
             };
-            got.map_err(|e| Box::new(e) as PeerError)
+            got.map_err(|e| match e {
+                RequestError::StillBusy { peer, .. } => Box::new(StillBusy {
+                    peer,
+                    source: Box::new(e),
+                }) as PeerError,
+                e => Box::new(e) as PeerError,
+            })
         })
     }
 
@@ -950,7 +967,8 @@ mod tests {
         assert_eq!(asked.load(Ordering::Relaxed), 3);
         assert!(!c.stats(home).is_down(), "a busy home was taken for dead");
 
-        // Busy for good: asked until the request's time is up, never marked down.
+        // Busy for good: asked until the request's time is up, never marked
+        // down, and said to be busy to the end (no other candidate is asked).
         let always = fake_peer(|mut conn| {
             let _ = conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
         });
@@ -958,7 +976,7 @@ mod tests {
         let t = Instant::now();
         let r = c.clone().get_chunk(always, ask()).await;
         assert!(
-            matches!(r, Err(RequestError::Status { status, .. }) if status == 503),
+            matches!(r, Err(RequestError::StillBusy { peer, .. }) if peer == always),
             "{r:?}"
         );
         assert!(

@@ -209,7 +209,8 @@ pub struct P2p {
 
 impl P2p {
     /// Reads the token and the peers file, and starts the server (if
-    /// `listen` is set) on `runtime`. `timeout` bounds one peer request.
+    /// `listen` is set) on `runtime`. `timeout` bounds asking one home for a
+    /// chunk, busy answers included (the fetch's deadline).
     pub fn start(config: &P2pConfig, timeout: Duration, runtime: &tokio::runtime::Handle) -> Result<P2p, Error> {
         let token = Arc::new(Token::read(&config.token_file)?);
         let membership = Arc::new(match &config.membership {

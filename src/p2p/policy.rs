@@ -10,6 +10,8 @@
 //! this code. Nothing here does I/O, sleeps or reads the time.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::directory::Directory;
@@ -60,6 +62,39 @@ pub fn candidates(ranked: &[SocketAddr], me: Option<SocketAddr>, skip: impl Fn(S
         out.push(m);
     }
     out
+}
+
+/// A server's load, as its redirects and its answers' queue depth count
+/// it: the chunk requests it is handling, each from its arrival until its
+/// guard drops, which an answer with a chunk holds until the chunk's last
+/// byte is sent (the server's upload body holds it), not only until the
+/// answer's head is out: a home whose slots are all uploading redirects
+/// the next request, instead of taking it as if idle.
+#[derive(Debug, Default)]
+pub struct Load(Arc<AtomicU64>);
+
+/// One request counted in a [`Load`] until dropped.
+#[derive(Debug)]
+pub struct LoadGuard(Arc<AtomicU64>);
+
+impl Load {
+    /// A request arrives: the requests before it (what [`redirect`]
+    /// takes as `before`), and its guard.
+    pub fn arrive(&self) -> (u64, LoadGuard) {
+        let before = self.0.fetch_add(1, Ordering::Relaxed);
+        (before, LoadGuard(self.0.clone()))
+    }
+
+    /// Requests counted now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A home's answer to a request on its arrival: the holders to redirect
@@ -144,18 +179,28 @@ pub enum Step {
     },
     /// `peer` sent the chunk.
     Got(SocketAddr),
-    /// This candidate failed: the next candidate, or the store.
+    /// This candidate could not be reached or refused: the next
+    /// candidate, or the store.
     GiveUp,
+    /// The home answered busy until the time for peers was up: it is
+    /// alive and will have the chunk, and the next candidate would fetch
+    /// it from the store a second time, so none is asked: the store.
+    Store,
 }
 
 /// One requester asking one candidate (its acting home) for a chunk: the
 /// home; if it redirects, the holders it names (not this host, not the
 /// home, none `skip` rules out; least loaded first by the queue depth
 /// their last answers gave, ties in the home's order), then the home
-/// again, told not to redirect. A busy home is asked again after a pause
-/// (50 ms, doubling to 800 ms) while time is left: a busy home is alive
-/// and will have the chunk, and the next candidate would fetch it from
-/// the store a second time. Only a home that fails otherwise is given up.
+/// again, told not to redirect. A busy home is asked again, as its home
+/// (it may redirect by then, having learnt holders), after a pause
+/// (50 ms, doubling to 800 ms) while time is left (the fetch's, not one
+/// request's): a busy home is alive and will have the chunk, and the next
+/// candidate would fetch it from the store a second time; if it is still
+/// busy when time is up, the store ([`Step::Store`]), not the next
+/// candidate. Only a home that fails otherwise (unreachable, hung, or an
+/// answer that is neither the chunk, a redirect nor busy) is given up for
+/// the next candidate.
 #[derive(Clone, Debug)]
 pub struct Requester {
     home: SocketAddr,
@@ -183,7 +228,7 @@ impl Requester {
     }
 
     /// The next step after `peer`, asked with `hop`, answered `reply`.
-    /// `time_left`: until the request as a whole must end (busy homes are
+    /// `time_left`: until the fetch's time for peers is up (busy homes are
     /// asked again only within it). `queue`: a peer's queue depth at its
     /// last answer. `skip`: a peer down or bad for the chunk.
     pub fn on_reply(
@@ -200,8 +245,16 @@ impl Requester {
             (Hop::Home | Hop::Direct, Reply::Busy) if self.pause < time_left => {
                 let after = self.pause;
                 self.pause = (self.pause * 2).min(BUSY_PAUSE_MAX);
-                Step::Ask { peer, hop, after }
+                // As its home again, even after holders failed: by then it
+                // may know holders to send this host to, and a request
+                // told not to redirect would only queue at a busy home.
+                Step::Ask {
+                    peer,
+                    hop: Hop::Home,
+                    after,
+                }
             }
+            (Hop::Home | Hop::Direct, Reply::Busy) => Step::Store,
             (Hop::Home, Reply::Redirect(mut holders)) => {
                 // Stable: the home's turn order among equals.
                 holders.sort_by_key(|h| queue(*h));
@@ -388,7 +441,8 @@ mod tests {
                 |_| 0,
                 |_| false
             ),
-            Step::GiveUp
+            Step::Store,
+            "a home busy to the end was failed over to the next candidate"
         );
         let (mut r, _) = Requester::new(home, None);
         assert_eq!(
@@ -396,5 +450,63 @@ mod tests {
             Step::GiveUp,
             "an unreachable home was asked again"
         );
+    }
+
+    #[test]
+    fn a_busy_home_is_asked_again_as_home_and_busy_until_time_is_up_sends_the_fetch_to_the_store() {
+        let home = addr(0);
+        for hop in [Hop::Home, Hop::Direct] {
+            let (mut r, _) = Requester::new(home, None);
+            if hop == Hop::Direct {
+                r.on_reply(home, Hop::Home, Reply::Redirect(vec![]), LONG, |_| 0, |_| false);
+            }
+            // Asked again as its home, even after holders failed: by then
+            // it may redirect to holders rather than queue this request.
+            assert!(
+                matches!(
+                    r.on_reply(home, hop, Reply::Busy, LONG, |_| 0, |_| false),
+                    Step::Ask { peer, hop: Hop::Home, .. } if peer == home
+                ),
+                "{hop:?}: a busy home with time left was not asked again as home"
+            );
+            assert_eq!(
+                r.on_reply(home, hop, Reply::Busy, Duration::ZERO, |_| 0, |_| false),
+                Step::Store,
+                "{hop:?}: a home busy to the end was failed over to the next candidate"
+            );
+        }
+        // Unreachable (or any other failure): the next candidate.
+        let (mut r, _) = Requester::new(home, None);
+        assert_eq!(
+            r.on_reply(home, Hop::Home, Reply::Failed, LONG, |_| 0, |_| false),
+            Step::GiveUp
+        );
+    }
+
+    #[test]
+    fn a_request_stays_in_the_load_until_its_upload_guard_drops_so_the_next_is_redirected() {
+        let mut dir: Directory<Duration> = Directory::default();
+        let d = Digest::of(b"c");
+        let t = Duration::from_secs(1);
+        served(&mut dir, d, Some(addr(1)), true, t);
+        let load = Load::default();
+        // One slot: the first request is taken.
+        let (before, first) = load.arrive();
+        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t), None);
+        // Its answer's head is out; its body (holding the guard) is not.
+        struct Body(#[allow(dead_code)] LoadGuard);
+        let body = Body(first);
+        let (before, second) = load.arrive();
+        assert_eq!(
+            redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t),
+            Some(vec![addr(1)]),
+            "a home uploading on its only slot took another request"
+        );
+        drop(second);
+        assert_eq!(load.get(), 1);
+        drop(body);
+        assert_eq!(load.get(), 0);
+        let (before, _third) = load.arrive();
+        assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t), None);
     }
 }

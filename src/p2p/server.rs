@@ -36,7 +36,7 @@ use super::conn::{ConnLimits, Refused, WriteTimeout};
 use super::directory::Directory;
 use super::index::{ChunkIndex, LooseChunks};
 use super::membership::Membership;
-use super::policy::{self, Source};
+use super::policy::{self, Load, LoadGuard, Source};
 use super::slots::{SlotGuard, UploadSlots};
 use super::{
     lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
@@ -129,10 +129,11 @@ pub struct Server {
     pub counters: ServerCounters,
     warned_self: std::sync::atomic::AtomicBool,
     /// Chunk requests being handled: reading, fetching, waiting for a slot
-    /// or uploading. The upload queue depth this server reports, and what
-    /// decides a redirect (counted on arrival, so that a burst of requests
-    /// does not all find the home idle).
-    active: AtomicU64,
+    /// or uploading, until the upload's last byte is sent (the body holds
+    /// the request's guard). The upload queue depth this server reports,
+    /// and what decides a redirect (counted on arrival, so that a burst of
+    /// requests does not all find the home idle).
+    active: Load,
     limits: ServerLimits,
     /// [`ServerLimits::upload_buffer`], a permit a KiB.
     buffer: Arc<Semaphore>,
@@ -162,15 +163,6 @@ impl LooseFlights {
 
     fn end(&mut self, digest: &Digest) {
         self.0.remove(digest);
-    }
-}
-
-/// A chunk request counted in [`Server::active`] until dropped.
-struct Active<'a>(&'a AtomicU64);
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -359,7 +351,9 @@ struct Upload {
     pace: Option<(Arc<Mutex<Bucket>>, f64)>,
     /// Until the cap lets the next frame go.
     wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    _held: (SlotGuard, OwnedSemaphorePermit),
+    /// Its slot, its room in the upload buffer, and its place in the
+    /// server's load, until the last byte is sent.
+    _held: (SlotGuard, OwnedSemaphorePermit, Option<LoadGuard>),
 }
 
 /// Permits of [`Server::buffer`] for `bytes`.
@@ -440,7 +434,7 @@ impl Server {
             bucket: Arc::new(Mutex::new(Bucket::new(Instant::now()))),
             counters: ServerCounters::default(),
             warned_self: Default::default(),
-            active: AtomicU64::new(0),
+            active: Load::default(),
             // Room for the largest chunk at least, or it could never be served.
             buffer: Arc::new(Semaphore::new(
                 kib(limits.upload_buffer.max(manifest::MAX_CHUNK as u64)) as usize,
@@ -456,7 +450,7 @@ impl Server {
 
     /// Chunk requests being handled (see [`Server::active`]).
     pub fn queue_depth(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        self.active.get()
     }
 
     pub fn loose_usage(&self) -> (usize, u64) {
@@ -531,18 +525,25 @@ impl Server {
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.upload(data, slot, room)
+        // A manifest is no chunk request: not in the load.
+        self.upload(data, slot, room, None)
     }
 
-    /// An answer carrying `data`, paced to the upload cap, holding `slot`
-    /// and `room` until it is sent.
-    fn upload(&self, data: Bytes, slot: SlotGuard, room: OwnedSemaphorePermit) -> Response<Body> {
+    /// An answer carrying `data`, paced to the upload cap, holding `slot`,
+    /// `room` and a chunk request's place in the load until it is sent.
+    fn upload(
+        &self,
+        data: Bytes,
+        slot: SlotGuard,
+        room: OwnedSemaphorePermit,
+        load: Option<LoadGuard>,
+    ) -> Response<Body> {
         let len = data.len();
         let body = Upload {
             data,
             pace: self.rate.map(|rate| (self.bucket.clone(), rate as f64)),
             wait: None,
-            _held: (slot, room),
+            _held: (slot, room, load),
         }
         .boxed();
         let mut resp = Response::new(body);
@@ -570,8 +571,7 @@ impl Server {
             }
             return self.answer(StatusCode::CONFLICT, "asked by itself".into());
         }
-        let before = self.active.fetch_add(1, Ordering::Relaxed);
-        let _active = Active(&self.active);
+        let (before, active) = self.active.arrive();
         if let Some(resp) = self.redirect(&r, before) {
             return resp;
         }
@@ -643,7 +643,7 @@ impl Server {
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut resp = self.upload(data, slot, room);
+        let mut resp = self.upload(data, slot, room, Some(active));
         resp.headers_mut().insert(
             HEADER_FORM,
             HeaderValue::from_static(if stored { "stored" } else { "plain" }),
@@ -1055,6 +1055,47 @@ mod tests {
         assert!(
             all_at > Duration::from_millis(500),
             "the body ignored the cap: {all_at:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_counts_in_the_load_until_its_uploads_last_byte_not_its_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let membership = Arc::new(Membership::new(Vec::new(), None, None).unwrap());
+        // 1 MB/s: a 1 MiB chunk's body takes about a second after its head.
+        let server = Arc::new(Server::new(
+            Arc::new(token()),
+            Arc::default(),
+            membership,
+            1,
+            Some(1_000_000),
+            1 << 30,
+            ServerLimits::default(),
+        ));
+        let d = hold_chunk(&server, 1 << 20, 7);
+        let addr = listen(&server).await;
+        // Spend the bucket's burst, so that the next body is paced.
+        assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(server.queue_depth(), 0);
+        let req = chunk_request(&d).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (mut answer, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert_eq!(
+            server.queue_depth(),
+            1,
+            "a request whose body is still going out left the load with its head"
+        );
+        while conn.read(&mut buf).await.unwrap() > 0 {}
+        assert!(
+            eventually(|| server.queue_depth() == 0).await,
+            "the sent upload stayed in the load"
         );
     }
 

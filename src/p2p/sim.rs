@@ -14,27 +14,35 @@
 //! downlink (cut-through: it ends when the slower of the two is done). A
 //! message costs half the RTT each way. The store has one FIFO uplink at
 //! `store_rate` and adds `store_delay` to each request; it sends the
-//! stored (compressed) bytes, peers send the plaintext (as the daemon
-//! does). Per host, as the daemon: fetches single-flighted per chunk,
-//! `FetchConfig`'s 8 workers (a flight waiting on peers holds none) and 4
-//! profile/background flights at once; the profile streamed 4 at a time in
-//! a 64 MiB window ahead of the reads; the peer server's active count
-//! (arrival to the answer's head), 4 upload slots granted by class, at
-//! most 64 waiting, a 64 MiB upload buffer, answers within the
-//! requester's wait (1.5 s) or 503; a client deadline of 6 s for asking a
-//! busy home again; unreachable peers skipped for 5 s. Demand reads are
-//! closed-loop, one at a time, as the fleet benchmark's client.
+//! stored (compressed) bytes, and so do peers: a host keeps the stored
+//! form of what it fetched or was sent (`fetch`'s 64 MiB LRU, more than a
+//! boot's working set), and sends it. Per host, as the daemon: fetches
+//! single-flighted per chunk, `FetchConfig`'s 8 workers (a flight waiting
+//! on peers holds none), at most 4 profile/background flights on the store
+//! and 16 waiting on peers (`fetch::PEER_WINDOW`), taken as the scheduler
+//! takes them (`fetch::SCAN`); the profile streamed 4 at a time in a 64 MiB
+//! window ahead of the reads; the peer server's load (`policy::Load`: a
+//! request from its arrival until its upload is sent), 4 upload slots granted by class, at most 64
+//! waiting, a 64 MiB upload buffer, answers within the requester's wait
+//! (1.5 s) or 503; a busy home asked again until the fetch's deadline less
+//! one request's budgets (26 s), then the store, not the next candidate; a
+//! refusing peer skipped for 250 ms (a reset connection is not a refusal);
+//! a host among a chunk's candidates asks the member ranked after it
+//! whether it holds the chunk (as a holder: it neither fetches nor
+//! redirects), as the client does. Demand reads are closed-loop, one at a
+//! time, as the fleet benchmark's client.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::client::REFUSED_DOWN_FOR;
 use super::directory::Directory;
-use super::policy::{self, Hop, Reply, Requester, Source, Step, CANDIDATES};
+use super::policy::{self, Hop, Load, LoadGuard, Reply, Requester, Source, Step, CANDIDATES};
 use super::slots::MAX_WAITING;
 use super::{hrw, PeerTimeouts, ServerLimits};
-use crate::fetch::{fleet_order, Class, FetchConfig};
+use crate::fetch::{fleet_order, Class, FetchConfig, PEER_WINDOW, SCAN};
 use crate::store::Digest;
 
 /// Simulated time, nanoseconds since the start.
@@ -62,13 +70,14 @@ pub struct Config {
     pub profile: bool,
     /// `--p2p-upload-slots`.
     pub upload_slots: usize,
+    /// A what-if, not the daemon yet (fix 1): a request for a chunk its
+    /// home is fetching waits for the fetch without reserving upload
+    /// buffer, and once the chunk is there it is redirected if the home
+    /// knows holders and has as many requests before it as slots.
+    pub park_cold: bool,
     /// Kill, at this time, the member that is home for the most chunks
     /// from 30% of the profile on (as a SIGKILL: connections refused).
     pub kill_at: Option<Duration>,
-    /// A what-if, not the daemon: a request stays in the server's active
-    /// count (which decides redirects) until its upload is sent, not only
-    /// until the answer's head (the daemon's `Active` guard).
-    pub count_uploads: bool,
     pub seed: u64,
 }
 
@@ -83,8 +92,8 @@ impl Config {
             store_delay: Duration::from_millis(1),
             profile: false,
             upload_slots: 4,
+            park_cold: false,
             kill_at: None,
-            count_uploads: false,
             seed: 1,
         }
     }
@@ -196,7 +205,7 @@ pub struct Report {
     pub store_bytes: u64,
     /// Store fetches per chunk.
     pub store_fetches: Vec<u32>,
-    /// Plaintext bytes hosts got from peers.
+    /// Bytes hosts got from peers (the stored form).
     pub peer_bytes: u64,
     /// Per live host: attach to its last read.
     pub times: Vec<Duration>,
@@ -294,7 +303,12 @@ struct Flight {
     demand: bool,
     streams: usize,
     servers: Vec<(u32, u32)>,
-    candidates: Vec<SocketAddr>,
+    /// Taken into the peer window (profile, background), not the store's.
+    on_peers: bool,
+    /// Whom to ask, and whether only as a holder (ranked after this host).
+    candidates: Vec<(SocketAddr, bool)>,
+    /// Asking a candidate only as a holder: one request, no `Requester`.
+    holder_ask: bool,
     next_candidate: usize,
     requester: Option<Requester>,
     /// The class peers are asked at (the flight's when asking began).
@@ -324,9 +338,14 @@ struct Req {
     gen: u32,
     deadline: Ns,
     reply: Reply,
+    /// The server did not take it (refused, or reset by a kill).
     refused: bool,
+    /// Reset by a kill, not refused: the requester does not mark it down.
+    reset: bool,
     /// The server's queue depth in its answer.
     queue: u64,
+    /// Its place in the server's load, until answered or uploaded.
+    load: Option<LoadGuard>,
     buffer: u64,
 }
 
@@ -338,9 +357,10 @@ struct Host {
     flights: HashMap<u32, u32>,
     queues: [VecDeque<u32>; 3],
     running_low: usize,
+    running_peer: usize,
     store_fetches: usize,
     // The peer server.
-    active: u64,
+    active: Load,
     slots_free: usize,
     slot_queue: [VecDeque<(u32, u32)>; 3],
     slot_waiting: usize,
@@ -358,6 +378,18 @@ struct Host {
     stream_running: usize,
     done_at: Option<Ns>,
     uploaded: u64,
+}
+
+impl Host {
+    /// A profile or background flight ends or goes back to the queue: its
+    /// window has room again (`State::release_low`).
+    fn release_low(&mut self, on_peers: bool) {
+        if on_peers {
+            self.running_peer -= 1;
+        } else {
+            self.running_low -= 1;
+        }
+    }
 }
 
 struct Sim<'a> {
@@ -385,7 +417,7 @@ struct Sim<'a> {
     window: usize,
     server_wait: Ns,
     client_deadline: Ns,
-    down_for: Ns,
+    refused_for: Ns,
 }
 
 /// An index into `Sim::events` (the heap holds only ordering keys).
@@ -416,8 +448,9 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
             flights: HashMap::new(),
             queues: Default::default(),
             running_low: 0,
+            running_peer: 0,
             store_fetches: 0,
-            active: 0,
+            active: Load::default(),
             slots_free: cfg.upload_slots.max(1),
             slot_queue: Default::default(),
             slot_waiting: 0,
@@ -471,8 +504,10 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
         low: fc.low_concurrency.max(1),
         window: (PROFILE_WINDOW_BYTES / chunk_len).max(1) as usize,
         server_wait: ns(timeouts.server_wait()),
-        client_deadline: ns(fc.attempt_timeout.saturating_sub(timeouts.first_byte + timeouts.idle)),
-        down_for: ns(timeouts.down_for),
+        // The client's time for a home: the fetch's deadline (its `timeout`),
+        // less room for one last request.
+        client_deadline: ns(fc.deadline.saturating_sub(timeouts.first_byte + timeouts.idle)),
+        refused_for: ns(REFUSED_DOWN_FOR),
     };
     if let Some(at) = cfg.kill_at {
         let from = n * 3 / 10;
@@ -615,7 +650,9 @@ impl Sim<'_> {
                     demand: false,
                     streams: 0,
                     servers: Vec::new(),
+                    on_peers: false,
                     candidates: Vec::new(),
+                    holder_ask: false,
                     next_candidate: 0,
                     requester: None,
                     ask_class: class,
@@ -647,37 +684,85 @@ impl Sim<'_> {
         self.pump(h);
     }
 
-    /// Starts what the scheduler would: the oldest flight of the highest
-    /// class, while a worker is free and (below demand) a low slot.
+    /// Starts what the scheduler would (`Fetcher::take`): the oldest
+    /// flight of the highest class, while a worker is free; below demand,
+    /// one whose window has room (the store's 4, or the 16 of flights
+    /// waiting on peers), looking up to `SCAN` flights down the queue.
     fn pump(&mut self, h: u32) {
         'take: loop {
-            let host = &mut self.hosts[h as usize];
+            let host = &self.hosts[h as usize];
             if !host.alive || host.store_fetches >= self.concurrency {
                 return;
             }
             for class in [Class::Demand, Class::Profile, Class::Background] {
-                if class < Class::Demand && host.running_low >= self.low {
+                let low = class < Class::Demand;
+                let host = &self.hosts[h as usize];
+                let store_full = low && host.running_low >= self.low;
+                let peers_full = low && host.running_peer >= PEER_WINDOW;
+                if store_full && (peers_full || self.cfg.hosts < 2) {
                     break;
                 }
-                while let Some(&f) = host.queues[class as usize].front() {
-                    host.queues[class as usize].pop_front();
-                    let Some(fl) = self.flights[f as usize].as_mut() else {
-                        continue;
-                    };
-                    if fl.host != h || fl.started || fl.class != class {
+                let mut i = 0;
+                while i < self.hosts[h as usize].queues[class as usize].len() && i < SCAN {
+                    let f = self.hosts[h as usize].queues[class as usize][i];
+                    let live = self.flights[f as usize]
+                        .as_ref()
+                        .is_some_and(|fl| fl.host == h && !fl.started && fl.class == class);
+                    if !live {
+                        self.hosts[h as usize].queues[class as usize].remove(i);
                         continue;
                     }
+                    let cands = self.peer_candidates(f);
+                    let to_peers = !cands.is_empty();
+                    if low && ((to_peers && peers_full) || (!to_peers && store_full)) {
+                        i += 1;
+                        continue;
+                    }
+                    let host = &mut self.hosts[h as usize];
+                    host.queues[class as usize].remove(i);
+                    if low {
+                        if to_peers {
+                            host.running_peer += 1;
+                        } else {
+                            host.running_low += 1;
+                        }
+                    }
+                    let fl = self.flights[f as usize].as_mut().expect("a live flight");
                     fl.started = true;
                     fl.taken_as = Some(class);
-                    if class < Class::Demand {
-                        host.running_low += 1;
-                    }
-                    self.start(f);
+                    fl.on_peers = low && to_peers;
+                    self.start(f, cands);
                     continue 'take;
                 }
             }
             return;
         }
+    }
+
+    /// Whom a flight asks before the store (`policy::candidates`, then, if
+    /// this host ranks among the chunk's candidates, the member after it,
+    /// as a holder: the client's `candidates`); empty once asked.
+    fn peer_candidates(&self, f: u32) -> Vec<(SocketAddr, bool)> {
+        let fl = self.flights[f as usize].as_ref().expect("a live flight");
+        if fl.peers_tried || self.cfg.hosts < 2 {
+            return Vec::new();
+        }
+        let (h, c) = (fl.host, fl.chunk as usize);
+        let me = addr(h);
+        let ranked = &self.ranked[c];
+        let mut out: Vec<(SocketAddr, bool)> = policy::candidates(ranked, Some(me), |m| self.skip(h, m))
+            .into_iter()
+            .map(|m| (m, false))
+            .collect();
+        if let Some(next) = ranked
+            .iter()
+            .skip_while(|a| **a != me)
+            .skip(1)
+            .find(|a| !self.skip(h, **a))
+        {
+            out.push((*next, true));
+        }
+        out
     }
 
     fn skip(&self, h: u32, m: SocketAddr) -> bool {
@@ -687,14 +772,9 @@ impl Sim<'_> {
             .is_some_and(|&t| t > self.now)
     }
 
-    fn start(&mut self, f: u32) {
-        let (h, c, tried) = {
-            let fl = self.flights[f as usize].as_ref().expect("a live flight");
-            (fl.host, fl.chunk, fl.peers_tried)
-        };
-        if !tried {
-            let cands = policy::candidates(&self.ranked[c as usize], Some(addr(h)), |m| self.skip(h, m));
-            let fl = self.flights[f as usize].as_mut().expect("a live flight");
+    fn start(&mut self, f: u32, cands: Vec<(SocketAddr, bool)>) {
+        let fl = self.flights[f as usize].as_mut().expect("a live flight");
+        if !fl.peers_tried {
             fl.peers_tried = true;
             if !cands.is_empty() {
                 fl.candidates = cands;
@@ -711,13 +791,14 @@ impl Sim<'_> {
     /// the store when none is left.
     fn next_candidate(&mut self, f: u32) {
         let fl = self.flights[f as usize].as_mut().expect("a live flight");
-        let Some(&home) = fl.candidates.get(fl.next_candidate) else {
+        let Some(&(home, holder_only)) = fl.candidates.get(fl.next_candidate) else {
             // Requeued at the head of its class, for a worker to fetch from the store.
-            let (h, class, taken) = (fl.host, fl.class, fl.taken_as.take());
+            let (h, class, taken, on_peers) = (fl.host, fl.class, fl.taken_as.take(), fl.on_peers);
             fl.started = false;
+            fl.on_peers = false;
             let host = &mut self.hosts[h as usize];
             if taken.is_some_and(|t| t < Class::Demand) {
-                host.running_low -= 1;
+                host.release_low(on_peers);
             }
             host.queues[class as usize].push_front(f);
             self.pump(h);
@@ -725,6 +806,19 @@ impl Sim<'_> {
         };
         fl.next_candidate += 1;
         fl.deadline = self.now + self.client_deadline;
+        fl.holder_ask = holder_only;
+        if holder_only {
+            // The client's `get` for a member ranked after this host.
+            self.step(
+                f,
+                Step::Ask {
+                    peer: home,
+                    hop: Hop::Redirected,
+                    after: Duration::ZERO,
+                },
+            );
+            return;
+        }
         let (requester, step) = Requester::new(home, Some(addr(fl.host)));
         fl.requester = Some(requester);
         self.step(f, step);
@@ -737,6 +831,12 @@ impl Sim<'_> {
                 self.at(self.now + ns(after), Ev::Send(f));
             }
             Step::GiveUp => self.next_candidate(f),
+            Step::Store => {
+                // No other candidate: the store (`fetch`'s `StillBusy`).
+                let fl = self.flights[f as usize].as_mut().expect("a live flight");
+                fl.next_candidate = fl.candidates.len();
+                self.next_candidate(f);
+            }
             Step::Got(_) => self.done(f),
         }
     }
@@ -782,7 +882,7 @@ impl Sim<'_> {
         let host = &mut self.hosts[h as usize];
         host.flights.remove(&fl.chunk);
         if fl.taken_as.is_some_and(|t| t < Class::Demand) {
-            host.running_low -= 1;
+            host.release_low(fl.on_peers);
         }
         if !host.alive {
             return;
@@ -798,7 +898,11 @@ impl Sim<'_> {
         for (r, gen) in fl.servers {
             let req = &self.reqs[r as usize];
             if req.gen == gen && req.state == ReqState::Fetching {
-                self.take_slot(r);
+                if self.cfg.park_cold && req.buffer == 0 {
+                    self.unpark(r);
+                } else {
+                    self.take_slot(r);
+                }
             }
         }
         self.stream(h);
@@ -827,7 +931,9 @@ impl Sim<'_> {
             deadline: 0,
             reply: Reply::Failed,
             refused: false,
+            reset: false,
             queue: 0,
+            load: None,
             buffer: 0,
         };
         let r = match self.free_reqs.pop() {
@@ -850,9 +956,9 @@ impl Sim<'_> {
         let to = self.reqs[r as usize].to as usize;
         let req = &mut self.reqs[r as usize];
         if req.state != ReqState::Over && !req.refused {
-            // The server's count: the request is in it until answered.
-            req.queue = self.hosts[to].active;
-            self.hosts[to].active -= 1;
+            // The server's load: the request is in it until answered.
+            req.queue = self.hosts[to].active.get();
+            req.load = None;
             self.hosts[to].buffer_free += req.buffer;
             req.buffer = 0;
         }
@@ -881,8 +987,55 @@ impl Sim<'_> {
         let slots = self.cfg.upload_slots.max(1);
         let now = Duration::from_nanos(self.now);
         let server = &mut self.hosts[to as usize];
-        let before = server.active;
-        server.active += 1;
+        let (before, load) = server.active.arrive();
+        self.reqs[r as usize].load = Some(load);
+        if let Some(holders) = policy::redirect(
+            &mut server.directory,
+            &digest,
+            hop,
+            Some(addr(from)),
+            before,
+            slots,
+            now,
+        ) {
+            self.reply(r, Reply::Redirect(holders));
+            return;
+        }
+        let need = (self.w.chunks[chunk as usize].len as u64).div_ceil(1024);
+        let held = server.held[chunk as usize];
+        let park = self.cfg.park_cold && policy::source(held, hop, true) == Source::Fetch;
+        if !park {
+            if server.buffer_free < need {
+                self.reply(r, Reply::Busy);
+                return;
+            }
+            server.buffer_free -= need;
+            self.reqs[r as usize].buffer = need;
+        }
+        let req = &mut self.reqs[r as usize];
+        // The requester's wait: a fetch and a slot must come within it.
+        req.deadline = self.now + self.server_wait;
+        let (gen, class, deadline) = (req.gen, req.class, req.deadline);
+        self.at(deadline, Ev::Deadline(r, gen));
+        match policy::source(held, hop, true) {
+            Source::Held => self.take_slot(r),
+            Source::NotHere => self.reply(r, Reply::Failed),
+            Source::Fetch => self.want(to, chunk, class, Waiter::Server(r, gen)),
+        }
+    }
+
+    /// The what-if `park_cold`: the chunk a parked request waited for is
+    /// here: redirected as on arrival (the home may know holders now),
+    /// else it reserves upload buffer and waits for a slot.
+    fn unpark(&mut self, r: u32) {
+        let Req {
+            from, to, chunk, hop, ..
+        } = self.reqs[r as usize];
+        let digest = self.w.chunks[chunk as usize].digest;
+        let slots = self.cfg.upload_slots.max(1);
+        let now = Duration::from_nanos(self.now);
+        let server = &mut self.hosts[to as usize];
+        let before = server.active.get().saturating_sub(1);
         if let Some(holders) = policy::redirect(
             &mut server.directory,
             &digest,
@@ -901,18 +1054,8 @@ impl Sim<'_> {
             return;
         }
         server.buffer_free -= need;
-        let held = server.held[chunk as usize];
-        let req = &mut self.reqs[r as usize];
-        req.buffer = need;
-        // The requester's wait: a fetch and a slot must come within it.
-        req.deadline = self.now + self.server_wait;
-        let (gen, class, deadline) = (req.gen, req.class, req.deadline);
-        self.at(deadline, Ev::Deadline(r, gen));
-        match policy::source(held, hop, true) {
-            Source::Held => self.take_slot(r),
-            Source::NotHere => self.reply(r, Reply::Failed),
-            Source::Fetch => self.want(to, chunk, class, Waiter::Server(r, gen)),
-        }
+        self.reqs[r as usize].buffer = need;
+        self.take_slot(r);
     }
 
     fn take_slot(&mut self, r: u32) {
@@ -949,18 +1092,15 @@ impl Sim<'_> {
     /// Sends the chunk: the home names the requester to later ones.
     fn upload(&mut self, r: u32) {
         let Req { from, to, chunk, .. } = self.reqs[r as usize];
-        let len = self.w.chunks[chunk as usize].len as u64;
+        // The stored form goes over the wire (see the module's comment).
+        let len = self.w.chunks[chunk as usize].stored as u64;
         let digest = self.w.chunks[chunk as usize].digest;
         let now = Duration::from_nanos(self.now);
         let server = &mut self.hosts[to as usize];
         policy::served(&mut server.directory, digest, Some(addr(from)), true, now);
         let req = &mut self.reqs[r as usize];
-        req.queue = server.active;
+        req.queue = server.active.get();
         req.state = ReqState::Uploading;
-        // The answer's head is out: the request leaves the active count.
-        if !self.cfg.count_uploads {
-            server.active -= 1;
-        }
         server.uploaded += len;
         let start = self.now.max(server.up_free);
         server.up_free = start + Self::tx(len, self.cfg.host_rate);
@@ -973,12 +1113,11 @@ impl Sim<'_> {
     fn sent(&mut self, r: u32) {
         let Req { to, buffer, .. } = self.reqs[r as usize];
         self.reqs[r as usize].buffer = 0;
+        // The last byte is out: the request leaves the server's load.
+        self.reqs[r as usize].load = None;
         let server = &mut self.hosts[to as usize];
         if !server.alive {
             return;
-        }
-        if self.cfg.count_uploads {
-            server.active -= 1;
         }
         server.buffer_free += buffer;
         server.slots_free += 1;
@@ -998,6 +1137,7 @@ impl Sim<'_> {
     }
 
     fn chunk_in(&mut self, r: u32) {
+        // The sender sends the stored form (see the module's comment).
         let Req {
             flight,
             from,
@@ -1015,7 +1155,7 @@ impl Sim<'_> {
             self.r.failed += 1;
             Reply::Failed
         } else {
-            self.r.peer_bytes += self.w.chunks[chunk as usize].len as u64;
+            self.r.peer_bytes += self.w.chunks[chunk as usize].stored as u64;
             Reply::Chunk
         };
         self.decide(flight, to, hop, reply);
@@ -1028,6 +1168,7 @@ impl Sim<'_> {
             to,
             hop,
             refused,
+            reset,
             queue,
             ..
         } = self.reqs[r as usize];
@@ -1037,9 +1178,9 @@ impl Sim<'_> {
         if !host.alive {
             return;
         }
-        if refused {
-            host.down_until.insert(to, self.now + self.down_for);
-        } else {
+        if refused && !reset {
+            host.down_until.insert(to, self.now + self.refused_for);
+        } else if !refused {
             host.peer_queue.insert(to, queue);
         }
         self.decide(flight, to, hop, reply);
@@ -1050,6 +1191,13 @@ impl Sim<'_> {
         let Some(fl) = self.flights[f as usize].as_mut() else {
             return;
         };
+        if fl.holder_ask {
+            // Asked only whether it holds the chunk: else the next candidate.
+            return match reply {
+                Reply::Chunk => self.done(f),
+                _ => self.next_candidate(f),
+            };
+        }
         let mut requester = fl.requester.take().expect("a flight asking peers");
         let (h, deadline) = (fl.host, fl.deadline);
         let left = Duration::from_nanos(deadline.saturating_sub(self.now));
@@ -1074,6 +1222,8 @@ impl Sim<'_> {
             let req = &self.reqs[r as usize];
             if req.to == k && matches!(req.state, ReqState::Fetching | ReqState::WaitingSlot) {
                 self.reqs[r as usize].refused = true;
+                self.reqs[r as usize].reset = true;
+                self.reqs[r as usize].load = None;
                 self.reqs[r as usize].state = ReqState::Over;
                 self.r.failed += 1;
                 self.at(self.now + self.half_rtt(), Ev::Answer(r));
@@ -1130,8 +1280,9 @@ mod tests {
                 "profile {profile}: a chunk was fetched twice or never"
             );
             assert!((r.egress() - 1.0).abs() < 1e-9, "egress {}", r.egress());
-            // 49 hosts got every chunk from peers.
-            assert_eq!(r.peer_bytes, 49 * 12 * (256 << 10));
+            // 49 hosts got every chunk from peers, as stored.
+            let stored: u64 = small().chunks.iter().map(|c| c.stored as u64).sum();
+            assert_eq!(r.peer_bytes, 49 * stored);
         }
     }
 
