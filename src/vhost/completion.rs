@@ -46,6 +46,10 @@ pub struct FinishedRequest {
 struct State {
     finished: Vec<FinishedRequest>,
     inflight: usize,
+    /// Callers of [`Completions::wait_published`] waiting: `take` wakes them.
+    drain_waiters: usize,
+    /// Set by `cancel`: no worker takes what is finished any more.
+    cancelled: bool,
 }
 
 /// One per queue.
@@ -117,6 +121,8 @@ impl Completions {
     pub fn cancel(&self) {
         *self.gate.write().unwrap_or_else(|e| e.into_inner()) = true;
         self.cancelled.notify_waiters();
+        self.lock().cancelled = true;
+        self.idle.notify_all();
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -137,7 +143,11 @@ impl Completions {
     /// Takes the finished requests, swapping in `spare` (kept to avoid allocating).
     pub fn take(&self, spare: &mut Vec<FinishedRequest>) {
         spare.clear();
-        std::mem::swap(&mut self.lock().finished, spare);
+        let mut s = self.lock();
+        std::mem::swap(&mut s.finished, spare);
+        if s.drain_waiters > 0 {
+            self.idle.notify_all();
+        }
     }
 
     pub fn inflight(&self) -> usize {
@@ -152,5 +162,22 @@ impl Completions {
             .wait_timeout_while(s, timeout, |s| s.inflight > 0)
             .unwrap_or_else(|e| e.into_inner());
         s.inflight == 0
+    }
+
+    /// Waits until no request is in flight and the queue's worker has taken
+    /// every finished one (it puts them on the used ring before it lets go
+    /// of the queue's lock; once the queue is cancelled none is taken), or
+    /// `timeout`; true unless the time ran out.
+    pub fn wait_published(&self, timeout: Duration) -> bool {
+        let mut s = self.lock();
+        s.drain_waiters += 1;
+        let (mut s, _) = self
+            .idle
+            .wait_timeout_while(s, timeout, |s| {
+                s.inflight > 0 || (!s.finished.is_empty() && !s.cancelled)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        s.drain_waiters -= 1;
+        s.inflight == 0 && (s.finished.is_empty() || s.cancelled)
     }
 }

@@ -128,13 +128,27 @@ impl VhostUserBlkBackend {
         self.threads.len()
     }
 
-    /// Waits for every queue's requests in flight, up to `timeout` each.
-    /// Those finished are put on their rings by the queues' workers.
+    /// Waits for every queue's requests in flight, up to `timeout` each,
+    /// and for the queues' workers to put those finished on their rings
+    /// (and signal the frontend). A request finished but not yet on its
+    /// ring when the caller then hangs up would be published after the
+    /// frontend stopped listening: QEMU drops that interrupt, and the guest
+    /// waits for the request for ever.
     pub fn drain(&self, timeout: Duration) -> bool {
         let completions: Vec<_> = (0..self.threads.len())
             .map(|q| self.thread(q).completions.clone())
             .collect();
-        completions.iter().all(|c| c.wait_idle(timeout))
+        let mut all = true;
+        for (q, c) in completions.iter().enumerate() {
+            let published = c.wait_published(timeout);
+            if published {
+                // The worker took them under the queue's lock and lets go
+                // of it only once they are on the ring.
+                drop(self.thread(q));
+            }
+            all &= published;
+        }
+        all
     }
 
     pub fn inflight(&self) -> usize {
