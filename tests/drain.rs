@@ -20,21 +20,15 @@ use streamblk::engine::{Base, Disk, Error, FetchFuture, IoRange};
 use streamblk::vhost::{DiskContext, GuestMemory, VhostUserBlkBackend, VhostUserBlkHandler};
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags};
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
-use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use common::frontend::memfd;
+use common::ring::{make_available, read_chain, AVAIL, DESC, USED};
 
 const MEM: usize = 4 << 20;
 const QSIZE: u16 = 64;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
 const VMM_VA: u64 = 0x7f00_0000_0000;
 const DISK: u64 = 1 << 20;
 /// The read that misses and waits on the store.
@@ -98,34 +92,6 @@ impl Base for HeldBase {
 fn file_of(e: &EventFd) -> File {
     // SAFETY: into_raw_fd hands over the new fd's ownership.
     unsafe { File::from_raw_fd(e.try_clone().unwrap().into_raw_fd()) }
-}
-
-/// A read of sector `sector` as the chain at descriptors `first..first + 3`.
-fn read_chain(mem: &GuestMemory, first: u16, sector: u64, hdr: u64, data: u64, status: u64) {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    mem.write_slice(&h, GuestAddress(hdr)).unwrap();
-    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
-    let descs = [
-        (hdr, 16, 0u16),
-        (data, 4096, VRING_DESC_F_WRITE as u16),
-        (status, 1, VRING_DESC_F_WRITE as u16),
-    ];
-    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-        let i = i as u16;
-        let flags = if i < 2 { flags | VRING_DESC_F_NEXT as u16 } else { flags };
-        let d = RawDescriptor::from(Descriptor::new(addr, len, flags, first + i + 1));
-        mem.write_obj(d, GuestAddress(DESC + 16 * u64::from(first + i)))
-            .unwrap();
-    }
-}
-
-fn make_available(mem: &GuestMemory, heads: &[u16]) {
-    for (i, &h) in heads.iter().enumerate() {
-        mem.write_obj(h, GuestAddress(AVAIL + 4 + 2 * i as u64)).unwrap();
-    }
-    mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2)).unwrap();
 }
 
 fn used(mem: &GuestMemory) -> Vec<u32> {

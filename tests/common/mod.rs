@@ -8,6 +8,7 @@ pub mod guest;
 pub mod httpstore;
 pub mod netns;
 pub mod powercutfs;
+pub mod ring;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
