@@ -1791,9 +1791,9 @@ mod tests {
             1,
             &tokio::runtime::Handle::current(),
         );
-        // Open but not attached: the window ahead of the start, no more.
+        // Open but not attached: nothing streams (peers may not be up).
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(ready(&cache), 1, "the clock ran before any guest attached");
+        assert_eq!(ready(&cache), 0, "replay streamed before any guest attached");
         replay.note_attach();
         let attached = Instant::now();
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -1814,6 +1814,44 @@ mod tests {
         assert!(
             done.unwrap() >= 1700,
             "{done:?} ms from attach to the end of the stream"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_of_an_image_no_guest_attaches_to_waits_then_streams_and_fill_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(6, dir.path()).await;
+        let cfg = FetchConfig {
+            background_fill: true,
+            ..config(4)
+        };
+        let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
+        let replay = Arc::new(
+            ProfileReplay::new(profile(vec![3, 2, 1], Some(300)), 6).unattached_after(Duration::from_millis(800)),
+        );
+        let boot = Arc::new(BootWatch::default());
+        fetcher.start_fill(
+            &cache,
+            Some(replay.clone()),
+            boot,
+            8,
+            &tokio::runtime::Handle::current(),
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ready(&cache), 0, "replay streamed before its wait for a guest was over");
+        let t = Instant::now();
+        while ready(&cache) < 6 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{} chunks after 30 s",
+                ready(&cache)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(replay.counters.streamed.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            fetcher.counters().by_class[Class::Background as usize].load(Ordering::Relaxed),
+            3
         );
     }
 
