@@ -706,7 +706,13 @@ impl Server {
         let is_member = r.from.is_some_and(|f| self.membership.members().contains(&f));
         let (directory, digest, from) = (self.directory.clone(), r.digest, r.from);
         let on_sent: OnSent = Box::new(move || {
-            policy::served(&mut lock(&directory), digest, from, is_member, std::time::Instant::now());
+            policy::served(
+                &mut lock(&directory),
+                digest,
+                from,
+                is_member,
+                std::time::Instant::now(),
+            );
         });
         self.counters
             .upload_bytes
@@ -1150,7 +1156,10 @@ mod tests {
         let addr = listen(&server).await;
         // Spend the bucket's burst (no From: nobody to name).
         assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
-        let req = chunk_request(&d).replace("\r\n\r\n", &format!("\r\nX-Streamblk-From: {m1}\r\nConnection: close\r\n\r\n"));
+        let req = chunk_request(&d).replace(
+            "\r\n\r\n",
+            &format!("\r\nX-Streamblk-From: {m1}\r\nConnection: close\r\n\r\n"),
+        );
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
         conn.write_all(req.as_bytes()).await.unwrap();
         let (mut answer, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
@@ -1181,13 +1190,23 @@ mod tests {
         let addr = listen(&server).await;
         let d = Digest::of(b"some chunk");
         let have = |from: &str, auth: bool, method: &str| {
-            let auth = if auth { "Authorization: Bearer s3cret-token\r\n" } else { "" };
+            let auth = if auth {
+                "Authorization: Bearer s3cret-token\r\n"
+            } else {
+                ""
+            };
             format!("{method} /holders/{d} HTTP/1.1\r\nHost: peer\r\n{auth}X-Streamblk-From: {from}\r\nContent-Length: 0\r\n\r\n")
         };
         // Refused: no token, not a POST, not a member.
-        assert!(exchange(addr, &have(&m2.to_string(), false, "POST")).await.starts_with("HTTP/1.1 401"));
-        assert!(exchange(addr, &have(&m2.to_string(), true, "GET")).await.starts_with("HTTP/1.1 405"));
-        assert!(exchange(addr, &have("10.9.9.9:7070", true, "POST")).await.starts_with("HTTP/1.1 400"));
+        assert!(exchange(addr, &have(&m2.to_string(), false, "POST"))
+            .await
+            .starts_with("HTTP/1.1 401"));
+        assert!(exchange(addr, &have(&m2.to_string(), true, "GET"))
+            .await
+            .starts_with("HTTP/1.1 405"));
+        assert!(exchange(addr, &have("10.9.9.9:7070", true, "POST"))
+            .await
+            .starts_with("HTTP/1.1 400"));
         assert!(named(&server, &d).is_empty(), "a refused word was recorded");
         let answer = exchange(addr, &have(&m2.to_string(), true, "POST")).await;
         assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
