@@ -5,8 +5,9 @@
 //! flight, through the fetch scheduler) and serves every requester from
 //! that copy. Uploads take a slot, demand before profile before
 //! background, and are paced to `--p2p-upload-rate`. When every slot is
-//! busy, a home redirects a requester to members it served the chunk to
-//! (`directory`), so a chunk fans out instead of queueing at its home.
+//! busy, a home redirects a requester to members it sent the chunk to, or
+//! that told it they hold it (`POST /holders/<digest>`; `directory`), so a
+//! chunk fans out instead of queueing at its home.
 //! Everything is bounded: connections, a request's head, waiting uploads,
 //! time, and a write that makes no progress (`conn`).
 //!
