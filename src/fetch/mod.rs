@@ -825,7 +825,10 @@ impl Inner {
             let got = tokio::time::timeout(within, ask).await;
             match got {
                 Ok(Ok((sender, chunk))) => match (chunk.len() as u64, self.verify_peer_chunk(entry, len, chunk)) {
-                    (wire, Ok(data)) => return Some((data, wire)),
+                    (wire, Ok(data)) => {
+                        peers.verified(peer, sender, &entry.digest);
+                        return Some((data, wire));
+                    }
                     (_, Err(why)) => {
                         self.counters.bad_peer_chunks.fetch_add(1, Ordering::Relaxed);
                         peers.bad_chunk(sender, &entry.digest, &why.to_string());
@@ -1224,6 +1227,8 @@ mod tests {
         candidates: HashMap<Digest, Vec<(SocketAddr, Peer)>>,
         asked: Mutex<Vec<SocketAddr>>,
         bad: Mutex<Vec<SocketAddr>>,
+        /// (asked, sender) of each chunk reported verified.
+        verified: Mutex<Vec<(SocketAddr, SocketAddr)>>,
     }
 
     impl FakePeers {
@@ -1234,6 +1239,7 @@ mod tests {
                 candidates: HashMap::new(),
                 asked: Mutex::default(),
                 bad: Mutex::default(),
+                verified: Mutex::default(),
             };
             for i in 0..n {
                 let data = vec![(i % 251) as u8 + 1; 65536];
@@ -1298,6 +1304,10 @@ mod tests {
 
         fn bad_chunk(&self, peer: SocketAddr, _digest: &Digest, _why: &str) {
             self.bad.lock().unwrap().push(peer);
+        }
+
+        fn verified(&self, asked: SocketAddr, sender: SocketAddr, _digest: &Digest) {
+            self.verified.lock().unwrap().push((asked, sender));
         }
     }
 
@@ -1454,6 +1464,26 @@ mod tests {
             peers.asked.lock().unwrap().len(),
             1,
             "the candidate after a busy home was asked"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_chunk_is_reported_verified_only_once_it_checks_out_so_a_liar_is_never_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Liar, Peer::Good]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(1), Class::Demand).await.unwrap();
+        let good = SocketAddr::from(([127, 0, 0, 1], 7001));
+        assert_eq!(
+            *peers.verified.lock().unwrap(),
+            vec![(good, good)],
+            "the liar's chunk was reported verified, or the good one was not"
         );
     }
 

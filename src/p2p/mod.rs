@@ -385,6 +385,7 @@ impl P2p {
             st.upload_queue = s.queue_depth();
             st.home_fetches = c.home_fetches.load(Ordering::Relaxed);
             st.redirects = c.redirects.load(Ordering::Relaxed);
+            st.holders_told = c.holders_told.load(Ordering::Relaxed);
             st.refused_unauthorized = c.unauthorized.load(Ordering::Relaxed);
             st.bad_requests = c.bad_requests.load(Ordering::Relaxed);
             st.not_found = c.not_found.load(Ordering::Relaxed);
