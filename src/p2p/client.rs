@@ -417,20 +417,16 @@ impl PeerClient {
         if resp.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES) {
             return Err(ManifestError::TooLarge { peer, id });
         }
-        let mut buf = BytesMut::new();
         let idle = self.timeouts.idle;
-        while let Some(part) = tokio::time::timeout(idle, resp.chunk())
+        let buf = read_capped(&mut resp, MAX_MANIFEST_BYTES, idle)
             .await
-            .map_err(|_| no_answer(idle))?
-            .map_err(send_err)?
-        {
-            if (buf.len() + part.len()) as u64 > MAX_MANIFEST_BYTES {
-                return Err(ManifestError::TooLarge { peer, id });
-            }
-            buf.extend_from_slice(&part);
-        }
+            .map_err(|e| match e {
+                Capped::Idle => no_answer(idle),
+                Capped::Send(e) => send_err(e),
+                Capped::TooLong => ManifestError::TooLarge { peer, id },
+            })?;
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(buf.freeze())
+        Ok(buf)
     }
 
     /// Tells `home` this host (`me`) holds the chunk: one small request
@@ -529,27 +525,46 @@ impl PeerClient {
         }
         // Count as it comes: a peer may send more than it announced.
         let mut resp = resp;
-        let mut buf = BytesMut::with_capacity(len as usize);
         let idle = self.timeouts.idle;
-        while let Some(part) = tokio::time::timeout(idle, resp.chunk())
-            .await
-            .map_err(|_| no_answer(idle))?
-            .map_err(send_err)?
-        {
-            if (buf.len() + part.len()) as u64 > len {
-                return Err(too_long());
-            }
-            buf.extend_from_slice(&part);
-        }
+        let data = read_capped(&mut resp, len, idle).await.map_err(|e| match e {
+            Capped::Idle => no_answer(idle),
+            Capped::Send(e) => send_err(e),
+            Capped::TooLong => too_long(),
+        })?;
         stats.served.fetch_add(1, Ordering::Relaxed);
-        stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let data = buf.freeze();
+        stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(Answer::Chunk(if stored {
             PeerChunk::Stored(data)
         } else {
             PeerChunk::Plain(data)
         }))
     }
+}
+
+/// Why an answer's body was not read whole.
+enum Capped {
+    /// Nothing came for the idle budget.
+    Idle,
+    Send(reqwest::Error),
+    /// More than the cap came.
+    TooLong,
+}
+
+/// An answer's body, at most `cap` bytes, counted as it comes (a peer may
+/// send more than it announced), with at most `idle` between frames.
+async fn read_capped(resp: &mut reqwest::Response, cap: u64, idle: Duration) -> Result<Bytes, Capped> {
+    let mut buf = BytesMut::with_capacity(resp.content_length().unwrap_or(0).min(cap) as usize);
+    while let Some(part) = tokio::time::timeout(idle, resp.chunk())
+        .await
+        .map_err(|_| Capped::Idle)?
+        .map_err(Capped::Send)?
+    {
+        if (buf.len() + part.len()) as u64 > cap {
+            return Err(Capped::TooLong);
+        }
+        buf.extend_from_slice(&part);
+    }
+    Ok(buf.freeze())
 }
 
 /// What is asked of peers: a chunk, its length, and the requester's class.
