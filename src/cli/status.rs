@@ -92,8 +92,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
 /// `p2p on 10.0.0.1:7000, member of 3: uploaded 120 chunks (30.0 MiB), queue 0, ...`
 pub fn p2p_line(p: &P2pStatus) -> String {
     format!(
-        "p2p on {}, {} of {} members: uploaded {} chunks ({}), queue {}, {} fetched as home, {} kept in memory; \
-         refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
+        "p2p on {}, {} of {} members: uploaded {} chunks ({}), queue {}, {} fetched as home, {} kept in memory, \
+         {} redirected, told of {} holders; refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
         p.listen.as_deref().unwrap_or("(not serving)"),
         if p.is_member { "one" } else { "not one" },
         p.members.len(),
@@ -102,6 +102,8 @@ pub fn p2p_line(p: &P2pStatus) -> String {
         p.upload_queue,
         p.home_fetches,
         p.loose_chunks,
+        p.redirects,
+        p.holders_told,
         p.refused_unauthorized,
         p.bad_requests,
         p.not_found,
