@@ -92,8 +92,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
 /// `p2p on 10.0.0.1:7000, member of 3: uploaded 120 chunks (30.0 MiB), queue 0, ...`
 pub fn p2p_line(p: &P2pStatus) -> String {
     format!(
-        "p2p on {}, {} of {} members: uploaded {} chunks ({}), queue {}, {} fetched as home, {} kept in memory; \
-         refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
+        "p2p on {}, {} of {} members: uploaded {} chunks ({}), queue {}, {} fetched as home, {} kept in memory, \
+         {} profile prefetches ({} chunks); refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
         p.listen.as_deref().unwrap_or("(not serving)"),
         if p.is_member { "one" } else { "not one" },
         p.members.len(),
@@ -102,6 +102,8 @@ pub fn p2p_line(p: &P2pStatus) -> String {
         p.upload_queue,
         p.home_fetches,
         p.loose_chunks,
+        p.prefetches,
+        p.prefetched_chunks,
         p.refused_unauthorized,
         p.bad_requests,
         p.not_found,
@@ -364,6 +366,8 @@ mod tests {
             is_member: true,
             uploads: 3,
             upload_bytes: 3 << 20,
+            prefetches: 1,
+            prefetched_chunks: 40,
             ..P2pStatus::default()
         };
         let l = p2p_line(&p);
@@ -371,6 +375,7 @@ mod tests {
             l.starts_with("p2p on 127.0.0.1:7000, one of 2 members: uploaded 3 chunks (3.0 MiB)"),
             "{l}"
         );
+        assert!(l.contains(", 1 profile prefetches (40 chunks); "), "{l}");
         assert_eq!(
             membership_line(&p),
             "membership static, zone (none), 2 members, 0 changes"

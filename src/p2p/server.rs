@@ -39,10 +39,12 @@ use super::membership::Membership;
 use super::policy::{self, Load, LoadGuard, Source};
 use super::slots::{SlotGuard, UploadSlots};
 use super::{
-    lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
+    lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_IMAGE, HEADER_QUEUE,
+    HEADER_WAIT,
 };
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
-use crate::store::{manifest, ChunkEntry, Digest, ImageId, ManifestCopies};
+use crate::cache::ImageCache;
+use crate::store::{manifest, ChunkEntry, ChunkIdx, Digest, ImageId, ManifestCopies};
 
 /// Connections served at once; more are closed at accept. Idle ones close
 /// after [`HEAD_TIMEOUT`].
@@ -64,6 +66,11 @@ const SLOT_WAIT: Duration = Duration::from_secs(10);
 /// at most.
 const CONN_LIFETIME: Duration = Duration::from_secs(300);
 const CONN_DRAIN: Duration = Duration::from_secs(30);
+
+/// Chunks a home's profile prefetch wants at a time: the scheduler's
+/// low-class slots and rate decide how fast they come; this only bounds
+/// how many sit in its queue ahead of the host's own profile stream.
+const PREFETCH_WINDOW: usize = 8;
 
 /// Limits of the peer server (tests shrink them).
 #[derive(Clone, Debug)]
@@ -104,6 +111,12 @@ pub struct ServerCounters {
     pub failed: AtomicU64,
     /// Manifests served (their bytes count in `upload_bytes`).
     pub manifests: AtomicU64,
+    /// Profile prefetches started: the first profile-class request for an
+    /// open image made this host fetch the profile chunks it is home for.
+    pub prefetches: AtomicU64,
+    /// Chunks those prefetches brought into the chunk store (or joined
+    /// while in flight); chunks already local are not counted.
+    pub prefetched_chunks: AtomicU64,
 }
 
 pub struct Server {
@@ -137,6 +150,8 @@ pub struct Server {
     limits: ServerLimits,
     /// [`ServerLimits::upload_buffer`], a permit a KiB.
     buffer: Arc<Semaphore>,
+    /// The images whose profile this host prefetched lately.
+    prefetched: Mutex<policy::Prefetched>,
 }
 
 /// The entries of the loose chunks being fetched. A fetch is keyed by
@@ -181,6 +196,8 @@ pub struct ChunkRequest {
     pub wait: Option<Duration>,
     /// The requester takes the chunk's stored form (see [`HEADER_FORM`]).
     pub stored: bool,
+    /// The image the requester wants the chunk for (see [`HEADER_IMAGE`]).
+    pub image: Option<ImageId>,
 }
 
 pub use super::policy::Hop;
@@ -286,6 +303,16 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
                 .ok_or_else(|| bad("wait is not a number of milliseconds"))?,
         ),
     };
+    let image = match headers.get(HEADER_IMAGE) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|v| v.len() == 64)
+                .and_then(Digest::from_hex)
+                .ok_or_else(|| bad("image is not 64 hex digits"))?,
+        ),
+    };
     let takes_stored = match headers.get(HEADER_FORM) {
         None => false,
         Some(v) if v == "stored" => true,
@@ -329,6 +356,7 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         hop,
         wait,
         stored: takes_stored,
+        image,
     })
 }
 
@@ -440,6 +468,7 @@ impl Server {
                 kib(limits.upload_buffer.max(manifest::MAX_CHUNK as u64)) as usize,
             )),
             limits,
+            prefetched: Mutex::default(),
         }
     }
 
@@ -554,7 +583,7 @@ impl Server {
         resp
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         if req.uri().path().starts_with("/manifests/") {
             return self.handle_manifest(&req).await;
         }
@@ -571,6 +600,7 @@ impl Server {
             }
             return self.answer(StatusCode::CONFLICT, "asked by itself".into());
         }
+        self.prefetch_profile(&r);
         let (before, active) = self.active.arrive();
         if let Some(resp) = self.redirect(&r, before) {
             return resp;
@@ -649,6 +679,75 @@ impl Server {
             HeaderValue::from_static(if stored { "stored" } else { "plain" }),
         );
         resp
+    }
+
+    /// On the first profile-class request for an image this host has open
+    /// with a boot profile (lately: [`policy::Prefetched`]), fetches the
+    /// profile's chunks it is home for (in its zone, over the current
+    /// membership: what peers booting the image will ask it for), in
+    /// profile order at profile class, through the fetch scheduler (single
+    /// flight, slots, rates, verification) into the chunk store: homes read
+    /// the store in parallel, early. Only the open image's own manifest
+    /// and profile say what is fetched: an id this host cannot resolve
+    /// starts nothing, and is not remembered.
+    fn prefetch_profile(self: &Arc<Self>, r: &ChunkRequest) {
+        let Some(id) = policy::starts_prefetch(r.class, r.hop, r.image) else {
+            return;
+        };
+        let (Some(me), Some(fetcher)) = (self.membership.self_addr(), self.fetcher()) else {
+            return;
+        };
+        let Some((cache, profile)) = self.index.profile(&id) else {
+            return;
+        };
+        if !lock(&self.prefetched).first(id, std::time::Instant::now()) {
+            return;
+        }
+        let view = self.membership.view();
+        let my_zone = self.membership.self_zone().map(|z| z.as_str());
+        let zone_of = |a: &SocketAddr| {
+            if *a == me {
+                my_zone
+            } else {
+                view.zone(a).map(|z| z.as_str())
+            }
+        };
+        let manifest = cache.manifest().clone();
+        let chunks = policy::home_profile_chunks(
+            &profile,
+            |c| manifest.chunks.get(c as usize).copied().flatten().map(|e| e.digest),
+            |d| super::hrw::is_zone_home(d, view.addrs(), me, zone_of),
+        );
+        self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(image = %id, chunks = chunks.len(), of = profile.len(), "prefetching the profile chunks this host is home for");
+        let (server, cache) = (self.clone(), Arc::downgrade(&cache));
+        tokio::spawn(async move { server.prefetch(fetcher, cache, chunks).await });
+    }
+
+    /// Wants `chunks` of the image in order, [`PREFETCH_WINDOW`] at a
+    /// time, until done or the image is closed.
+    async fn prefetch(&self, fetcher: Fetcher, cache: std::sync::Weak<ImageCache>, chunks: Vec<u32>) {
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut next = chunks.into_iter();
+        loop {
+            while running.len() < PREFETCH_WINDOW {
+                let Some(c) = next.next() else { break };
+                let Some(cache) = cache.upgrade() else { return };
+                let c = ChunkIdx(c);
+                if !cache.is_ready(c) {
+                    running.push(fetcher.want(&cache, c, Class::Profile));
+                }
+            }
+            match futures::StreamExt::next(&mut running).await {
+                Some(Ok(())) => {
+                    self.counters.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!("a profile prefetch failed: {}", crate::DisplayChain(&*e));
+                }
+                None => return,
+            }
+        }
     }
 
     /// The chunk's stored form, if the requester takes it and this host
