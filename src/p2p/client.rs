@@ -985,9 +985,10 @@ mod tests {
             let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len()).as_bytes());
             let _ = conn.write_all(CHUNK);
         });
-        let c = client(&[home], None);
         let id = Digest::of(b"an image's manifest");
         for (image, header) in [(Some(id), Some(id.to_hex())), (None, None)] {
+            // A client each: the fake peer closes its connections.
+            let c = client(&[home], None);
             let (from, _) = c.get(home, entry(), CHUNK.len() as u64, Class::Profile, image).await.unwrap();
             assert_eq!(from, home);
             assert_eq!(images.lock().unwrap().pop(), Some(header), "image {image:?}");

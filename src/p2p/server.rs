@@ -1291,7 +1291,14 @@ mod tests {
             "a requester made the server wait longer than its limit"
         );
         let plain = req(&format!("/chunks/{d}"), &[AUTH]).unwrap();
-        assert_eq!((plain.class, plain.entry), (Class::Background, None));
+        assert_eq!((plain.class, plain.entry, plain.image), (Class::Background, None, None));
+        let id = Digest::of(b"an image");
+        let named = req(
+            &format!("/chunks/{d}"),
+            &[AUTH, ("x-streamblk-class", "profile"), ("x-streamblk-image", &id.to_hex())],
+        )
+        .unwrap();
+        assert_eq!((named.class, named.image), (Class::Profile, Some(id)));
         let hop = req(
             &format!("/chunks/{d}"),
             &[
@@ -1335,6 +1342,10 @@ mod tests {
             ("x-streamblk-hop", "sideways"),
             ("x-streamblk-from", "somewhere"),
             ("x-streamblk-wait-ms", "soon"),
+            ("x-streamblk-image", "abc"),
+            ("x-streamblk-image", format!("{d}00").as_str()),
+            ("x-streamblk-image", format!("{}zz", &d.to_hex()[..62]).as_str()),
+            ("x-streamblk-image", format!("0x{}", &d.to_hex()[..62]).as_str()),
         ] {
             let r = req(&format!("/chunks/{d}"), &[AUTH, h]);
             assert!(matches!(r, Err(Refusal::Bad(_))), "{h:?}: {r:?}");
