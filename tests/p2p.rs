@@ -690,7 +690,12 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
     // attaches), fetches nothing, so every store request below is the
     // requests' or the prefetch's.
     let mut profile: Vec<u32> = vec![0, 5];
-    profile.extend((0..64u32).map(|i| (i * 37 + 11) % 64).filter(|c| *c != 0 && *c != 5).take(40));
+    profile.extend(
+        (0..64u32)
+            .map(|i| (i * 37 + 11) % 64)
+            .filter(|c| *c != 0 && *c != 5)
+            .take(40),
+    );
     let profile_file = dir.path().join("boot.profile");
     std::fs::write(
         &profile_file,
@@ -698,7 +703,14 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
     )
     .unwrap();
     let store_s = store.to_str().unwrap();
-    streamblk(&["image", "set-profile", "img", profile_file.to_str().unwrap(), "--store", store_s]);
+    streamblk(&[
+        "image",
+        "set-profile",
+        "img",
+        profile_file.to_str().unwrap(),
+        "--store",
+        store_s,
+    ]);
     let http = HttpStore::start(store);
     let token = dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
@@ -742,7 +754,11 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
     let digest = |c: u32| Digest::of(&image[c as usize * BIG..(c as usize + 1) * BIG]);
     let is_home = |c: u32| home_of(&digest(c), members) == me;
     // What the prefetch must fetch: the profile's non-zero chunks homed here.
-    let expected: Vec<u32> = profile.iter().copied().filter(|&c| c != 0 && c != 5 && is_home(c)).collect();
+    let expected: Vec<u32> = profile
+        .iter()
+        .copied()
+        .filter(|&c| c != 0 && c != 5 && is_home(c))
+        .collect();
     assert!(expected.len() >= 8, "home for only {} profile chunks", expected.len());
     let path = |c: u32| format!("/chunks/{}", digest(c).to_hex());
     // The chunks the store served, each with its count.
@@ -787,7 +803,11 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
         ask(expected[i], class, image);
         asked.push(expected[i]);
         settle();
-        assert_eq!(served(), once(&asked), "a {class} request naming {image:?} started a prefetch");
+        assert_eq!(
+            served(),
+            once(&asked),
+            "a {class} request naming {image:?} started a prefetch"
+        );
     }
     // A malformed image id is refused before anything is fetched.
     let bad = get(
@@ -820,9 +840,7 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
 
     // Another profile request for the image: no second prefetch; only the
     // chunk asked for (one outside the profile, or not homed here) is fetched.
-    let other = (1..64u32)
-        .find(|&c| c != 5 && !expected.contains(&c))
-        .unwrap();
+    let other = (1..64u32).find(|&c| c != 5 && !expected.contains(&c)).unwrap();
     ask(other, "profile", Some(&id));
     settle();
     let mut all = expected.clone();

@@ -962,7 +962,10 @@ mod tests {
             let c = client(&[me, other], Some(me));
             // Either way `other` is asked before the store...
             assert_eq!(c.candidates(&d), vec![other], "home here: {home_here}");
-            let (from, data) = c.get(other, entry(), CHUNK.len() as u64, Class::Demand, None).await.unwrap();
+            let (from, data) = c
+                .get(other, entry(), CHUNK.len() as u64, Class::Demand, None)
+                .await
+                .unwrap();
             assert_eq!((from, &plain(data)[..]), (other, CHUNK));
             // ...as a holder when this host is the home (it would not fetch
             // the chunk for this host), as the home otherwise.
@@ -989,7 +992,10 @@ mod tests {
         for (image, header) in [(Some(id), Some(id.to_hex())), (None, None)] {
             // A client each: the fake peer closes its connections.
             let c = client(&[home], None);
-            let (from, _) = c.get(home, entry(), CHUNK.len() as u64, Class::Profile, image).await.unwrap();
+            let (from, _) = c
+                .get(home, entry(), CHUNK.len() as u64, Class::Profile, image)
+                .await
+                .unwrap();
             assert_eq!(from, home);
             assert_eq!(images.lock().unwrap().pop(), Some(header), "image {image:?}");
         }

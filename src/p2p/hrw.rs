@@ -290,7 +290,10 @@ mod tests {
         let plain = members(8);
         for d in digests(300) {
             // Without zones: the top member, and only it.
-            let homes: Vec<_> = plain.iter().filter(|me| is_zone_home(&d, &plain, **me, no_zone)).collect();
+            let homes: Vec<_> = plain
+                .iter()
+                .filter(|me| is_zone_home(&d, &plain, **me, no_zone))
+                .collect();
             assert_eq!(homes, vec![&ranked(&d, &plain, 1)[0]]);
             // With zones: one home per zone, the member whose candidates
             // name no one of its zone (it fetches or asks the global home).
@@ -309,10 +312,7 @@ mod tests {
             // A host its own list leaves out still ranks itself.
             let without: Vec<SocketAddr> = plain[1..].to_vec();
             let me = plain[0];
-            assert_eq!(
-                is_zone_home(&d, &without, me, no_zone),
-                ranked(&d, &plain, 1)[0] == me
-            );
+            assert_eq!(is_zone_home(&d, &without, me, no_zone), ranked(&d, &plain, 1)[0] == me);
         }
     }
 }

@@ -18,6 +18,9 @@ use crate::store::{ChunkIdx, Digest, ImageId};
 /// Where one chunk is: the open images that have it, and its index there.
 type Places = Vec<(Weak<ImageCache>, ChunkIdx)>;
 
+/// An open image with a boot profile, and the profile's chunk indices in order.
+type Profiled = (Weak<ImageCache>, Arc<[u32]>);
+
 /// digest -> the open images' caches that have a chunk with it.
 #[derive(Default)]
 pub struct ChunkIndex {
@@ -26,7 +29,7 @@ pub struct ChunkIndex {
     store: OnceLock<Arc<ChunkStore>>,
     /// The open images that have a boot profile, by id, and the profile's
     /// chunk indices in order.
-    profiles: RwLock<HashMap<ImageId, (Weak<ImageCache>, Arc<[u32]>)>>,
+    profiles: RwLock<HashMap<ImageId, Profiled>>,
 }
 
 impl ChunkIndex {

@@ -581,7 +581,11 @@ mod tests {
         let id = Some(Digest::of(b"image"));
         assert_eq!(starts_prefetch(Class::Profile, Hop::Home, id), id);
         assert_eq!(starts_prefetch(Class::Profile, Hop::Direct, id), id);
-        assert_eq!(starts_prefetch(Class::Profile, Hop::Redirected, id), None, "a holder prefetched");
+        assert_eq!(
+            starts_prefetch(Class::Profile, Hop::Redirected, id),
+            None,
+            "a holder prefetched"
+        );
         assert_eq!(starts_prefetch(Class::Demand, Hop::Home, id), None);
         assert_eq!(starts_prefetch(Class::Background, Hop::Home, id), None);
         assert_eq!(starts_prefetch(Class::Profile, Hop::Home, None), None);
@@ -601,7 +605,10 @@ mod tests {
             assert!(p.first(id(i), t2 + Duration::from_millis(u64::from(i))));
         }
         assert!(p.seen.len() <= PREFETCH_IMAGES);
-        assert!(p.first(id(0), t2 + Duration::from_secs(2)), "the oldest was kept past the cap");
+        assert!(
+            p.first(id(0), t2 + Duration::from_secs(2)),
+            "the oldest was kept past the cap"
+        );
         assert!(!p.first(id(PREFETCH_IMAGES as u32), t2 + Duration::from_secs(2)));
     }
 

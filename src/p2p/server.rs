@@ -42,8 +42,8 @@ use super::{
     lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_IMAGE, HEADER_QUEUE,
     HEADER_WAIT,
 };
-use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::cache::ImageCache;
+use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
 use crate::store::{manifest, ChunkEntry, ChunkIdx, Digest, ImageId, ManifestCopies};
 
 /// Connections served at once; more are closed at accept. Idle ones close
@@ -1295,7 +1295,11 @@ mod tests {
         let id = Digest::of(b"an image");
         let named = req(
             &format!("/chunks/{d}"),
-            &[AUTH, ("x-streamblk-class", "profile"), ("x-streamblk-image", &id.to_hex())],
+            &[
+                AUTH,
+                ("x-streamblk-class", "profile"),
+                ("x-streamblk-image", &id.to_hex()),
+            ],
         )
         .unwrap();
         assert_eq!((named.class, named.image), (Class::Profile, Some(id)));
