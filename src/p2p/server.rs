@@ -703,25 +703,33 @@ impl Server {
         if !lock(&self.prefetched).first(id, std::time::Instant::now()) {
             return;
         }
-        let view = self.membership.view();
-        let my_zone = self.membership.self_zone().map(|z| z.as_str());
-        let zone_of = |a: &SocketAddr| {
-            if *a == me {
-                my_zone
-            } else {
-                view.zone(a).map(|z| z.as_str())
-            }
-        };
-        let manifest = cache.manifest().clone();
-        let chunks = policy::home_profile_chunks(
-            &profile,
-            |c| manifest.chunks.get(c as usize).copied().flatten().map(|e| e.digest),
-            |d| super::hrw::is_zone_home(d, view.addrs(), me, zone_of),
-        );
         self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(image = %id, chunks = chunks.len(), of = profile.len(), "prefetching the profile chunks this host is home for");
-        let (server, cache) = (self.clone(), Arc::downgrade(&cache));
-        tokio::spawn(async move { server.prefetch(fetcher, cache, chunks).await });
+        let (view, my_zone) = (self.membership.view(), self.membership.self_zone().cloned());
+        let server = self.clone();
+        tokio::spawn(async move {
+            // A score per profile chunk and member of the zone: off the
+            // runtime's threads, for a large fleet.
+            let manifest = cache.manifest().clone();
+            let select = move || {
+                let zone_of = |a: &SocketAddr| {
+                    if *a == me {
+                        my_zone.as_ref().map(|z| z.as_str())
+                    } else {
+                        view.zone(a).map(|z| z.as_str())
+                    }
+                };
+                policy::home_profile_chunks(
+                    &profile,
+                    |c| manifest.chunks.get(c as usize).copied().flatten().map(|e| e.digest),
+                    |d| super::hrw::is_zone_home(d, view.addrs(), me, zone_of),
+                )
+            };
+            let Ok(chunks) = tokio::task::spawn_blocking(select).await else {
+                return;
+            };
+            tracing::info!(image = %id, chunks = chunks.len(), "prefetching the profile chunks this host is home for");
+            server.prefetch(fetcher, Arc::downgrade(&cache), chunks).await;
+        });
     }
 
     /// Wants `chunks` of the image in order, [`PREFETCH_WINDOW`] at a
