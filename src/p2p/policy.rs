@@ -163,6 +163,10 @@ pub fn served<M: Moment>(
 pub const PREFETCH_MEMORY: Duration = Duration::from_secs(600);
 /// Images remembered at most; beyond it the expired go, then the oldest.
 pub const PREFETCH_IMAGES: usize = 1024;
+/// Chunks a home's profile prefetch wants at a time: the scheduler's
+/// low-class slots and rate decide how fast they come; this only bounds
+/// how many sit in its queue ahead of the host's own profile stream.
+pub const PREFETCH_WINDOW: usize = 8;
 
 /// Whether a request may start a home's profile prefetch: a profile-class
 /// request that names its image and came to this host as a home (a holder

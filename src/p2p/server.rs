@@ -67,11 +67,6 @@ const SLOT_WAIT: Duration = Duration::from_secs(10);
 const CONN_LIFETIME: Duration = Duration::from_secs(300);
 const CONN_DRAIN: Duration = Duration::from_secs(30);
 
-/// Chunks a home's profile prefetch wants at a time: the scheduler's
-/// low-class slots and rate decide how fast they come; this only bounds
-/// how many sit in its queue ahead of the host's own profile stream.
-const PREFETCH_WINDOW: usize = 8;
-
 /// Limits of the peer server (tests shrink them).
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
@@ -732,13 +727,13 @@ impl Server {
         });
     }
 
-    /// Wants `chunks` of the image in order, [`PREFETCH_WINDOW`] at a
+    /// Wants `chunks` of the image in order, [`policy::PREFETCH_WINDOW`] at a
     /// time, until done or the image is closed.
     async fn prefetch(&self, fetcher: Fetcher, cache: std::sync::Weak<ImageCache>, chunks: Vec<u32>) {
         let mut running = futures::stream::FuturesUnordered::new();
         let mut next = chunks.into_iter();
         loop {
-            while running.len() < PREFETCH_WINDOW {
+            while running.len() < policy::PREFETCH_WINDOW {
                 let Some(c) = next.next() else { break };
                 let Some(cache) = cache.upgrade() else { return };
                 let c = ChunkIdx(c);
