@@ -7,6 +7,8 @@
 //! background, and are paced to `--p2p-upload-rate`. When every slot is
 //! busy, a home redirects a requester to members it served the chunk to
 //! (`directory`), so a chunk fans out instead of queueing at its home.
+//! The first profile-class request naming an image this host has open
+//! makes it prefetch that image's profile chunks it is home for.
 //! Everything is bounded: connections, a request's head, waiting uploads,
 //! time, and a write that makes no progress (`conn`).
 //!
