@@ -50,6 +50,12 @@ fn row(store: u64, profile: bool, what: &str, r: &Report, base: &Report) {
         r.prefetches,
         r.prefetched,
     );
+    // Not in the table: requests a holder or home could not serve (404 from
+    // a holder that does not hold the chunk yet, refused, reset).
+    eprintln!(
+        "{store} Mbit/s, profile {profile}, {what}, {} hosts: {} failed requests",
+        r.hosts, r.failed
+    );
 }
 
 fn main() {

@@ -256,6 +256,15 @@ fn a_busy_home_redirects_requesters_to_the_hosts_it_served() {
          {from_peers} chunks from peers; uploads per host {uploads:?}; {took:?}"
     );
     assert!(redirects > 0, "no home redirected");
+    // A host that got a chunk from a holder the home named tells the home
+    // once it verified it (in the background: allow it a moment).
+    let told = || hosts.iter().map(|h| h.p2p_status("holders_told")).sum::<u64>();
+    let until = Instant::now() + Duration::from_secs(5);
+    while told() == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("homes told by holders: {}", told());
+    assert!(told() > 0, "no host told a home it holds a chunk a holder sent it");
     assert!(
         store as f64 <= 1.1 * chunks as f64,
         "the store served {store} chunk requests for {chunks} chunks"

@@ -84,6 +84,10 @@ pub struct P2pStatus {
     pub prefetches: u64,
     #[serde(default)]
     pub prefetched_chunks: u64,
+    /// Members that told this host (their chunks' home) they verified a
+    /// chunk they got from another holder.
+    #[serde(default)]
+    pub holders_told: u64,
     /// Peer requests refused: no or wrong token, malformed, unknown chunk,
     /// too busy, a fetch that failed.
     pub refused_unauthorized: u64,
@@ -615,6 +619,12 @@ fn p2p_metrics(p: &P2pStatus, metric: &mut MetricFn<'_>) {
         "Peer requests redirected to other holders while the upload slots were busy.",
         "counter",
         &one(p.redirects),
+    );
+    metric(
+        "p2p_holders_told_total",
+        "Members that told this host, a chunk's home, they verified the chunk from another holder.",
+        "counter",
+        &one(p.holders_told),
     );
     metric(
         "p2p_home_fetches_total",

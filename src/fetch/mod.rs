@@ -835,7 +835,10 @@ impl Inner {
             let got = tokio::time::timeout(within, ask).await;
             match got {
                 Ok(Ok((sender, chunk))) => match (chunk.len() as u64, self.verify_peer_chunk(entry, len, chunk)) {
-                    (wire, Ok(data)) => return Some((data, wire)),
+                    (wire, Ok(data)) => {
+                        peers.verified(peer, sender, &entry.digest);
+                        return Some((data, wire));
+                    }
                     (_, Err(why)) => {
                         self.counters.bad_peer_chunks.fetch_add(1, Ordering::Relaxed);
                         peers.bad_chunk(sender, &entry.digest, &why.to_string());
@@ -1235,6 +1238,8 @@ mod tests {
         candidates: HashMap<Digest, Vec<(SocketAddr, Peer)>>,
         asked: Mutex<Vec<SocketAddr>>,
         bad: Mutex<Vec<SocketAddr>>,
+        /// (asked, sender) of each chunk reported verified.
+        verified: Mutex<Vec<(SocketAddr, SocketAddr)>>,
     }
 
     impl FakePeers {
@@ -1245,6 +1250,7 @@ mod tests {
                 candidates: HashMap::new(),
                 asked: Mutex::default(),
                 bad: Mutex::default(),
+                verified: Mutex::default(),
             };
             for i in 0..n {
                 let data = vec![(i % 251) as u8 + 1; 65536];
@@ -1310,6 +1316,10 @@ mod tests {
 
         fn bad_chunk(&self, peer: SocketAddr, _digest: &Digest, _why: &str) {
             self.bad.lock().unwrap().push(peer);
+        }
+
+        fn verified(&self, asked: SocketAddr, sender: SocketAddr, _digest: &Digest) {
+            self.verified.lock().unwrap().push((asked, sender));
         }
     }
 
@@ -1467,6 +1477,26 @@ mod tests {
             peers.asked.lock().unwrap().len(),
             1,
             "the candidate after a busy home was asked"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_chunk_is_reported_verified_only_once_it_checks_out_so_a_liar_is_never_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(2, dir.path()).await;
+        let peers = Arc::new(FakePeers::new(2, &[Peer::Liar, Peer::Good]));
+        let fetcher = Fetcher::with_peers(
+            store,
+            Some(peers.clone()),
+            config(2),
+            &tokio::runtime::Handle::current(),
+        );
+        fetcher.want(&cache, ChunkIdx(1), Class::Demand).await.unwrap();
+        let good = SocketAddr::from(([127, 0, 0, 1], 7001));
+        assert_eq!(
+            *peers.verified.lock().unwrap(),
+            vec![(good, good)],
+            "the liar's chunk was reported verified, or the good one was not"
         );
     }
 
@@ -1804,9 +1834,9 @@ mod tests {
             1,
             &tokio::runtime::Handle::current(),
         );
-        // Open but not attached: the window ahead of the start, no more.
+        // Open but not attached: nothing streams (peers may not be up).
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(ready(&cache), 1, "the clock ran before any guest attached");
+        assert_eq!(ready(&cache), 0, "replay streamed before any guest attached");
         replay.note_attach();
         let attached = Instant::now();
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -1827,6 +1857,44 @@ mod tests {
         assert!(
             done.unwrap() >= 1700,
             "{done:?} ms from attach to the end of the stream"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_of_an_image_no_guest_attaches_to_waits_then_streams_and_fill_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cache) = setup(6, dir.path()).await;
+        let cfg = FetchConfig {
+            background_fill: true,
+            ..config(4)
+        };
+        let fetcher = Fetcher::new(store, cfg, &tokio::runtime::Handle::current());
+        let replay = Arc::new(
+            ProfileReplay::new(profile(vec![3, 2, 1], Some(300)), 6).unattached_after(Duration::from_millis(800)),
+        );
+        let boot = Arc::new(BootWatch::default());
+        fetcher.start_fill(
+            &cache,
+            Some(replay.clone()),
+            boot,
+            8,
+            &tokio::runtime::Handle::current(),
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ready(&cache), 0, "replay streamed before its wait for a guest was over");
+        let t = Instant::now();
+        while ready(&cache) < 6 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{} chunks after 30 s",
+                ready(&cache)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(replay.counters.streamed.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            fetcher.counters().by_class[Class::Background as usize].load(Ordering::Relaxed),
+            3
         );
     }
 

@@ -87,4 +87,8 @@ pub trait Peers: Send + Sync {
     /// `peer` sent bytes for `digest` that failed verification: count it,
     /// log it, and ask that peer no more for the chunk.
     fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str);
+
+    /// The chunk asked of `asked` came from `sender` and was verified:
+    /// the peers may tell the chunk's home that this host holds it now.
+    fn verified(&self, _asked: SocketAddr, _sender: SocketAddr, _digest: &Digest) {}
 }

@@ -1,6 +1,11 @@
 //! Boot profile replay: stream an image's profile in order at profile
 //! priority, a bounded window ahead of the boot, and count how well it kept
-//! ahead. The boot's position is the further of the guests' progress
+//! ahead. Nothing streams before the first guest attaches: a daemon that
+//! starts with its fleet would otherwise ask homes that are not listening
+//! yet, and fail over to the store for chunks they will fetch too. An
+//! image no guest attaches to within [`UNATTACHED`] of its opening streams
+//! anyway, as if one had, so that background fill (which follows replay)
+//! still comes. The boot's position is the further of the guests' progress
 //! through the profile and the boot clock, which starts at the first guest
 //! attach: with the recorded boot's length, the profile is spread evenly
 //! over it; without, the clock moves at the profile's rate. Replay ends at
@@ -23,6 +28,9 @@ use crate::profile::Profile;
 use crate::store::ChunkIdx;
 
 const NOT_IN_PROFILE: u32 = u32::MAX;
+/// An image no guest attached to this long after it opened streams its
+/// profile anyway (as the boot watch ends a boot nobody started).
+pub const UNATTACHED: Duration = super::boot::QUIET;
 const UNSET: u64 = u64::MAX;
 
 /// What replay did; read by `status`.
@@ -48,6 +56,8 @@ pub struct ProfileReplay {
     moved: Notify,
     /// When the image opened; times below are microseconds since.
     start: Instant,
+    /// How long after `start` replay waits for a first attach.
+    unattached: Duration,
     /// The first guest attach (or, if none was reported, the first read).
     attach_us: AtomicU64,
     first_read_us: AtomicU64,
@@ -68,11 +78,19 @@ impl ProfileReplay {
             progress: AtomicU32::new(0),
             moved: Notify::new(),
             start: Instant::now(),
+            unattached: UNATTACHED,
             attach_us: AtomicU64::new(UNSET),
             first_read_us: AtomicU64::new(UNSET),
             done_us: AtomicU64::new(UNSET),
             counters: ProfileCounters::default(),
         }
+    }
+
+    /// Waits `d` (not [`UNATTACHED`]) for a first attach.
+    #[cfg(test)]
+    pub fn unattached_after(mut self, d: Duration) -> Self {
+        self.unattached = d;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -121,18 +139,28 @@ impl ProfileReplay {
         }
     }
 
-    /// Waits for the first attach, then until the boot the profile
-    /// recorded would be over.
+    /// Waits for the first attach (or the end of the wait for one), then
+    /// until the boot the profile recorded would be over.
     pub async fn boot_over(&self) {
-        let attached = loop {
+        let started = self.boot_started().await;
+        if let Some(ms) = self.profile.boot_ms {
+            tokio::time::sleep_until(started + Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// The boot clock's start: the first attach, or the end of the wait
+    /// for one.
+    async fn boot_started(&self) -> Instant {
+        let unattached = self.start + self.unattached;
+        loop {
             let moved = self.moved.notified();
             if let Some(t) = self.attached_at() {
-                break t;
+                return t;
             }
-            moved.await;
-        };
-        if let Some(ms) = self.profile.boot_ms {
-            tokio::time::sleep_until(attached + Duration::from_millis(ms)).await;
+            tokio::select! {
+                _ = moved => {}
+                _ = tokio::time::sleep_until(unattached) => return unattached,
+            }
         }
     }
 
@@ -195,8 +223,7 @@ impl BootClock {
 
     /// The profile position the clock is at, moving at `rate` bytes per
     /// second since the last call (u64::MAX: no limit).
-    fn position(&mut self, attached: Option<Instant>, rate: u64, now: Instant) -> u32 {
-        let Some(attached) = attached else { return 0 };
+    fn position(&mut self, attached: Instant, rate: u64, now: Instant) -> u32 {
         let n = self.bytes_before.len();
         if let Some(boot) = self.boot {
             let f = now.duration_since(attached).as_secs_f64() / boot.as_secs_f64();
@@ -264,13 +291,13 @@ pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: 
     };
     // Positions in streaming order: the profile's, or per host with peers.
     let order = fetcher.has_peers().then(|| fleet_order(n as usize, host_seed()));
+    let started = replay.boot_started().await;
     let mut next = 0u32;
     let mut running = FuturesUnordered::new();
     loop {
         let moved = replay.moved.notified();
-        let attached = replay.attached_at();
         let boot = replay.progress.load(Ordering::Relaxed).max(clock.position(
-            attached,
+            started,
             fetcher.profile_rate_now(),
             Instant::now(),
         ));
@@ -294,7 +321,7 @@ pub(super) async fn replay(fetcher: &Fetcher, cache: &Weak<ImageCache>, replay: 
                 }
             }
             _ = moved => {}
-            _ = tokio::time::sleep(CLOCK_STEP), if attached.is_some() && next < n => {}
+            _ = tokio::time::sleep(CLOCK_STEP), if next < n => {}
         }
     }
     replay

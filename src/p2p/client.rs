@@ -24,7 +24,7 @@ use futures::future::BoxFuture;
 
 use super::directory::REDIRECT_TO;
 use super::membership::Membership;
-use super::policy::{Hop, Reply, Requester, Step, CANDIDATES};
+use super::policy::{self, Hop, Reply, Requester, Step, CANDIDATES};
 use super::{
     hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_IMAGE,
     HEADER_QUEUE, HEADER_WAIT,
@@ -433,6 +433,32 @@ impl PeerClient {
         Ok(buf.freeze())
     }
 
+    /// Tells `home` this host (`me`) holds the chunk: one small request
+    /// within the first-byte budget, under the per-peer request cap. A
+    /// failure costs nothing but the home's knowledge.
+    async fn tell_home(&self, home: SocketAddr, me: SocketAddr, digest: &Digest) -> Result<(), String> {
+        if !self.membership.members().contains(&home) {
+            return Err("not a member".into());
+        }
+        let stats = self.stats(home);
+        let Ok(_turn) = stats.in_flight.0.acquire().await else {
+            unreachable!("the semaphore is never closed")
+        };
+        let req = self
+            .http
+            .post(format!("http://{home}/holders/{digest}"))
+            .header(reqwest::header::AUTHORIZATION, self.token.header())
+            .header(HEADER_FROM, me.to_string());
+        let resp = tokio::time::timeout(self.timeouts.first_byte, req.send())
+            .await
+            .map_err(|_| "no answer in time".to_string())?
+            .map_err(|e| crate::DisplayChain(&e).to_string())?;
+        match resp.status() {
+            reqwest::StatusCode::NO_CONTENT => Ok(()),
+            status => Err(format!("answered {status}")),
+        }
+    }
+
     /// One request and its answer, each step within its time budget.
     async fn send(&self, stats: &PeerStats, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
         let Ask {
@@ -670,6 +696,23 @@ impl Peers for PeerClient {
                 Err(e) => Err(Box::new(e) as PeerError),
             }
         })
+    }
+
+    /// A chunk a holder sent, verified: the home that redirected this
+    /// host there is told (`POST /holders/<digest>`), in the background,
+    /// so that it names this host to later requesters too and the chunk
+    /// fans out below the members the home served itself.
+    fn verified(&self, asked: SocketAddr, sender: SocketAddr, digest: &Digest) {
+        let (Some(home), Some(me)) = (policy::announce_to(asked, sender), self.membership.self_addr()) else {
+            return;
+        };
+        let this = self.clone();
+        let digest = *digest;
+        tokio::spawn(async move {
+            if let Err(e) = this.tell_home(home, me, &digest).await {
+                tracing::debug!(%home, %digest, "telling the home this host holds the chunk failed: {e}");
+            }
+        });
     }
 
     fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str) {

@@ -1,6 +1,6 @@
 //! A home's directory: which members hold a chunk it is home for, learnt
-//! when it serves one (a requester that got a chunk from its home holds it
-//! once verified). When its upload slots are all busy, a home redirects a
+//! when it has sent one the chunk, or when one tells it that it verified
+//! the chunk a holder sent (see `policy::served`). When its upload slots are all busy, a home redirects a
 //! requester to holders instead of queueing it, so a chunk fans out over a
 //! tree of hosts instead of being uploaded N-1 times by its home (design
 //! (c) of the design brief). Soft state: bounded, entries expire.

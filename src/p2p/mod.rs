@@ -393,6 +393,7 @@ impl P2p {
             st.redirects = c.redirects.load(Ordering::Relaxed);
             st.prefetches = c.prefetches.load(Ordering::Relaxed);
             st.prefetched_chunks = c.prefetched_chunks.load(Ordering::Relaxed);
+            st.holders_told = c.holders_told.load(Ordering::Relaxed);
             st.refused_unauthorized = c.unauthorized.load(Ordering::Relaxed);
             st.bad_requests = c.bad_requests.load(Ordering::Relaxed);
             st.not_found = c.not_found.load(Ordering::Relaxed);

@@ -143,8 +143,12 @@ pub fn source(held: bool, hop: Hop, can_fetch: bool) -> Source {
     }
 }
 
-/// The server is sending a chunk to `from`: the home names it to later
-/// requesters (it holds the chunk once it has checked it). Members only.
+/// The server has sent a chunk's last byte to `from`, or `from` told it
+/// that it verified the chunk ([`announce_to`]): the home names it to
+/// later requesters. Not when the upload starts: a member named while it
+/// is still receiving answers a redirected request 404 (it never fetches
+/// for one), and the requester goes on to the next holder, then back to
+/// the home. Members only.
 pub fn served<M: Moment>(
     directory: &mut Directory<M>,
     digest: Digest,
@@ -155,6 +159,15 @@ pub fn served<M: Moment>(
     if let (Some(from), true) = (from, is_member) {
         directory.record(digest, from, now);
     }
+}
+
+/// A requester verified a chunk it asked `asked` (its acting home) for and
+/// got from `sender`: the home to tell that this host holds it now, if the
+/// home did not send it itself (a holder it redirected to did). Else a
+/// home would know only the members it served, and a chunk could fan out
+/// only one level below them.
+pub fn announce_to(asked: SocketAddr, sender: SocketAddr) -> Option<SocketAddr> {
+    (asked != sender).then_some(asked)
 }
 
 /// How long a home remembers that it prefetched an image's profile: a
@@ -417,6 +430,13 @@ mod tests {
             None,
             "sent to itself"
         );
+    }
+
+    #[test]
+    fn a_chunk_from_a_holder_is_announced_to_the_home_asked_not_one_from_the_home() {
+        let (home, holder) = (addr(0), addr(1));
+        assert_eq!(announce_to(home, holder), Some(home));
+        assert_eq!(announce_to(home, home), None, "the home that sent it was told");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! flight, through the fetch scheduler) and serves every requester from
 //! that copy. Uploads take a slot, demand before profile before
 //! background, and are paced to `--p2p-upload-rate`. When every slot is
-//! busy, a home redirects a requester to members it served the chunk to
-//! (`directory`), so a chunk fans out instead of queueing at its home.
+//! busy, a home redirects a requester to members it sent the chunk to, or
+//! that told it they hold it (`POST /holders/<digest>`; `directory`), so a
+//! chunk fans out instead of queueing at its home.
 //! The first profile-class request naming an image this host has open
 //! makes it prefetch that image's profile chunks it is home for.
 //! Everything is bounded: connections, a request's head, waiting uploads,
@@ -100,6 +101,8 @@ pub struct ServerCounters {
     /// Chunks this host fetched (as a home) to serve a peer.
     pub home_fetches: AtomicU64,
     pub redirects: AtomicU64,
+    /// Members that said they verified a chunk (`POST /holders/<digest>`).
+    pub holders_told: AtomicU64,
     pub unauthorized: AtomicU64,
     pub bad_requests: AtomicU64,
     pub not_found: AtomicU64,
@@ -130,7 +133,8 @@ pub struct Server {
     loose_gate: Arc<Mutex<LooseFlights>>,
     /// Only members are recorded as holders.
     membership: Arc<Membership>,
-    directory: Mutex<Directory>,
+    /// Shared with uploads, which record their requester once sent.
+    directory: Arc<Mutex<Directory>>,
     slots: Arc<UploadSlots>,
     upload_slots: usize,
     /// Upload cap in bytes per second (None: no cap), and its bucket.
@@ -238,6 +242,34 @@ fn check_token(token: &Token, method: &Method, headers: &HeaderMap) -> Result<()
         return Err(Refusal::Method);
     }
     Ok(())
+}
+
+/// Checks the token, then parses a holder's word to a chunk's home
+/// (`POST /holders/<digest>`, [`HEADER_FROM`] required): the chunk, and
+/// the member that verified it. Pure: unit-tested below.
+pub fn parse_have_request(
+    token: &Token,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(Digest, SocketAddr), Refusal> {
+    // The token first: a stranger learns nothing, not even the method.
+    check_token(token, &Method::GET, headers)?;
+    if method != Method::POST {
+        return Err(Refusal::Method);
+    }
+    let bad = |why: &str| Refusal::Bad(why.to_string());
+    let digest = uri
+        .path()
+        .strip_prefix("/holders/")
+        .filter(|h| h.len() == 64)
+        .and_then(Digest::from_hex)
+        .ok_or_else(|| bad("path is not /holders/<digest>"))?;
+    let from = headers
+        .get(HEADER_FROM)
+        .and_then(|v| v.to_str().ok()?.parse::<SocketAddr>().ok())
+        .ok_or_else(|| bad("from is not ADDR:PORT"))?;
+    Ok((digest, from))
 }
 
 /// Checks the token, then parses a manifest request: the image id asked.
@@ -379,7 +411,12 @@ struct Upload {
     /// Its slot, its room in the upload buffer, and its place in the
     /// server's load, until the last byte is sent.
     _held: (SlotGuard, OwnedSemaphorePermit, Option<LoadGuard>),
+    /// Called once the last frame is handed to hyper (whose write buffer
+    /// is a few KiB): the home names the requester as a holder then.
+    on_sent: Option<OnSent>,
 }
+
+type OnSent = Box<dyn FnOnce() + Send + Sync>;
 
 /// Permits of [`Server::buffer`] for `bytes`.
 fn kib(bytes: u64) -> u32 {
@@ -412,6 +449,11 @@ impl hyper::body::Body for Upload {
             }
         }
         let frame = this.data.split_to(n);
+        if this.data.is_empty() {
+            if let Some(sent) = this.on_sent.take() {
+                sent();
+            }
+        }
         std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
     }
 
@@ -452,7 +494,7 @@ impl Server {
             loose: Arc::new(LooseChunks::new(loose_cap)),
             loose_gate: Arc::default(),
             membership,
-            directory: Mutex::default(),
+            directory: Arc::default(),
             slots: UploadSlots::new(slots),
             upload_slots: slots.max(1),
             rate,
@@ -552,17 +594,19 @@ impl Server {
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         // A manifest is no chunk request: not in the load.
-        self.upload(data, slot, room, None)
+        self.upload(data, slot, room, None, None)
     }
 
     /// An answer carrying `data`, paced to the upload cap, holding `slot`,
-    /// `room` and a chunk request's place in the load until it is sent.
+    /// `room` and a chunk request's place in the load until it is sent,
+    /// then calling `on_sent`.
     fn upload(
         &self,
         data: Bytes,
         slot: SlotGuard,
         room: OwnedSemaphorePermit,
         load: Option<LoadGuard>,
+        on_sent: Option<OnSent>,
     ) -> Response<Body> {
         let len = data.len();
         let body = Upload {
@@ -570,6 +614,7 @@ impl Server {
             pace: self.rate.map(|rate| (self.bucket.clone(), rate as f64)),
             wait: None,
             _held: (slot, room, load),
+            on_sent,
         }
         .boxed();
         let mut resp = Response::new(body);
@@ -580,9 +625,35 @@ impl Server {
         resp
     }
 
+    /// A member verified a chunk another holder sent it: as the chunk's
+    /// home, this host names it to later requesters (`policy::served`).
+    /// Only members are recorded; nothing else is done or fetched.
+    fn handle_have(&self, req: &Request<Incoming>) -> Response<Body> {
+        let (digest, from) = match parse_have_request(&self.token, req.method(), req.uri(), req.headers()) {
+            Ok(have) => have,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        let is_member = self.membership.members().contains(&from);
+        if !is_member || Some(from) == self.membership.self_addr() {
+            return self.refuse(Refusal::Bad("from is not another member".into()));
+        }
+        self.counters.holders_told.fetch_add(1, Ordering::Relaxed);
+        policy::served(
+            &mut lock(&self.directory),
+            digest,
+            Some(from),
+            is_member,
+            std::time::Instant::now(),
+        );
+        self.answer(StatusCode::NO_CONTENT, String::new())
+    }
+
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         if req.uri().path().starts_with("/manifests/") {
             return self.handle_manifest(&req).await;
+        }
+        if req.uri().path().starts_with("/holders/") {
+            return self.handle_have(&req);
         }
         let r = match parse_request(&self.token, req.method(), req.uri(), req.headers()) {
             Ok(r) => r,
@@ -657,20 +728,24 @@ impl Server {
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, "upload queue full".into());
         };
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
-        // The requester holds the chunk once it has checked it: a home
-        // names it to later requesters when its slots are busy.
+        // The requester holds the chunk once it has it all and checked it:
+        // a home names it to later requesters when its slots are busy, from
+        // the upload's last byte on (see `policy::served`).
         let is_member = r.from.is_some_and(|f| self.membership.members().contains(&f));
-        policy::served(
-            &mut lock(&self.directory),
-            r.digest,
-            r.from,
-            is_member,
-            std::time::Instant::now(),
-        );
+        let (directory, digest, from) = (self.directory.clone(), r.digest, r.from);
+        let on_sent: OnSent = Box::new(move || {
+            policy::served(
+                &mut lock(&directory),
+                digest,
+                from,
+                is_member,
+                std::time::Instant::now(),
+            );
+        });
         self.counters
             .upload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut resp = self.upload(data, slot, room, Some(active));
+        let mut resp = self.upload(data, slot, room, Some(active), Some(on_sent));
         resp.headers_mut().insert(
             HEADER_FORM,
             HeaderValue::from_static(if stored { "stored" } else { "plain" }),
@@ -1160,6 +1235,102 @@ mod tests {
             all_at > Duration::from_millis(500),
             "the body ignored the cap: {all_at:?}"
         );
+    }
+
+    /// The holders `server`'s directory would name for `d` now.
+    fn named(server: &Server, d: &Digest) -> Vec<SocketAddr> {
+        lock(&server.directory).pick(d, None, std::time::Instant::now())
+    }
+
+    #[tokio::test]
+    async fn a_home_names_a_requester_once_its_upload_is_sent_not_when_it_starts() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m1 = SocketAddr::from(([127, 0, 0, 1], 7001));
+        let membership = Arc::new(Membership::new(vec![m1], None, None).unwrap());
+        // 1 MB/s: a 1 MiB chunk's body takes about a second after its head.
+        let server = Arc::new(Server::new(
+            Arc::new(token()),
+            Arc::default(),
+            membership,
+            1,
+            Some(1_000_000),
+            1 << 30,
+            ServerLimits::default(),
+        ));
+        let d = hold_chunk(&server, 1 << 20, 7);
+        let addr = listen(&server).await;
+        // Spend the bucket's burst (no From: nobody to name).
+        assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        let req = chunk_request(&d).replace(
+            "\r\n\r\n",
+            &format!("\r\nX-Streamblk-From: {m1}\r\nConnection: close\r\n\r\n"),
+        );
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (mut answer, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            named(&server, &d).is_empty(),
+            "a member still receiving the chunk was named as its holder"
+        );
+        while conn.read(&mut buf).await.unwrap() > 0 {}
+        assert!(
+            eventually(|| named(&server, &d) == vec![m1]).await,
+            "the member sent the whole chunk was not named"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_member_that_tells_the_home_it_verified_a_chunk_is_named_as_its_holder() {
+        let (m1, m2) = (
+            SocketAddr::from(([127, 0, 0, 1], 7001)),
+            SocketAddr::from(([127, 0, 0, 1], 7002)),
+        );
+        let server = test_server(1, ServerLimits::default(), &[m1, m2]);
+        let addr = listen(&server).await;
+        let d = Digest::of(b"some chunk");
+        let have = |from: &str, auth: bool, method: &str| {
+            let auth = if auth {
+                "Authorization: Bearer s3cret-token\r\n"
+            } else {
+                ""
+            };
+            format!("{method} /holders/{d} HTTP/1.1\r\nHost: peer\r\n{auth}X-Streamblk-From: {from}\r\nContent-Length: 0\r\n\r\n")
+        };
+        // Refused: no token, not a POST, not a member.
+        assert!(exchange(addr, &have(&m2.to_string(), false, "POST"))
+            .await
+            .starts_with("HTTP/1.1 401"));
+        assert!(exchange(addr, &have(&m2.to_string(), true, "GET"))
+            .await
+            .starts_with("HTTP/1.1 405"));
+        assert!(exchange(addr, &have("10.9.9.9:7070", true, "POST"))
+            .await
+            .starts_with("HTTP/1.1 400"));
+        assert!(named(&server, &d).is_empty(), "a refused word was recorded");
+        let answer = exchange(addr, &have(&m2.to_string(), true, "POST")).await;
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+        assert_eq!(named(&server, &d), vec![m2], "the member that told was not named");
+        assert_eq!(server.counters.holders_told.load(Ordering::Relaxed), 1);
+        // And a busy home's redirect names it.
+        let (before, _busy) = server.active.arrive();
+        let r = ChunkRequest {
+            digest: d,
+            class: Class::Demand,
+            entry: None,
+            from: Some(m1),
+            hop: Hop::Home,
+            wait: None,
+            stored: false,
+            image: None,
+        };
+        let resp = server.redirect(&r, before + 1).expect("a busy home did not redirect");
+        assert_eq!(resp.headers()[HEADER_HOLDERS], m2.to_string().as_str());
     }
 
     #[tokio::test]

@@ -5,8 +5,10 @@
 //! by the daemon's own code: `hrw::ranked` places chunks,
 //! `policy::candidates` picks whom to ask, `policy::redirect` /
 //! `policy::source` / `policy::served` with the daemon's `Directory` decide
-//! at the home, `policy::starts_prefetch` / `Prefetched` /
-//! `home_profile_chunks` decide a home's profile prefetch, `policy::Requester` decides what a requester does with
+//! at the home (which names a member once its upload to it is sent, or
+//! once the member announces it verified the chunk, `policy::announce_to`),
+//! `policy::starts_prefetch` / `Prefetched` / `home_profile_chunks` decide
+//! a home's profile prefetch, `policy::Requester` decides what a requester does with
 //! each answer, and `fetch::fleet_order` shuffles the profile. It models
 //! links, not CPUs: no TLS, no hashing, no syscalls.
 //!
@@ -290,6 +292,9 @@ enum Ev {
     ChunkIn(u32),
     /// A store fetch reached its host.
     StoreIn(u32),
+    /// A holder's word reaches a home (home, chunk, holder): it verified
+    /// the chunk (`policy::announce_to`).
+    Have(u32, u32, u32),
     Kill(u32),
 }
 
@@ -599,6 +604,7 @@ impl Sim<'_> {
             Ev::Sent(r) => self.sent(r),
             Ev::ChunkIn(r) => self.chunk_in(r),
             Ev::StoreIn(f) => self.store_in(f),
+            Ev::Have(home, c, holder) => self.have(home, c, holder),
             Ev::Kill(h) => self.kill(h),
         }
     }
@@ -1176,15 +1182,12 @@ impl Sim<'_> {
         }
     }
 
-    /// Sends the chunk: the home names the requester to later ones.
+    /// Sends the chunk (the home names the requester once it is sent).
     fn upload(&mut self, r: u32) {
         let Req { from, to, chunk, .. } = self.reqs[r as usize];
         // The stored form goes over the wire (see the module's comment).
         let len = self.w.chunks[chunk as usize].stored as u64;
-        let digest = self.w.chunks[chunk as usize].digest;
-        let now = Duration::from_nanos(self.now);
         let server = &mut self.hosts[to as usize];
-        policy::served(&mut server.directory, digest, Some(addr(from)), true, now);
         let req = &mut self.reqs[r as usize];
         req.queue = server.active.get();
         req.state = ReqState::Uploading;
@@ -1206,6 +1209,11 @@ impl Sim<'_> {
         if !server.alive {
             return;
         }
+        // Sent: the home names the requester to later ones.
+        let Req { from, chunk, .. } = self.reqs[r as usize];
+        let digest = self.w.chunks[chunk as usize].digest;
+        let now = Duration::from_nanos(self.now);
+        policy::served(&mut server.directory, digest, Some(addr(from)), true, now);
         server.buffer_free += buffer;
         server.slots_free += 1;
         for class in [Class::Demand, Class::Profile, Class::Background] {
@@ -1243,6 +1251,14 @@ impl Sim<'_> {
             Reply::Failed
         } else {
             self.r.peer_bytes += self.w.chunks[chunk as usize].stored as u64;
+            // Verified (bytes are never bad here): a holder's chunk is
+            // announced to the home asked, as the client does.
+            if let Some(fl) = self.flights[flight as usize].as_ref() {
+                let asked = fl.candidates.get(fl.next_candidate.wrapping_sub(1)).map(|c| c.0);
+                if let Some(home) = asked.and_then(|a| policy::announce_to(a, addr(to))) {
+                    self.at(self.now + self.half_rtt(), Ev::Have(host_of(home), chunk, from));
+                }
+            }
             Reply::Chunk
         };
         self.decide(flight, to, hop, reply);
@@ -1299,6 +1315,16 @@ impl Sim<'_> {
         );
         self.flights[f as usize].as_mut().expect("a live flight").requester = Some(requester);
         self.step(f, step);
+    }
+
+    /// A holder's word reaches a home: it names the holder from now on.
+    fn have(&mut self, home: u32, c: u32, holder: u32) {
+        let now = Duration::from_nanos(self.now);
+        let digest = self.w.chunks[c as usize].digest;
+        let server = &mut self.hosts[home as usize];
+        if server.alive {
+            policy::served(&mut server.directory, digest, Some(addr(holder)), true, now);
+        }
     }
 
     fn kill(&mut self, k: u32) {
@@ -1406,6 +1432,25 @@ mod tests {
             assert!(n >= 1 && n <= most, "chunk {c}: {n} store fetches");
         }
         assert!(r.failed > 0, "nobody noticed the kill");
+    }
+
+    #[test]
+    fn redirected_requesters_find_holders_that_hold_the_chunk_not_ones_still_receiving_it() {
+        // Every host reads the same chunks in the same order, no profile:
+        // waves of requests meet busy homes, which redirect.
+        let w = small();
+        let r = run(&Config::fleet(300), &w);
+        assert!(r.complete);
+        assert!(r.redirects > 300, "only {} redirects", r.redirects);
+        // What fails is the holder asks (a home asks the member after it
+        // whether it holds a chunk, about once a chunk), never a holder a
+        // home named before its upload to it was sent.
+        assert!(
+            r.failed <= w.chunks.len() as u64,
+            "{} failed requests for {} chunks: holders named before they held the chunk",
+            r.failed,
+            w.chunks.len()
+        );
     }
 
     #[test]

@@ -161,6 +161,13 @@ impl VhostUserBlkHandler {
                 };
                 t.start(&vring, inflight).map_err(ProtoError::ReqHandlerError)?;
                 self.needs_start[q] = false;
+                // A daemon killed between publishing a used entry and
+                // signalling it left a completion the guest never heard of;
+                // it may be waiting on nothing else. A spurious interrupt
+                // costs the guest a look at its ring.
+                if vring.get_ref().get_call().is_some() {
+                    let _ = vring.signal_used_queue();
+                }
             }
             t.halt_flag()
         };
