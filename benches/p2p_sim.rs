@@ -8,7 +8,8 @@
 //! baseline), `SIM_KILL_HOSTS` (default "1000"), `SIM_STORE_MBIT`
 //! (default "100 1000"), `SIM_PROFILE` (default "off on"),
 //! `SIM_UPLOAD_SLOTS` (default 4), `SIM_PARK_COLD` (1: the what-if of
-//! `Config::park_cold`).
+//! `Config::park_cold`), `SIM_HOME_PREFETCH` (default 1, as the daemon;
+//! 0: homes do not prefetch their profile chunks).
 
 use streamblk::p2p_sim::{run, Config, Report, Workload};
 
@@ -31,7 +32,7 @@ fn row(store: u64, profile: bool, what: &str, r: &Report, base: &Report) {
     let (med, max) = (r.median_time(), r.max_time());
     let base_t = base.median_time().as_secs_f64();
     println!(
-        "| {store} Mbit/s | {} | {what} | {} | {:.3}x | {:.3} s | {:.3} s | {:.2}x / {:.2}x | {} | {:.1} ms | {:.1} MiB | {:.0} MiB | {} | {} | {:.1} s |",
+        "| {store} Mbit/s | {} | {what} | {} | {:.3}x | {:.3} s | {:.3} s | {:.2}x / {:.2}x | {} | {:.1} ms | {:.1} MiB | {:.0} MiB | {} | {} | {:.1} s | {} ({}) |",
         if profile { "on" } else { "off" },
         r.hosts,
         r.egress(),
@@ -46,6 +47,8 @@ fn row(store: u64, profile: bool, what: &str, r: &Report, base: &Report) {
         r.redirects,
         r.busy,
         r.wall.as_secs_f64(),
+        r.prefetches,
+        r.prefetched,
     );
     // Not in the table: requests a holder or home could not serve (404 from
     // a holder that does not hold the chunk yet, refused, reset).
@@ -74,8 +77,8 @@ fn main() {
         "P2P fleet simulation: every host boots at once with an empty cache; {}; hosts 1 Gbit/s up and down, RTT 0.2 ms, store 1 ms a request; {slots} upload slots; reads one at a time, as the fleet benchmark.\n",
         w.what
     );
-    println!("| store | profile | scenario | hosts | store egress / working set | replay median | max | vs one host (median / max) | upload max / mean | p99 read | from store | from peers | redirects | busy (503) | sim wall time |");
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| store | profile | scenario | hosts | store egress / working set | replay median | max | vs one host (median / max) | upload max / mean | p99 read | from store | from peers | redirects | busy (503) | sim wall time | home prefetches (chunks) |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &store in &stores {
         for &profile in &profiles {
             let cfg = |n: u64| Config {
@@ -83,6 +86,7 @@ fn main() {
                 profile,
                 upload_slots: slots,
                 park_cold: env("SIM_PARK_COLD", "0") == "1",
+                home_prefetch: env("SIM_HOME_PREFETCH", "1") == "1",
                 ..Config::fleet(n as usize)
             };
             let base = run(&cfg(hosts[0]), &w);

@@ -673,3 +673,213 @@ fn a_host_serves_the_chunks_of_an_image_it_no_longer_has_open() {
     assert_eq!(home_fetches, 0, "a fetched chunks it holds from the store");
     assert!(again < chunks - uploads + 1, "the store served {again} chunks again");
 }
+
+/// A home that has an image open with a boot profile: the first
+/// profile-class request naming the image makes it fetch from the store
+/// exactly the profile's chunks it is home for (each once), and nothing
+/// else; demand and background requests, an unknown image, a request that
+/// names none, or a second profile request start no prefetch.
+#[test]
+fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile_request() {
+    use streamblk::store::Digest;
+
+    const BIG: usize = 512 << 10;
+    let dir = tmpdir();
+    // 64 chunks of 512 KiB, every one distinct; chunks 0 and 5 all zeros.
+    let mut image = random_bytes(64 * BIG, 91);
+    for c in [0, 5] {
+        image[c * BIG..(c + 1) * BIG].fill(0);
+    }
+    let raw = dir.path().join("image.raw");
+    std::fs::write(&raw, &image).unwrap();
+    let store = dir.path().join("store");
+    let id = import(&raw, &store, "img", BIG as u64);
+    // The profile starts with the zero chunks: the home's own profile
+    // stream, two chunks ahead of a boot that never starts (no guest
+    // attaches), fetches nothing, so every store request below is the
+    // requests' or the prefetch's.
+    let mut profile: Vec<u32> = vec![0, 5];
+    profile.extend(
+        (0..64u32)
+            .map(|i| (i * 37 + 11) % 64)
+            .filter(|c| *c != 0 && *c != 5)
+            .take(40),
+    );
+    let profile_file = dir.path().join("boot.profile");
+    std::fs::write(
+        &profile_file,
+        serde_json::json!({"version": 1, "chunk_size": BIG, "chunks": profile}).to_string(),
+    )
+    .unwrap();
+    let store_s = store.to_str().unwrap();
+    streamblk(&[
+        "image",
+        "set-profile",
+        "img",
+        profile_file.to_str().unwrap(),
+        "--store",
+        store_s,
+    ]);
+    let http = HttpStore::start(store);
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+
+    // The home, and a member that never starts (its chunks are not the home's).
+    let addrs = free_addrs(2);
+    let (me, members) = (addrs[0], &addrs[..]);
+    let peers: Vec<String> = members.iter().map(ToString::to_string).collect();
+    let args: Vec<String> = [
+        "--store",
+        &http.url,
+        "--cache-dir",
+        dir.path().join("cache").to_str().unwrap(),
+        // Background fill on (a peer's background request passes its
+        // rate), yet it never starts: it waits for the boot, and no guest
+        // attaches.
+        "--fill-rate",
+        "100",
+        "--profile-window-mib",
+        "1",
+        "--p2p-listen",
+        &me.to_string(),
+        "--peers",
+        &peers.join(","),
+        "--p2p-token-file",
+        token.to_str().unwrap(),
+        "--disk",
+        &format!(
+            "name=home,socket={},overlay={},image=img",
+            dir.path().join("disk.sock").display(),
+            dir.path().join("overlay").display()
+        ),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let home = Daemon::start(&args);
+    let p2p = |key: &str| home.status()["p2p"][key].as_u64().unwrap();
+    assert_eq!(p2p("prefetches"), 0);
+
+    let digest = |c: u32| Digest::of(&image[c as usize * BIG..(c as usize + 1) * BIG]);
+    let is_home = |c: u32| home_of(&digest(c), members) == me;
+    // What the prefetch must fetch: the profile's non-zero chunks homed here.
+    let expected: Vec<u32> = profile
+        .iter()
+        .copied()
+        .filter(|&c| c != 0 && c != 5 && is_home(c))
+        .collect();
+    assert!(expected.len() >= 8, "home for only {} profile chunks", expected.len());
+    let path = |c: u32| format!("/chunks/{}", digest(c).to_hex());
+    // The chunks the store served, each with its count.
+    let served = || {
+        let mut v: Vec<(String, u64)> = http.chunk_requests().into_iter().collect();
+        v.sort();
+        v
+    };
+    let once = |chunks: &[u32]| {
+        let mut v: Vec<(String, u64)> = chunks.iter().map(|&c| (path(c), 1)).collect();
+        v.sort();
+        v
+    };
+    let bearer = format!("Bearer {TOKEN}");
+    let ask = |c: u32, class: &str, named: Option<&str>| {
+        let mut h = vec![("Authorization", bearer.as_str()), ("X-Streamblk-Class", class)];
+        if let Some(named) = named {
+            h.push(("X-Streamblk-Image", named));
+        }
+        let (status, _, body) = get(me, &path(c), &h);
+        assert_eq!(status, 200, "chunk {c}, {class}, image {named:?}");
+        assert!(body == image_chunk(&image, c, BIG), "chunk {c}: wrong bytes");
+    };
+    // Long enough for a prefetch to have fetched something (the store
+    // answers in about a millisecond).
+    let settle = || std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(served(), vec![], "the store served chunks before any request");
+
+    // No prefetch: demand and background requests naming the image, a
+    // profile request for an id this host cannot resolve, one naming none.
+    let unknown = Digest::of(b"no such image").to_hex();
+    let mut asked = Vec::new();
+    for (i, (class, image)) in [
+        ("demand", Some(id.as_str())),
+        ("background", Some(id.as_str())),
+        ("profile", Some(unknown.as_str())),
+        ("profile", None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ask(expected[i], class, image);
+        asked.push(expected[i]);
+        settle();
+        assert_eq!(
+            served(),
+            once(&asked),
+            "a {class} request naming {image:?} started a prefetch"
+        );
+    }
+    // A malformed image id is refused before anything is fetched.
+    let bad = get(
+        me,
+        &path(expected[4]),
+        &[
+            ("Authorization", bearer.as_str()),
+            ("X-Streamblk-Class", "profile"),
+            ("X-Streamblk-Image", "not-an-image"),
+        ],
+    );
+    assert_eq!(bad.0, 400);
+    assert_eq!(p2p("prefetches"), 0);
+
+    // The first profile request naming the image: the home fetches every
+    // profile chunk it is home for, each once, and no other chunk.
+    ask(expected[4], "profile", Some(&id));
+    let t = Instant::now();
+    while served() != once(&expected) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    settle();
+    assert_eq!(served(), once(&expected), "not exactly the profile chunks homed here");
+    assert_eq!(p2p("prefetches"), 1);
+    // The chunks it had not fetched yet (the requested one may have been
+    // fetched by the request itself before the prefetch wanted it).
+    let brought = p2p("prefetched_chunks");
+    let left = expected.len() as u64 - 4;
+    assert!((left - 1..=left).contains(&brought), "prefetched {brought} of {left}");
+
+    // Another profile request for the image: no second prefetch; only the
+    // chunk asked for (one outside the profile, or not homed here) is fetched.
+    let other = (1..64u32).find(|&c| c != 5 && !expected.contains(&c)).unwrap();
+    ask(other, "profile", Some(&id));
+    settle();
+    let mut all = expected.clone();
+    all.push(other);
+    assert_eq!(served(), once(&all));
+    assert_eq!(p2p("prefetches"), 1);
+    eprintln!(
+        "home for {} of {} profile chunks: prefetched {brought}, the store served each once",
+        expected.len(),
+        profile.len()
+    );
+}
+
+/// A chunk's home among `members`: the highest rendezvous score, the first
+/// 8 bytes (little-endian) of blake3(digest || member as text), ties to
+/// the smaller address (what every daemon computes, `src/p2p/hrw.rs`).
+fn home_of(digest: &streamblk::store::Digest, members: &[SocketAddr]) -> SocketAddr {
+    let score = |m: &SocketAddr| {
+        let mut h = blake3::Hasher::new();
+        h.update(&digest.0);
+        h.update(m.to_string().as_bytes());
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap())
+    };
+    *members
+        .iter()
+        .max_by(|a, b| score(a).cmp(&score(b)).then(b.cmp(a)))
+        .unwrap()
+}
+
+/// Chunk `c` of `image` in chunks of `size` bytes.
+fn image_chunk(image: &[u8], c: u32, size: usize) -> &[u8] {
+    &image[c as usize * size..(c as usize + 1) * size]
+}

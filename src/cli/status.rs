@@ -93,7 +93,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
 pub fn p2p_line(p: &P2pStatus) -> String {
     format!(
         "p2p on {}, {} of {} members: uploaded {} chunks ({}), queue {}, {} fetched as home, {} kept in memory, \
-         {} redirected, told of {} holders; refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
+         {} redirected, told of {} holders, {} profile prefetches ({} chunks); \
+         refused {} unauthorized, {} bad, {} unknown, {} busy, {} failed",
         p.listen.as_deref().unwrap_or("(not serving)"),
         if p.is_member { "one" } else { "not one" },
         p.members.len(),
@@ -104,6 +105,8 @@ pub fn p2p_line(p: &P2pStatus) -> String {
         p.loose_chunks,
         p.redirects,
         p.holders_told,
+        p.prefetches,
+        p.prefetched_chunks,
         p.refused_unauthorized,
         p.bad_requests,
         p.not_found,
@@ -366,6 +369,8 @@ mod tests {
             is_member: true,
             uploads: 3,
             upload_bytes: 3 << 20,
+            prefetches: 1,
+            prefetched_chunks: 40,
             ..P2pStatus::default()
         };
         let l = p2p_line(&p);
@@ -373,6 +378,7 @@ mod tests {
             l.starts_with("p2p on 127.0.0.1:7000, one of 2 members: uploaded 3 chunks (3.0 MiB)"),
             "{l}"
         );
+        assert!(l.contains(", 1 profile prefetches (40 chunks); "), "{l}");
         assert_eq!(
             membership_line(&p),
             "membership static, zone (none), 2 members, 0 changes"

@@ -78,6 +78,12 @@ pub struct P2pStatus {
     /// Peer requests sent on to other holders while the upload slots were busy.
     #[serde(default)]
     pub redirects: u64,
+    /// Profile prefetches this host started as a home (the first
+    /// profile-class request for an open image), and the chunks they brought.
+    #[serde(default)]
+    pub prefetches: u64,
+    #[serde(default)]
+    pub prefetched_chunks: u64,
     /// Members that told this host (their chunks' home) they verified a
     /// chunk they got from another holder.
     #[serde(default)]
@@ -625,6 +631,18 @@ fn p2p_metrics(p: &P2pStatus, metric: &mut MetricFn<'_>) {
         "Chunks fetched as their home to serve a peer.",
         "counter",
         &one(p.home_fetches),
+    );
+    metric(
+        "p2p_prefetches_total",
+        "Profile prefetches started as a home, on the first profile request for an open image.",
+        "counter",
+        &one(p.prefetches),
+    );
+    metric(
+        "p2p_prefetched_chunks_total",
+        "Profile chunks brought into the cache by a home's prefetch.",
+        "counter",
+        &one(p.prefetched_chunks),
     );
     metric(
         "p2p_refused_total",

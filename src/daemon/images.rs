@@ -299,7 +299,7 @@ impl Images {
             "opened; cache has {have}/{all} chunks"
         );
         if let Some(p) = &self.p2p {
-            p.add_image(&cache);
+            p.add_image(&cache, replay.as_ref().map(|r| Arc::from(r.chunks())));
         }
         let window = (self.profile_window / cache.manifest().chunk_size as u64).max(1) as u32;
         let boot = Arc::new(BootWatch::default());

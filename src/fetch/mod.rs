@@ -34,7 +34,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::cache::ImageCache;
-use crate::store::{self, verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, ImageStore};
+use crate::store::{self, verify_chunk, verify_plain, ChunkEntry, ChunkIdx, Digest, ImageId, ImageStore};
 
 /// Why a chunk is wanted, in priority order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -218,6 +218,14 @@ enum Target {
 }
 
 impl Target {
+    /// The image a cached chunk is wanted for (the flight's first want's).
+    fn image(&self) -> Option<ImageId> {
+        match self {
+            Target::Cached { cache, .. } => Some(*cache.id()),
+            Target::Loose { .. } => None,
+        }
+    }
+
     /// The chunk's entry and length; None for an all-zero chunk.
     fn entry(&self) -> Option<(ChunkEntry, u64)> {
         match self {
@@ -780,7 +788,7 @@ impl Inner {
             return None;
         }
         let class = Class::of(flight.class.load(Ordering::Acquire));
-        let (data, n) = self.ask_peers(holders, entry, len, class, true).await?;
+        let (data, n) = self.ask_peers(holders, entry, len, class, None, true).await?;
         let data = match self.deliver(flight, data).await {
             Ok(data) => data,
             Err(e) => return Some(Err(e)),
@@ -795,7 +803,8 @@ impl Inner {
     }
 
     /// The chunk's plaintext from the first of `candidates` that sends it
-    /// intact (asked as holders if `held`, else as homes), and the bytes
+    /// intact (asked as holders if `held`, else as homes, told the `image`
+    /// it is for), and the bytes
     /// that came over the wire; None if none does (the store is asked
     /// then). A peer's bytes are checked against the manifest's digest
     /// here, before anything caches them. A holder has `attempt_timeout`;
@@ -808,6 +817,7 @@ impl Inner {
         entry: &ChunkEntry,
         len: u64,
         class: Class,
+        image: Option<ImageId>,
         held: bool,
     ) -> Option<(Bytes, u64)> {
         let peers = self.peers.as_ref()?;
@@ -815,7 +825,7 @@ impl Inner {
             let ask = if held {
                 peers.get_held(peer, *entry, len, class)
             } else {
-                peers.get(peer, *entry, len, class)
+                peers.get(peer, *entry, len, class, image)
             };
             let within = if held {
                 self.config.attempt_timeout
@@ -1002,7 +1012,8 @@ async fn from_peers_or_requeue(
 ) {
     // The class it is wanted at now: a guest may have come to wait for it.
     let now = Class::of(flight.class.load(Ordering::Acquire));
-    let Some((data, n)) = inner.ask_peers(candidates, &entry, len, now, false).await else {
+    let image = flight.target.image();
+    let Some((data, n)) = inner.ask_peers(candidates, &entry, len, now, image, false).await else {
         inner.requeue(&flight, class);
         return;
     };
@@ -1277,6 +1288,7 @@ mod tests {
             entry: ChunkEntry,
             _len: u64,
             _class: Class,
+            _image: Option<ImageId>,
         ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
             self.asked.lock().unwrap().push(peer);
             let data = self.data.get(&entry.digest).cloned();
@@ -1377,6 +1389,7 @@ mod tests {
             entry: ChunkEntry,
             _len: u64,
             _class: Class,
+            _image: Option<ImageId>,
         ) -> futures::future::BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
             let mut form = self.forms[&entry.digest].to_vec();
             if peer == self.liar {

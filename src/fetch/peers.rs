@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::Class;
-use crate::store::{ChunkEntry, Digest};
+use crate::store::{ChunkEntry, Digest, ImageId};
 
 /// What a peer sent for a chunk, unverified.
 #[derive(Debug)]
@@ -53,13 +53,16 @@ pub trait Peers: Send + Sync {
 
     /// The chunk's bytes (its plaintext or its stored form), unverified,
     /// asked of `peer`, and the peer that sent them: `peer`, or a holder it
-    /// redirected to.
+    /// redirected to. `image`: the image it is wanted for, if any (a home
+    /// that has it open prefetches its profile on its first profile-class
+    /// request).
     fn get(
         &self,
         peer: SocketAddr,
         entry: ChunkEntry,
         len: u64,
         class: Class,
+        image: Option<ImageId>,
     ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>>;
 
     /// Peers that may hold a chunk the store did not serve this host (it

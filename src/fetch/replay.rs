@@ -97,6 +97,11 @@ impl ProfileReplay {
         self.profile.chunks.len()
     }
 
+    /// The profile's chunk indices, in order.
+    pub fn chunks(&self) -> &[u32] {
+        &self.profile.chunks
+    }
+
     /// Notes that a guest attached to a disk of the image: the first
     /// attach starts the boot clock (later ones change nothing).
     pub fn note_attach(&self) {

@@ -26,8 +26,8 @@ use super::directory::REDIRECT_TO;
 use super::membership::Membership;
 use super::policy::{self, Hop, Reply, Requester, Step, CANDIDATES};
 use super::{
-    hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE,
-    HEADER_WAIT,
+    hrw, lock, PeerTimeouts, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_IMAGE,
+    HEADER_QUEUE, HEADER_WAIT,
 };
 use crate::fetch::{Class, PeerChunk, PeerError, Peers, StillBusy};
 use crate::store::{check_manifest, ChunkEntry, Digest, ImageId, Manifest, MAX_MANIFEST_BYTES};
@@ -457,7 +457,12 @@ impl PeerClient {
 
     /// One request and its answer, each step within its time budget.
     async fn send(&self, stats: &PeerStats, peer: SocketAddr, ask: &Ask, hop: Hop) -> Result<Answer, RequestError> {
-        let Ask { entry, len, class } = *ask;
+        let Ask {
+            entry,
+            len,
+            class,
+            image,
+        } = *ask;
         let digest = entry.digest;
         let members = self.membership.members();
         if !members.contains(&peer) {
@@ -483,6 +488,9 @@ impl PeerClient {
         }
         if let Some(hop) = hop.name() {
             req = req.header(HEADER_HOP, hop);
+        }
+        if let Some(image) = image {
+            req = req.header(HEADER_IMAGE, image.to_hex());
         }
         let first_byte = self.timeouts.first_byte;
         let resp = tokio::time::timeout(first_byte, req.send())
@@ -567,12 +575,14 @@ async fn read_capped(resp: &mut reqwest::Response, cap: u64, idle: Duration) -> 
     Ok(buf.freeze())
 }
 
-/// What is asked of peers: a chunk, its length, and the requester's class.
+/// What is asked of peers: a chunk, its length, the requester's class,
+/// and the image it is for (if known).
 #[derive(Clone, Copy)]
 struct Ask {
     entry: ChunkEntry,
     len: u64,
     class: Class,
+    image: Option<ImageId>,
 }
 
 /// What a peer answered.
@@ -631,9 +641,15 @@ impl Peers for PeerClient {
         entry: ChunkEntry,
         len: u64,
         class: Class,
+        image: Option<ImageId>,
     ) -> BoxFuture<'static, Result<(SocketAddr, PeerChunk), PeerError>> {
         let this = self.clone();
-        let ask = Ask { entry, len, class };
+        let ask = Ask {
+            entry,
+            len,
+            class,
+            image,
+        };
         let holder_only = self.ranks_after_me(peer, &entry.digest);
         Box::pin(async move {
             let got = if holder_only {
@@ -679,7 +695,13 @@ impl Peers for PeerClient {
         let this = self.clone();
         Box::pin(async move {
             // As a holder a home named: it serves what it holds, or 404.
-            match this.request(peer, &Ask { entry, len, class }, Hop::Redirected).await {
+            let ask = Ask {
+                entry,
+                len,
+                class,
+                image: None,
+            };
+            match this.request(peer, &ask, Hop::Redirected).await {
                 Ok(Answer::Chunk(b)) => Ok((peer, b)),
                 Ok(Answer::Redirect(_)) => Err(Box::new(RequestError::Status {
                     peer,
@@ -754,6 +776,7 @@ mod tests {
             entry: entry(),
             len: CHUNK.len() as u64,
             class: Class::Demand,
+            image: None,
         }
     }
 
@@ -997,11 +1020,42 @@ mod tests {
             let c = client(&[me, other], Some(me));
             // Either way `other` is asked before the store...
             assert_eq!(c.candidates(&d), vec![other], "home here: {home_here}");
-            let (from, data) = c.get(other, entry(), CHUNK.len() as u64, Class::Demand).await.unwrap();
+            let (from, data) = c
+                .get(other, entry(), CHUNK.len() as u64, Class::Demand, None)
+                .await
+                .unwrap();
             assert_eq!((from, &plain(data)[..]), (other, CHUNK));
             // ...as a holder when this host is the home (it would not fetch
             // the chunk for this host), as the home otherwise.
             assert_eq!(hops.lock().unwrap().pop(), Some(hop), "home here: {home_here}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_request_names_the_image_it_is_for_when_the_fetch_knows_it() {
+        // Records each request's image header and serves the chunk.
+        let images = Arc::new(Mutex::new(Vec::new()));
+        let seen = images.clone();
+        let home = fake_peer_with_head(move |head, mut conn| {
+            let image = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-streamblk-image: ")
+                    .map(str::to_string)
+            });
+            seen.lock().unwrap().push(image);
+            let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", CHUNK.len()).as_bytes());
+            let _ = conn.write_all(CHUNK);
+        });
+        let id = Digest::of(b"an image's manifest");
+        for (image, header) in [(Some(id), Some(id.to_hex())), (None, None)] {
+            // A client each: the fake peer closes its connections.
+            let c = client(&[home], None);
+            let (from, _) = c
+                .get(home, entry(), CHUNK.len() as u64, Class::Profile, image)
+                .await
+                .unwrap();
+            assert_eq!(from, home);
+            assert_eq!(images.lock().unwrap().pop(), Some(header), "image {image:?}");
         }
     }
 

@@ -34,6 +34,26 @@ pub fn ranked(digest: &Digest, members: &[SocketAddr], n: usize) -> Vec<SocketAd
     scored.into_iter().take(n).map(|(_, m)| m).collect()
 }
 
+/// Whether `me` is the home of `digest` in its zone (`zone_of(me)`; no
+/// zone is a zone of its own): it ranks first among the members of its
+/// zone, as [`ranked`] and [`candidates`] rank them, whether or not
+/// `members` lists it. Without zones: the top member of the fleet. Pure
+/// placement, taking no member for down.
+pub fn is_zone_home<'a>(
+    digest: &Digest,
+    members: &[SocketAddr],
+    me: SocketAddr,
+    zone_of: impl Fn(&SocketAddr) -> Option<&'a str>,
+) -> bool {
+    let my_zone = zone_of(&me);
+    let mine = score(digest, &me);
+    // Ties go to the smaller address, as in `ranked`.
+    members
+        .iter()
+        .filter(|m| **m != me && zone_of(m) == my_zone)
+        .all(|m| (score(digest, m), std::cmp::Reverse(*m)) < (mine, std::cmp::Reverse(me)))
+}
+
 /// Whom a host asks for a chunk, in order, before the store: the top `n`
 /// members of its zone (`zone_of(me)`; no zone is a zone of its own) that
 /// are `usable`, up to itself; and if it is its zone's acting home (it
@@ -261,5 +281,38 @@ mod tests {
         }
         // 12 members in the zone: about one chunk in 12 had the leaver as home.
         assert!((150..350).contains(&moved), "{moved} of 3000");
+    }
+
+    #[test]
+    fn a_host_is_zone_home_exactly_for_the_chunks_it_asks_no_one_in_its_zone_for() {
+        let (m, zone_of) = zoned();
+        let no_zone = |_: &SocketAddr| None;
+        let plain = members(8);
+        for d in digests(300) {
+            // Without zones: the top member, and only it.
+            let homes: Vec<_> = plain
+                .iter()
+                .filter(|me| is_zone_home(&d, &plain, **me, no_zone))
+                .collect();
+            assert_eq!(homes, vec![&ranked(&d, &plain, 1)[0]]);
+            // With zones: one home per zone, the member whose candidates
+            // name no one of its zone (it fetches or asks the global home).
+            let mut per_zone = std::collections::HashMap::new();
+            for &me in &m {
+                let asks_own_zone = candidates(&d, &m, Some(me), zone_of, |_| true, 3)
+                    .iter()
+                    .any(|c| zone_of(c) == zone_of(&me));
+                assert_eq!(is_zone_home(&d, &m, me, zone_of), !asks_own_zone, "{me}");
+                if !asks_own_zone {
+                    *per_zone.entry(zone_of(&me)).or_insert(0) += 1;
+                }
+            }
+            assert_eq!(per_zone.len(), 3);
+            assert!(per_zone.values().all(|&n| n == 1), "{per_zone:?}");
+            // A host its own list leaves out still ranks itself.
+            let without: Vec<SocketAddr> = plain[1..].to_vec();
+            let me = plain[0];
+            assert_eq!(is_zone_home(&d, &without, me, no_zone), ranked(&d, &plain, 1)[0] == me);
+        }
     }
 }

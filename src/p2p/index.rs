@@ -2,6 +2,9 @@
 //! a missing chunk can be fetched), the host's chunk store (every chunk it
 //! holds, whichever image brought it, open or not), and a small in-memory
 //! LRU of chunks it fetched as a home for images it does not have open.
+//! Also the open images by id, with their boot profiles: what a home may
+//! prefetch for its peers (never more than an open image's manifest and
+//! profile name).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock, Weak};
@@ -10,10 +13,13 @@ use bytes::Bytes;
 
 use crate::cache::{ChunkStore, ImageCache};
 use crate::fetch::ChunkLru;
-use crate::store::{ChunkIdx, Digest};
+use crate::store::{ChunkIdx, Digest, ImageId};
 
 /// Where one chunk is: the open images that have it, and its index there.
 type Places = Vec<(Weak<ImageCache>, ChunkIdx)>;
+
+/// An open image with a boot profile, and the profile's chunk indices in order.
+type Profiled = (Weak<ImageCache>, Arc<[u32]>);
 
 /// digest -> the open images' caches that have a chunk with it.
 #[derive(Default)]
@@ -21,13 +27,24 @@ pub struct ChunkIndex {
     map: RwLock<HashMap<Digest, Places>>,
     /// The host's chunk store, known once an image has been opened.
     store: OnceLock<Arc<ChunkStore>>,
+    /// The open images that have a boot profile, by id, and the profile's
+    /// chunk indices in order.
+    profiles: RwLock<HashMap<ImageId, Profiled>>,
 }
 
 impl ChunkIndex {
-    /// Adds every non-zero chunk of an opened image, and drops the entries
-    /// of images closed since.
-    pub fn add(&self, cache: &Arc<ImageCache>) {
+    /// Adds every non-zero chunk of an opened image, and its boot profile
+    /// (chunk indices in order; checked against the manifest when it was
+    /// parsed), and drops the entries of images closed since.
+    pub fn add(&self, cache: &Arc<ImageCache>, profile: Option<Arc<[u32]>>) {
         self.set_store(cache.store().clone());
+        {
+            let mut profiles = self.profiles.write().unwrap_or_else(|e| e.into_inner());
+            profiles.retain(|_, (w, _)| w.strong_count() > 0);
+            if let Some(p) = profile {
+                profiles.insert(*cache.id(), (Arc::downgrade(cache), p));
+            }
+        }
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, v| {
             v.retain(|(w, _)| w.strong_count() > 0);
@@ -57,6 +74,14 @@ impl ChunkIndex {
             cold.get_or_insert((cache, *c, false));
         }
         cold
+    }
+
+    /// Open image `id` and its boot profile, if this host has it open
+    /// with one.
+    pub fn profile(&self, id: &ImageId) -> Option<(Arc<ImageCache>, Arc<[u32]>)> {
+        let profiles = self.profiles.read().unwrap_or_else(|e| e.into_inner());
+        let (w, p) = profiles.get(id)?;
+        Some((w.upgrade()?, p.clone()))
     }
 
     /// Serves the host's chunk store's chunks (the one store a daemon has).

@@ -57,6 +57,11 @@ pub const HEADER_HOLDERS: &str = "x-streamblk-holders";
 /// the server answers within it, with the chunk or a 503 (busy), so that
 /// only a hung peer makes a requester wait longer.
 pub const HEADER_WAIT: &str = "x-streamblk-wait-ms";
+/// The id of the image (64 hex digits) whose chunk the requester wants:
+/// a home with that image open prefetches the boot profile chunks it is
+/// home for on the image's first profile-class request. Absent (an older
+/// daemon, a chunk of no known image): no prefetch.
+pub const HEADER_IMAGE: &str = "x-streamblk-image";
 /// Largest token file read.
 const MAX_TOKEN_BYTES: u64 = 4096;
 /// Bytes of chunks a home keeps in memory for images it does not have open.
@@ -330,9 +335,10 @@ impl P2p {
         self.client.manifest(id).await
     }
 
-    /// Makes an opened image's chunks servable by digest.
-    pub fn add_image(&self, cache: &Arc<ImageCache>) {
-        self.index.add(cache);
+    /// Makes an opened image's chunks servable by digest, and its boot
+    /// profile (chunk indices in order) known to the home's prefetch.
+    pub fn add_image(&self, cache: &Arc<ImageCache>, profile: Option<Arc<[u32]>>) {
+        self.index.add(cache, profile);
     }
 
     /// Re-reads the peers file (SIGHUP).
@@ -385,6 +391,8 @@ impl P2p {
             st.upload_queue = s.queue_depth();
             st.home_fetches = c.home_fetches.load(Ordering::Relaxed);
             st.redirects = c.redirects.load(Ordering::Relaxed);
+            st.prefetches = c.prefetches.load(Ordering::Relaxed);
+            st.prefetched_chunks = c.prefetched_chunks.load(Ordering::Relaxed);
             st.holders_told = c.holders_told.load(Ordering::Relaxed);
             st.refused_unauthorized = c.unauthorized.load(Ordering::Relaxed);
             st.bad_requests = c.bad_requests.load(Ordering::Relaxed);

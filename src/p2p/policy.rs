@@ -9,14 +9,16 @@
 //! the very same ones over simulated links, so what it reports is about
 //! this code. Nothing here does I/O, sleeps or reads the time.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::directory::Directory;
 pub use super::directory::Moment;
-use crate::store::Digest;
+use crate::fetch::Class;
+use crate::store::{Digest, ImageId};
 
 /// Members examined per chunk: its home and two failover candidates.
 pub const CANDIDATES: usize = 3;
@@ -166,6 +168,74 @@ pub fn served<M: Moment>(
 /// only one level below them.
 pub fn announce_to(asked: SocketAddr, sender: SocketAddr) -> Option<SocketAddr> {
     (asked != sender).then_some(asked)
+}
+
+/// How long a home remembers that it prefetched an image's profile: a
+/// storm of one image is answered by one prefetch; a storm hours later
+/// (whose chunks the cache may have evicted) by another.
+pub const PREFETCH_MEMORY: Duration = Duration::from_secs(600);
+/// Images remembered at most; beyond it the expired go, then the oldest.
+pub const PREFETCH_IMAGES: usize = 1024;
+/// Chunks a home's profile prefetch wants at a time: the scheduler's
+/// low-class slots and rate decide how fast they come; this only bounds
+/// how many sit in its queue ahead of the host's own profile stream.
+pub const PREFETCH_WINDOW: usize = 8;
+
+/// Whether a request may start a home's profile prefetch: a profile-class
+/// request that names its image and came to this host as a home (a holder
+/// a home redirected to, or that a home asks whether it holds a chunk, is
+/// not the chunks' home).
+pub fn starts_prefetch(class: Class, hop: Hop, image: Option<ImageId>) -> Option<ImageId> {
+    image.filter(|_| class == Class::Profile && hop != Hop::Redirected)
+}
+
+/// The images a home prefetched the profile of lately: soft state,
+/// bounded, entries expire.
+#[derive(Debug)]
+pub struct Prefetched<M = Instant> {
+    seen: HashMap<ImageId, M>,
+}
+
+impl<M> Default for Prefetched<M> {
+    fn default() -> Self {
+        Prefetched { seen: HashMap::new() }
+    }
+}
+
+impl<M: Moment> Prefetched<M> {
+    /// Notes a prefetch of image `id` at `now`: true if none was noted in
+    /// the last [`PREFETCH_MEMORY`] (the caller prefetches then).
+    pub fn first(&mut self, id: ImageId, now: M) -> bool {
+        if self.seen.get(&id).is_some_and(|t| now.since(*t) < PREFETCH_MEMORY) {
+            return false;
+        }
+        if self.seen.len() >= PREFETCH_IMAGES && !self.seen.contains_key(&id) {
+            self.seen.retain(|_, t| now.since(*t) < PREFETCH_MEMORY);
+            if self.seen.len() >= PREFETCH_IMAGES {
+                if let Some(oldest) = self.seen.iter().max_by_key(|(_, t)| now.since(**t)).map(|(k, _)| *k) {
+                    self.seen.remove(&oldest);
+                }
+            }
+        }
+        self.seen.insert(id, now);
+        true
+    }
+}
+
+/// The chunks of a boot profile (chunk indices, in profile order) that a
+/// home prefetches: those `digest` gives a digest (not all zeros) that
+/// `is_home` says this host is home for, in profile order, each digest once.
+pub fn home_profile_chunks(
+    profile: &[u32],
+    digest: impl Fn(u32) -> Option<Digest>,
+    is_home: impl Fn(&Digest) -> bool,
+) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    profile
+        .iter()
+        .copied()
+        .filter(|&c| digest(c).is_some_and(|d| is_home(&d) && seen.insert(d)))
+        .collect()
 }
 
 /// What a peer answered, as the requester's decisions need it.
@@ -528,5 +598,64 @@ mod tests {
         assert_eq!(load.get(), 0);
         let (before, _third) = load.arrive();
         assert_eq!(redirect(&mut dir, &d, Hop::Home, Some(addr(9)), before, 1, t), None);
+    }
+
+    #[test]
+    fn only_a_profile_request_to_a_home_that_names_its_image_starts_a_prefetch() {
+        let id = Some(Digest::of(b"image"));
+        assert_eq!(starts_prefetch(Class::Profile, Hop::Home, id), id);
+        assert_eq!(starts_prefetch(Class::Profile, Hop::Direct, id), id);
+        assert_eq!(
+            starts_prefetch(Class::Profile, Hop::Redirected, id),
+            None,
+            "a holder prefetched"
+        );
+        assert_eq!(starts_prefetch(Class::Demand, Hop::Home, id), None);
+        assert_eq!(starts_prefetch(Class::Background, Hop::Home, id), None);
+        assert_eq!(starts_prefetch(Class::Profile, Hop::Home, None), None);
+    }
+
+    #[test]
+    fn an_image_is_prefetched_once_while_remembered_and_memory_is_bounded() {
+        let mut p: Prefetched<Duration> = Prefetched::default();
+        let id = |i: u32| Digest::of(&i.to_le_bytes());
+        let t = Duration::from_secs(1);
+        assert!(p.first(id(0), t));
+        assert!(!p.first(id(0), t + PREFETCH_MEMORY / 2), "prefetched twice in a storm");
+        assert!(p.first(id(0), t + PREFETCH_MEMORY), "remembered for ever");
+        // Past the cap the oldest goes, and the map stays bounded.
+        let t2 = t + PREFETCH_MEMORY;
+        for i in 1..=PREFETCH_IMAGES as u32 {
+            assert!(p.first(id(i), t2 + Duration::from_millis(u64::from(i))));
+        }
+        assert!(p.seen.len() <= PREFETCH_IMAGES);
+        assert!(
+            p.first(id(0), t2 + Duration::from_secs(2)),
+            "the oldest was kept past the cap"
+        );
+        assert!(!p.first(id(PREFETCH_IMAGES as u32), t2 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_home_prefetches_the_profile_chunks_it_is_home_for_in_order_each_once() {
+        let members: Vec<SocketAddr> = (0..4).map(addr).collect();
+        let me = members[2];
+        // Chunk i has digest d(i % 6); chunk 3 is all zeros.
+        let d = |i: u32| Digest::of(&(i % 6).to_le_bytes());
+        let digest = |i: u32| (i != 3).then(|| d(i));
+        let is_home = |x: &Digest| hrw::ranked(x, &members, 1)[0] == me;
+        let profile = [9, 3, 0, 4, 1, 6, 2, 5, 7, 8];
+        let got = home_profile_chunks(&profile, digest, is_home);
+        let mut want = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for &c in &profile {
+            if c != 3 && is_home(&d(c)) && seen.insert(d(c)) {
+                want.push(c);
+            }
+        }
+        assert_eq!(got, want);
+        assert!(!got.is_empty() && got.len() < 6, "{got:?}: pick another host");
+        assert!(!got.contains(&3), "an all-zero chunk was prefetched");
+        assert_eq!(home_profile_chunks(&profile, digest, |_| false), Vec::<u32>::new());
     }
 }

@@ -8,6 +8,8 @@
 //! busy, a home redirects a requester to members it sent the chunk to, or
 //! that told it they hold it (`POST /holders/<digest>`; `directory`), so a
 //! chunk fans out instead of queueing at its home.
+//! The first profile-class request naming an image this host has open
+//! makes it prefetch that image's profile chunks it is home for.
 //! Everything is bounded: connections, a request's head, waiting uploads,
 //! time, and a write that makes no progress (`conn`).
 //!
@@ -40,10 +42,12 @@ use super::membership::Membership;
 use super::policy::{self, Load, LoadGuard, Source};
 use super::slots::{SlotGuard, UploadSlots};
 use super::{
-    lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_QUEUE, HEADER_WAIT,
+    lock, Token, HEADER_CLASS, HEADER_FORM, HEADER_FROM, HEADER_HOLDERS, HEADER_HOP, HEADER_IMAGE, HEADER_QUEUE,
+    HEADER_WAIT,
 };
+use crate::cache::ImageCache;
 use crate::fetch::{rate::Bucket, Class, Fetcher, KeepLoose};
-use crate::store::{manifest, ChunkEntry, Digest, ImageId, ManifestCopies};
+use crate::store::{manifest, ChunkEntry, ChunkIdx, Digest, ImageId, ManifestCopies};
 
 /// Connections served at once; more are closed at accept. Idle ones close
 /// after [`HEAD_TIMEOUT`].
@@ -107,6 +111,12 @@ pub struct ServerCounters {
     pub failed: AtomicU64,
     /// Manifests served (their bytes count in `upload_bytes`).
     pub manifests: AtomicU64,
+    /// Profile prefetches started: the first profile-class request for an
+    /// open image made this host fetch the profile chunks it is home for.
+    pub prefetches: AtomicU64,
+    /// Chunks those prefetches brought into the chunk store (or joined
+    /// while in flight); chunks already local are not counted.
+    pub prefetched_chunks: AtomicU64,
 }
 
 pub struct Server {
@@ -141,6 +151,8 @@ pub struct Server {
     limits: ServerLimits,
     /// [`ServerLimits::upload_buffer`], a permit a KiB.
     buffer: Arc<Semaphore>,
+    /// The images whose profile this host prefetched lately.
+    prefetched: Mutex<policy::Prefetched>,
 }
 
 /// The entries of the loose chunks being fetched. A fetch is keyed by
@@ -185,6 +197,8 @@ pub struct ChunkRequest {
     pub wait: Option<Duration>,
     /// The requester takes the chunk's stored form (see [`HEADER_FORM`]).
     pub stored: bool,
+    /// The image the requester wants the chunk for (see [`HEADER_IMAGE`]).
+    pub image: Option<ImageId>,
 }
 
 pub use super::policy::Hop;
@@ -318,6 +332,16 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
                 .ok_or_else(|| bad("wait is not a number of milliseconds"))?,
         ),
     };
+    let image = match headers.get(HEADER_IMAGE) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|v| v.len() == 64)
+                .and_then(Digest::from_hex)
+                .ok_or_else(|| bad("image is not 64 hex digits"))?,
+        ),
+    };
     let takes_stored = match headers.get(HEADER_FORM) {
         None => false,
         Some(v) if v == "stored" => true,
@@ -361,6 +385,7 @@ pub fn parse_request(token: &Token, method: &Method, uri: &Uri, headers: &Header
         hop,
         wait,
         stored: takes_stored,
+        image,
     })
 }
 
@@ -482,6 +507,7 @@ impl Server {
                 kib(limits.upload_buffer.max(manifest::MAX_CHUNK as u64)) as usize,
             )),
             limits,
+            prefetched: Mutex::default(),
         }
     }
 
@@ -622,7 +648,7 @@ impl Server {
         self.answer(StatusCode::NO_CONTENT, String::new())
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         if req.uri().path().starts_with("/manifests/") {
             return self.handle_manifest(&req).await;
         }
@@ -642,6 +668,7 @@ impl Server {
             }
             return self.answer(StatusCode::CONFLICT, "asked by itself".into());
         }
+        self.prefetch_profile(&r);
         let (before, active) = self.active.arrive();
         if let Some(resp) = self.redirect(&r, before) {
             return resp;
@@ -724,6 +751,83 @@ impl Server {
             HeaderValue::from_static(if stored { "stored" } else { "plain" }),
         );
         resp
+    }
+
+    /// On the first profile-class request for an image this host has open
+    /// with a boot profile (lately: [`policy::Prefetched`]), fetches the
+    /// profile's chunks it is home for (in its zone, over the current
+    /// membership: what peers booting the image will ask it for), in
+    /// profile order at profile class, through the fetch scheduler (single
+    /// flight, slots, rates, verification) into the chunk store: homes read
+    /// the store in parallel, early. Only the open image's own manifest
+    /// and profile say what is fetched: an id this host cannot resolve
+    /// starts nothing, and is not remembered.
+    fn prefetch_profile(self: &Arc<Self>, r: &ChunkRequest) {
+        let Some(id) = policy::starts_prefetch(r.class, r.hop, r.image) else {
+            return;
+        };
+        let (Some(me), Some(fetcher)) = (self.membership.self_addr(), self.fetcher()) else {
+            return;
+        };
+        let Some((cache, profile)) = self.index.profile(&id) else {
+            return;
+        };
+        if !lock(&self.prefetched).first(id, std::time::Instant::now()) {
+            return;
+        }
+        self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
+        let (view, my_zone) = (self.membership.view(), self.membership.self_zone().cloned());
+        let server = self.clone();
+        tokio::spawn(async move {
+            // A score per profile chunk and member of the zone: off the
+            // runtime's threads, for a large fleet.
+            let manifest = cache.manifest().clone();
+            let select = move || {
+                let zone_of = |a: &SocketAddr| {
+                    if *a == me {
+                        my_zone.as_ref().map(|z| z.as_str())
+                    } else {
+                        view.zone(a).map(|z| z.as_str())
+                    }
+                };
+                policy::home_profile_chunks(
+                    &profile,
+                    |c| manifest.chunks.get(c as usize).copied().flatten().map(|e| e.digest),
+                    |d| super::hrw::is_zone_home(d, view.addrs(), me, zone_of),
+                )
+            };
+            let Ok(chunks) = tokio::task::spawn_blocking(select).await else {
+                return;
+            };
+            tracing::info!(image = %id, chunks = chunks.len(), "prefetching the profile chunks this host is home for");
+            server.prefetch(fetcher, Arc::downgrade(&cache), chunks).await;
+        });
+    }
+
+    /// Wants `chunks` of the image in order, [`policy::PREFETCH_WINDOW`] at a
+    /// time, until done or the image is closed.
+    async fn prefetch(&self, fetcher: Fetcher, cache: std::sync::Weak<ImageCache>, chunks: Vec<u32>) {
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut next = chunks.into_iter();
+        loop {
+            while running.len() < policy::PREFETCH_WINDOW {
+                let Some(c) = next.next() else { break };
+                let Some(cache) = cache.upgrade() else { return };
+                let c = ChunkIdx(c);
+                if !cache.is_ready(c) {
+                    running.push(fetcher.want(&cache, c, Class::Profile));
+                }
+            }
+            match futures::StreamExt::next(&mut running).await {
+                Some(Ok(())) => {
+                    self.counters.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!("a profile prefetch failed: {}", crate::DisplayChain(&*e));
+                }
+                None => return,
+            }
+        }
     }
 
     /// The chunk's stored form, if the requester takes it and this host
@@ -1223,6 +1327,7 @@ mod tests {
             hop: Hop::Home,
             wait: None,
             stored: false,
+            image: None,
         };
         let resp = server.redirect(&r, before + 1).expect("a busy home did not redirect");
         assert_eq!(resp.headers()[HEADER_HOLDERS], m2.to_string().as_str());
@@ -1362,7 +1467,18 @@ mod tests {
             "a requester made the server wait longer than its limit"
         );
         let plain = req(&format!("/chunks/{d}"), &[AUTH]).unwrap();
-        assert_eq!((plain.class, plain.entry), (Class::Background, None));
+        assert_eq!((plain.class, plain.entry, plain.image), (Class::Background, None, None));
+        let id = Digest::of(b"an image");
+        let named = req(
+            &format!("/chunks/{d}"),
+            &[
+                AUTH,
+                ("x-streamblk-class", "profile"),
+                ("x-streamblk-image", &id.to_hex()),
+            ],
+        )
+        .unwrap();
+        assert_eq!((named.class, named.image), (Class::Profile, Some(id)));
         let hop = req(
             &format!("/chunks/{d}"),
             &[
@@ -1406,6 +1522,10 @@ mod tests {
             ("x-streamblk-hop", "sideways"),
             ("x-streamblk-from", "somewhere"),
             ("x-streamblk-wait-ms", "soon"),
+            ("x-streamblk-image", "abc"),
+            ("x-streamblk-image", format!("{d}00").as_str()),
+            ("x-streamblk-image", format!("{}zz", &d.to_hex()[..62]).as_str()),
+            ("x-streamblk-image", format!("0x{}", &d.to_hex()[..62]).as_str()),
         ] {
             let r = req(&format!("/chunks/{d}"), &[AUTH, h]);
             assert!(matches!(r, Err(Refusal::Bad(_))), "{h:?}: {r:?}");

@@ -6,7 +6,9 @@
 //! `policy::candidates` picks whom to ask, `policy::redirect` /
 //! `policy::source` / `policy::served` with the daemon's `Directory` decide
 //! at the home (which names a member once its upload to it is sent, or
-//! once the member announces it verified the chunk, `policy::announce_to`), `policy::Requester` decides what a requester does with
+//! once the member announces it verified the chunk, `policy::announce_to`),
+//! `policy::starts_prefetch` / `Prefetched` / `home_profile_chunks` decide
+//! a home's profile prefetch, `policy::Requester` decides what a requester does with
 //! each answer, and `fetch::fleet_order` shuffles the profile. It models
 //! links, not CPUs: no TLS, no hashing, no syscalls.
 //!
@@ -76,6 +78,9 @@ pub struct Config {
     /// buffer, and once the chunk is there it is redirected if the home
     /// knows holders and has as many requests before it as slots.
     pub park_cold: bool,
+    /// A home prefetches the profile chunks it is home for on the first
+    /// profile request (with the profile on), as the daemon does.
+    pub home_prefetch: bool,
     /// Kill, at this time, the member that is home for the most chunks
     /// from 30% of the profile on (as a SIGKILL: connections refused).
     pub kill_at: Option<Duration>,
@@ -94,6 +99,7 @@ impl Config {
             profile: false,
             upload_slots: 4,
             park_cold: false,
+            home_prefetch: true,
             kill_at: None,
             seed: 1,
         }
@@ -219,6 +225,9 @@ pub struct Report {
     pub busy: u64,
     /// Requests a holder or home could not serve (404, refused, reset).
     pub failed: u64,
+    /// Profile prefetches homes started, and the chunks they wanted.
+    pub prefetches: u64,
+    pub prefetched: u64,
     /// The host killed, and the chunks it was home for.
     pub killed: Option<(usize, Vec<u32>)>,
     /// Every live host holds every chunk its reads touched.
@@ -294,6 +303,8 @@ enum Ev {
 enum Waiter {
     Demand,
     Stream,
+    /// The home's profile prefetch.
+    Prefetch,
     Server(u32, u32),
 }
 
@@ -306,6 +317,7 @@ struct Flight {
     peers_tried: bool,
     demand: bool,
     streams: usize,
+    prefetches: usize,
     servers: Vec<(u32, u32)>,
     /// Taken into the peer window (profile, background), not the store's.
     on_peers: bool,
@@ -382,6 +394,11 @@ struct Host {
     stream_running: usize,
     done_at: Option<Ns>,
     uploaded: u64,
+    // The home's profile prefetch.
+    prefetched: policy::Prefetched<Duration>,
+    prefetch: Vec<u32>,
+    prefetch_next: usize,
+    prefetch_running: usize,
 }
 
 impl Host {
@@ -396,10 +413,15 @@ impl Host {
     }
 }
 
+/// The one image every simulated host boots.
+const SIM_IMAGE: crate::store::ImageId = Digest([7; 32]);
+
 struct Sim<'a> {
     cfg: Config,
     w: &'a Workload,
     ranked: Vec<Vec<SocketAddr>>,
+    /// Chunk index by digest.
+    by_digest: HashMap<Digest, u32>,
     hosts: Vec<Host>,
     flights: Vec<Option<Flight>>,
     free_flights: Vec<u32>,
@@ -478,12 +500,17 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
             stream_running: 0,
             done_at: None,
             uploaded: 0,
+            prefetched: policy::Prefetched::default(),
+            prefetch: Vec::new(),
+            prefetch_next: 0,
+            prefetch_running: 0,
         })
         .collect();
     let mut sim = Sim {
         cfg: cfg.clone(),
         w,
         ranked,
+        by_digest: w.chunks.iter().enumerate().map(|(i, c)| (c.digest, i as u32)).collect(),
         hosts,
         flights: Vec::new(),
         free_flights: Vec::new(),
@@ -654,6 +681,7 @@ impl Sim<'_> {
                     peers_tried: false,
                     demand: false,
                     streams: 0,
+                    prefetches: 0,
                     servers: Vec::new(),
                     on_peers: false,
                     candidates: Vec::new(),
@@ -684,6 +712,7 @@ impl Sim<'_> {
         match waiter {
             Waiter::Demand => fl.demand = true,
             Waiter::Stream => fl.streams += 1,
+            Waiter::Prefetch => fl.prefetches += 1,
             Waiter::Server(r, gen) => fl.servers.push((r, gen)),
         }
         self.pump(h);
@@ -894,6 +923,7 @@ impl Sim<'_> {
         }
         host.held[fl.chunk as usize] = true;
         host.stream_running -= fl.streams;
+        host.prefetch_running -= fl.prefetches;
         if fl.demand {
             let waited = self.now - host.read_at;
             self.latencies.push((waited / 1000).min(u32::MAX as u64) as u32);
@@ -911,6 +941,7 @@ impl Sim<'_> {
             }
         }
         self.stream(h);
+        self.prefetch(h);
         self.pump(h);
     }
 
@@ -980,7 +1011,12 @@ impl Sim<'_> {
 
     fn arrive(&mut self, r: u32) {
         let Req {
-            from, to, chunk, hop, ..
+            from,
+            to,
+            chunk,
+            hop,
+            class,
+            ..
         } = self.reqs[r as usize];
         if !self.hosts[to as usize].alive {
             // A killed daemon: the connection is refused.
@@ -988,6 +1024,7 @@ impl Sim<'_> {
             self.reply(r, Reply::Failed);
             return;
         }
+        self.start_prefetch(to, class, hop);
         let digest = self.w.chunks[chunk as usize].digest;
         let slots = self.cfg.upload_slots.max(1);
         let now = Duration::from_nanos(self.now);
@@ -1026,6 +1063,57 @@ impl Sim<'_> {
             Source::Held => self.take_slot(r),
             Source::NotHere => self.reply(r, Reply::Failed),
             Source::Fetch => self.want(to, chunk, class, Waiter::Server(r, gen)),
+        }
+    }
+
+    /// The server's `prefetch_profile`: every host has the image open with
+    /// its profile (the workload's chunks, in profile order), so the first
+    /// profile request a home takes starts its prefetch.
+    fn start_prefetch(&mut self, h: u32, class: Class, hop: Hop) {
+        if !self.cfg.profile || !self.cfg.home_prefetch {
+            return;
+        }
+        let Some(id) = policy::starts_prefetch(class, hop, Some(SIM_IMAGE)) else {
+            return;
+        };
+        let now = Duration::from_nanos(self.now);
+        if !self.hosts[h as usize].prefetched.first(id, now) {
+            return;
+        }
+        let me = addr(h);
+        let (ranked, by_digest) = (&self.ranked, &self.by_digest);
+        let profile: Vec<u32> = (0..self.w.chunks.len() as u32).collect();
+        // `ranked` is `hrw::ranked` over the members: its first is the
+        // home `hrw::is_zone_home` names without zones (unit-tested).
+        let chunks = policy::home_profile_chunks(
+            &profile,
+            |c| Some(self.w.chunks[c as usize].digest),
+            |d| by_digest.get(d).is_some_and(|&c| ranked[c as usize][0] == me),
+        );
+        self.r.prefetches += 1;
+        let host = &mut self.hosts[h as usize];
+        host.prefetch = chunks;
+        host.prefetch_next = 0;
+        self.prefetch(h);
+    }
+
+    /// Wants the prefetch's chunks, `PREFETCH_WINDOW` at a time.
+    fn prefetch(&mut self, h: u32) {
+        loop {
+            let host = &mut self.hosts[h as usize];
+            if !host.alive
+                || host.prefetch_running >= policy::PREFETCH_WINDOW
+                || host.prefetch_next >= host.prefetch.len()
+            {
+                return;
+            }
+            let c = host.prefetch[host.prefetch_next];
+            host.prefetch_next += 1;
+            if !host.held[c as usize] {
+                host.prefetch_running += 1;
+                self.r.prefetched += 1;
+                self.want(h, c, Class::Profile, Waiter::Prefetch);
+            }
         }
     }
 
@@ -1377,5 +1465,28 @@ mod tests {
         assert!(r.redirects > 0, "no home redirected");
         let homes = r.uploads.iter().filter(|&&u| u > 0).count();
         assert!(homes > 12, "only {homes} hosts uploaded: no fan-out beyond the homes");
+    }
+
+    #[test]
+    fn homes_prefetch_only_their_own_profile_chunks_once_each_and_only_with_a_profile() {
+        let w = Workload::synthetic(40, 256 << 10, 40 * 80_000, 120);
+        for (profile, prefetch) in [(true, true), (true, false), (false, true)] {
+            let cfg = Config {
+                profile,
+                home_prefetch: prefetch,
+                ..Config::fleet(8)
+            };
+            let r = run(&cfg, &w);
+            assert!(r.complete, "profile {profile}, prefetch {prefetch}");
+            assert_eq!(r.store_fetches, vec![1; 40], "profile {profile}, prefetch {prefetch}");
+            if profile && prefetch {
+                // One prefetch per home asked for a profile chunk; each chunk
+                // has one home, so no chunk is wanted by two prefetches.
+                assert!((1..=8).contains(&r.prefetches), "{} prefetches", r.prefetches);
+                assert!(r.prefetched <= 40, "{} chunks prefetched", r.prefetched);
+            } else {
+                assert_eq!((r.prefetches, r.prefetched), (0, 0));
+            }
+        }
     }
 }
