@@ -8,8 +8,8 @@
 //! baseline), `SIM_KILL_HOSTS` (default "1000"), `SIM_STORE_MBIT`
 //! (default "100 1000"), `SIM_PROFILE` (default "off on"),
 //! `SIM_UPLOAD_SLOTS` (default 4), `SIM_PARK_COLD` (1: the what-if of
-//! `Config::park_cold`), `SIM_HOME_PREFETCH` (default 1, as the daemon;
-//! 0: homes do not prefetch their profile chunks).
+//! `Config::park_cold`), `SIM_HOME_PREFETCH` (default 0, as the daemon;
+//! 1: homes prefetch their profile chunks, as with `--p2p-prefetch`).
 
 use streamblk::p2p_sim::{run, Config, Report, Workload};
 
@@ -86,7 +86,7 @@ fn main() {
                 profile,
                 upload_slots: slots,
                 park_cold: env("SIM_PARK_COLD", "0") == "1",
-                home_prefetch: env("SIM_HOME_PREFETCH", "1") == "1",
+                home_prefetch: env("SIM_HOME_PREFETCH", "0") == "1",
                 ..Config::fleet(n as usize)
             };
             let base = run(&cfg(hosts[0]), &w);

@@ -740,6 +740,7 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
         "100",
         "--profile-window-mib",
         "1",
+        "--p2p-prefetch",
         "--p2p-listen",
         &me.to_string(),
         "--peers",

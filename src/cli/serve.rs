@@ -119,6 +119,12 @@ pub struct ServeArgs {
     /// Uploads to peers at once; more wait, demand first [default: 4].
     #[arg(long, value_name = "N")]
     pub p2p_upload_slots: Option<usize>,
+    /// As a chunk's home, prefetch the profile chunks this host is home
+    /// for on an open image's first profile request from a peer (off: in
+    /// a storm where every host boots the image it reorders the store's
+    /// reads and slows the boot).
+    #[arg(long)]
+    pub p2p_prefetch: bool,
 }
 
 impl TryFrom<ServeArgs> for ServeRequest {
@@ -158,6 +164,7 @@ impl TryFrom<ServeArgs> for ServeRequest {
                 p2p_token_file: a.p2p_token_file,
                 p2p_upload_rate: a.p2p_upload_rate,
                 p2p_upload_slots: a.p2p_upload_slots,
+                p2p_prefetch: a.p2p_prefetch.then_some(true),
             },
             disks,
             config: a.config,

@@ -70,6 +70,7 @@ pub struct Options {
     pub p2p_token_file: Option<PathBuf>,
     pub p2p_upload_rate: Option<f64>,
     pub p2p_upload_slots: Option<usize>,
+    pub p2p_prefetch: Option<bool>,
 }
 
 /// `--peers ADDR:PORT,...`: on the command line and in the config file a
@@ -133,7 +134,8 @@ impl Options {
             zone,
             p2p_token_file,
             p2p_upload_rate,
-            p2p_upload_slots
+            p2p_upload_slots,
+            p2p_prefetch
         )
     }
 }
@@ -171,7 +173,8 @@ impl Options {
             zone => "zone",
             p2p_token_file => "p2p-token-file",
             p2p_upload_rate => "p2p-upload-rate",
-            p2p_upload_slots => "p2p-upload-slots"
+            p2p_upload_slots => "p2p-upload-slots",
+            p2p_prefetch => "p2p-prefetch"
         );
         keys
     }
@@ -363,6 +366,7 @@ fn p2p_config(o: &Options) -> Result<Option<P2pConfig>, ConfigError> {
         token_file,
         upload_rate: (rate > 0.0).then_some((rate * 1e6) as u64),
         upload_slots: slots,
+        prefetch: o.p2p_prefetch.unwrap_or(false),
         timeouts: Default::default(),
     }))
 }
@@ -395,7 +399,7 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), one_line(&e.to_string())))?;
         // serde's flatten loses deny_unknown_fields' line: check the
         // top-level keys here, with the line of each.
-        const KEYS: [&str; 27] = [
+        const KEYS: [&str; 28] = [
             "store",
             "store-proxy",
             "cache-dir",
@@ -422,6 +426,7 @@ impl ConfigFile {
             "p2p-token-file",
             "p2p-upload-rate",
             "p2p-upload-slots",
+            "p2p-prefetch",
             "disk",
         ];
         for key in options.keys() {

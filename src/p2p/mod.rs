@@ -167,6 +167,9 @@ pub struct P2pConfig {
     /// Upload cap, bytes per second (None: no cap).
     pub upload_rate: Option<u64>,
     pub upload_slots: usize,
+    /// As a home, prefetch an open image's profile chunks on its first
+    /// profile request (`--p2p-prefetch`).
+    pub prefetch: bool,
     pub timeouts: PeerTimeouts,
 }
 
@@ -251,6 +254,7 @@ impl P2p {
                     LOOSE_CACHE_BYTES,
                     ServerLimits::default(),
                 ));
+                server.set_prefetch(config.prefetch);
                 runtime.spawn(server::serve(listener, server.clone()));
                 Some(server)
             }

@@ -22,7 +22,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -153,6 +153,8 @@ pub struct Server {
     buffer: Arc<Semaphore>,
     /// The images whose profile this host prefetched lately.
     prefetched: Mutex<policy::Prefetched>,
+    /// Whether it prefetches at all (`--p2p-prefetch`).
+    prefetch: AtomicBool,
 }
 
 /// The entries of the loose chunks being fetched. A fetch is keyed by
@@ -508,7 +510,13 @@ impl Server {
             )),
             limits,
             prefetched: Mutex::default(),
+            prefetch: AtomicBool::new(false),
         }
+    }
+
+    /// Turns the home's profile prefetch on or off.
+    pub fn set_prefetch(&self, on: bool) {
+        self.prefetch.store(on, Ordering::Relaxed);
     }
 
     /// Lets the server fetch chunks it is home for from the store.
@@ -763,6 +771,9 @@ impl Server {
     /// and profile say what is fetched: an id this host cannot resolve
     /// starts nothing, and is not remembered.
     fn prefetch_profile(self: &Arc<Self>, r: &ChunkRequest) {
+        if !self.prefetch.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(id) = policy::starts_prefetch(r.class, r.hop, r.image) else {
             return;
         };

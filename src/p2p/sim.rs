@@ -99,7 +99,7 @@ impl Config {
             profile: false,
             upload_slots: 4,
             park_cold: false,
-            home_prefetch: true,
+            home_prefetch: false,
             kill_at: None,
             seed: 1,
         }
