@@ -694,10 +694,11 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
     std::fs::write(&raw, &image).unwrap();
     let store = dir.path().join("store");
     let id = import(&raw, &store, "img", BIG as u64);
-    // The profile starts with the zero chunks: the home's own profile
-    // stream, two chunks ahead of a boot that never starts (no guest
-    // attaches), fetches nothing, so every store request below is the
-    // requests' or the prefetch's.
+    // The profile starts with the zero chunks, and records an hour-long
+    // boot: the home's own profile stream (which starts 20 s after the
+    // image opens, as no guest attaches) stays two chunks ahead of a clock
+    // that moves a chunk every 86 s, so it fetches nothing, and every
+    // store request below is the requests' or the prefetch's.
     let mut profile: Vec<u32> = vec![0, 5];
     profile.extend(
         (0..64u32)
@@ -708,7 +709,7 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
     let profile_file = dir.path().join("boot.profile");
     std::fs::write(
         &profile_file,
-        serde_json::json!({"version": 1, "chunk_size": BIG, "chunks": profile}).to_string(),
+        serde_json::json!({"version": 1, "chunk_size": BIG, "chunks": profile, "boot_ms": 3_600_000}).to_string(),
     )
     .unwrap();
     let store_s = store.to_str().unwrap();
@@ -733,11 +734,10 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
         &http.url,
         "--cache-dir",
         dir.path().join("cache").to_str().unwrap(),
-        // Background fill on (a peer's background request passes its
-        // rate), yet it never starts: it waits for the boot, and no guest
-        // attaches.
+        // Fill off: a peer's background request is still fetched (at
+        // profile class: the home's fill rate is for its own fill).
         "--fill-rate",
-        "100",
+        "0",
         "--profile-window-mib",
         "1",
         "--p2p-prefetch",

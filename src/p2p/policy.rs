@@ -143,6 +143,19 @@ pub fn source(held: bool, hop: Hop, can_fetch: bool) -> Source {
     }
 }
 
+/// The class a home fetches a requester's chunk at: the requester's, but a
+/// peer's background fill at profile class. The requester's own fill rate
+/// paced that request; the home's (0 with its fill off, or throttled while
+/// its own guests boot) is for its own fill, and would hold the peer's
+/// request until it timed out (and the peer went to the store). Demand
+/// still overtakes it.
+pub fn home_fetch_class(asked: Class) -> Class {
+    match asked {
+        Class::Background => Class::Profile,
+        c => c,
+    }
+}
+
 /// The server has sent a chunk's last byte to `from`, or `from` told it
 /// that it verified the chunk ([`announce_to`]): the home names it to
 /// later requesters. Not when the upload starts: a member named while it

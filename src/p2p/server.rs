@@ -898,7 +898,8 @@ impl Server {
                     return Ok(None);
                 };
                 self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
-                match tokio::time::timeout_at(deadline, fetcher.want(&cache, c, r.class)).await {
+                let class = policy::home_fetch_class(r.class);
+                match tokio::time::timeout_at(deadline, fetcher.want(&cache, c, class)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(failed(&*e)),
                     Err(_) => return Err(ChunkError::TimedOut),
@@ -932,7 +933,7 @@ impl Server {
                 loose.insert(*d, data.clone());
                 flights.end(d);
             });
-            fetcher.want_loose(entry, len, r.class, keep)
+            fetcher.want_loose(entry, len, policy::home_fetch_class(r.class), keep)
         };
         self.counters.home_fetches.fetch_add(1, Ordering::Relaxed);
         let got = tokio::time::timeout_at(deadline, want).await;
