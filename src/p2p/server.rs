@@ -1254,12 +1254,11 @@ mod tests {
         lock(&server.directory).pick(d, None, std::time::Instant::now())
     }
 
-    #[tokio::test]
-    async fn a_home_names_a_requester_once_its_upload_is_sent_not_when_it_starts() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let m1 = SocketAddr::from(([127, 0, 0, 1], 7001));
-        let membership = Arc::new(Membership::new(vec![m1], None, None).unwrap());
-        // 1 MB/s: a 1 MiB chunk's body takes about a second after its head.
+    /// A server of `members` with one upload slot paced at 1 MB/s (a 1 MiB
+    /// chunk's body takes about a second after its head), holding a 1 MiB
+    /// chunk, listening, its bucket's burst spent: the next body is paced.
+    async fn paced_server(members: Vec<SocketAddr>) -> (Arc<Server>, Digest, SocketAddr) {
+        let membership = Arc::new(Membership::new(members, None, None).unwrap());
         let server = Arc::new(Server::new(
             Arc::new(token()),
             Arc::default(),
@@ -1271,8 +1270,16 @@ mod tests {
         ));
         let d = hold_chunk(&server, 1 << 20, 7);
         let addr = listen(&server).await;
-        // Spend the bucket's burst (no From: nobody to name).
         assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        (server, d, addr)
+    }
+
+    #[tokio::test]
+    async fn a_home_names_a_requester_once_its_upload_is_sent_not_when_it_starts() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m1 = SocketAddr::from(([127, 0, 0, 1], 7001));
+        // The burst was spent with no From: nobody to name.
+        let (server, d, addr) = paced_server(vec![m1]).await;
         let req = chunk_request(&d).replace(
             "\r\n\r\n",
             &format!("\r\nX-Streamblk-From: {m1}\r\nConnection: close\r\n\r\n"),
@@ -1348,21 +1355,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_counts_in_the_load_until_its_uploads_last_byte_not_its_head() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let membership = Arc::new(Membership::new(Vec::new(), None, None).unwrap());
-        // 1 MB/s: a 1 MiB chunk's body takes about a second after its head.
-        let server = Arc::new(Server::new(
-            Arc::new(token()),
-            Arc::default(),
-            membership,
-            1,
-            Some(1_000_000),
-            1 << 30,
-            ServerLimits::default(),
-        ));
-        let d = hold_chunk(&server, 1 << 20, 7);
-        let addr = listen(&server).await;
-        // Spend the bucket's burst, so that the next body is paced.
-        assert!(exchange(addr, &chunk_request(&d)).await.starts_with("HTTP/1.1 200"));
+        let (server, d, addr) = paced_server(Vec::new()).await;
         assert_eq!(server.queue_depth(), 0);
         let req = chunk_request(&d).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
