@@ -1032,11 +1032,20 @@ async fn control_loop(inner: Weak<Inner>) {
             samples: log.samples,
         };
         last = now;
-        inner
-            .controller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .update(&tick, now);
+        {
+            let mut c = inner.controller.lock().unwrap_or_else(|e| e.into_inner());
+            let decision = c.update(&tick, now);
+            if !tick.samples.is_empty() || tick.demand_waiting {
+                tracing::debug!(
+                    ?decision,
+                    fill = c.fill() as u64,
+                    profile = c.profile() as u64,
+                    fetches = tick.samples.len(),
+                    bytes = tick.samples.iter().map(|s| s.bytes).sum::<u64>(),
+                    "fetch rates"
+                );
+            }
+        }
         inner.publish_rates();
         if !tick.samples.is_empty() || tick.demand_waiting {
             // Workers waiting on a rate may go sooner now.
