@@ -74,7 +74,11 @@ struct Server {
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 fn small(code: StatusCode, body: &'static str, ctype: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed_unsync());
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = code;
     r.headers_mut().insert(CONTENT_TYPE, ctype.parse().unwrap());
     r
@@ -82,7 +86,8 @@ fn small(code: StatusCode, body: &'static str, ctype: &str) -> Response<Body> {
 
 fn json(body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync());
-    r.headers_mut().insert(CONTENT_TYPE, "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, "application/json".parse().unwrap());
     r
 }
 
