@@ -21,9 +21,10 @@
 #
 # The store: the image imported with 256 KiB chunks, served from a network
 # namespace over a veth pair shaped with tc tbf (both directions), by
-# scripts/bench-boot-store.py, which sleeps BENCH_DELAY_MS per request (the
-# store's latency; this kernel's tc has no netem). The boot profile comes from
-# one recorded boot (record-trace=, cut at BOOT-COMPLETE).
+# examples/bench-boot-store.rs (tokio + hyper; requests served in parallel),
+# which waits BENCH_DELAY_MS per request (the store's latency; this kernel's
+# tc has no netem). The boot profile comes from one recorded boot
+# (record-trace=, cut at BOOT-COMPLETE).
 #
 # Settings (environment):
 #   BENCH_DIR=/var/tmp/streamblk-bench   work files (guest, store, per-run logs)
@@ -37,7 +38,10 @@
 #   BENCH_BOOT_TIMEOUT=600  seconds one boot may take
 #   BENCH_SERVE_ARGS=""   extra `streamblk serve` arguments
 #   BENCH_MEM_MB=1024
-# Results: $BENCH_DIR/results.tsv (every run), $BENCH_DIR/results.md (the table).
+# Results: $BENCH_DIR/results.tsv (every run), $BENCH_DIR/results.md (the table);
+# for auto and learned, runs/MODE-RATE-RUN/fill.tsv: the background fill after
+# the boot, sampled every 0.1 s (time, store bytes, CPU seconds of the daemon,
+# of the store server, and of the whole host).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -107,10 +111,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 mkdir -p "$WORK/bin" "$WORK/runs"
-log "building streamblk (cargo build --release)"
-(cd "$ROOT" && timeout 1800 cargo build --release --quiet) || die "cargo build"
-# A private copy: others may rebuild the tree while the benchmark runs.
-cp "$ROOT/target/release/streamblk" "$WORK/bin/streamblk.new" && mv "$WORK/bin/streamblk.new" "$WORK/bin/streamblk"
+log "building streamblk and the test store (cargo build --release)"
+(cd "$ROOT" && timeout 1800 cargo build --release --quiet --bins --example bench-boot-store) || die "cargo build"
+# Private copies: others may rebuild the tree while the benchmark runs.
+for b in streamblk examples/bench-boot-store; do
+    cp "$ROOT/target/release/$b" "$WORK/bin/${b##*/}.new" && mv "$WORK/bin/${b##*/}.new" "$WORK/bin/${b##*/}"
+done
 SBK=$WORK/bin/streamblk
 
 log "building the Debian guest (cached)"
@@ -143,7 +149,7 @@ set_rate() {     # tc rate on both ends of the veth
     ip netns exec "$NS" tc qdisc replace dev "$NS_IF" root tbf rate "$rate" burst $burst latency 100ms
 }
 
-ip netns exec "$NS" python3 "$ROOT/scripts/bench-boot-store.py" "$WORK/store" \
+ip netns exec "$NS" "$WORK/bin/bench-boot-store" "$WORK/store" \
     --listen "$NS_IP" --port $PORT --delay-ms "$DELAY_MS" --file "/$IMAGE.raw=$RAW" \
     > "$WORK/store-server.log" 2>&1 &
 SERVER_PID=$!
@@ -266,15 +272,29 @@ run_one() {      # MODE RATE RUN
         # it runs: the store's bytes sampled every 0.1 s for up to 45 s, over
         # the span they grew in (at 1 Gbit/s the whole image may take a
         # second or two, so a fixed window would miss it).
-        fill=$(python3 - "$URL/__stats" <<'EOF'
-import json, sys, time, urllib.request
-url = sys.argv[1]
+        fill=$(python3 - "$URL/__stats" "$DAEMON_PID" "$SERVER_PID" "$dir/fill.tsv" <<'EOF'
+import json, os, sys, time, urllib.request
+url, daemon, server, out = sys.argv[1:]
+hz = os.sysconf("SC_CLK_TCK")
 def served():
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.load(r)["bytes"]
+def cpu(pid):  # CPU seconds of a process (0 once it is gone)
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / hz
+    except OSError:
+        return 0.0
+def host():  # busy CPU seconds of the whole host (all cores)
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f) - f[3] - f[4]) / hz
 samples, end = [], time.time() + 45
+log = open(out, "w")
+log.write("t\tstore_bytes\tdaemon_cpu_s\tserver_cpu_s\thost_busy_cpu_s\n")
+t00 = time.time()
 while time.time() < end:
     samples.append((time.time(), served()))
+    log.write(f"{samples[-1][0] - t00:.3f}\t{samples[-1][1]}\t{cpu(daemon):.2f}\t{cpu(server):.2f}\t{host():.2f}\n")
     # Done: grew, then 3 s with no growth.
     grew = [i for i in range(1, len(samples)) if samples[i][1] > samples[i - 1][1]]
     if grew and samples[-1][0] - samples[grew[-1]][0] > 3:

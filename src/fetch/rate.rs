@@ -12,11 +12,19 @@
 //!    the link's measured capacity), and neither grows again until [`HOLD`]
 //!    has passed without a waiting guest (a boot's misses come in bursts).
 //! 2. Otherwise, if most low-class fetches of the tick took well over their
-//!    baseline, the link is full and more rate only builds a queue that the
-//!    next guest miss would wait behind: both shrink gently (x 7/8).
-//! 3. Otherwise both grow by a quarter plus [`STEP`] per tick (from 4 MB/s
-//!    to 1 GB/s in about 2.5 s); fill never to more than twice the bytes per
-//!    second the link has been delivering, so a halving bites at once.
+//!    baseline and fill no longer gets the bytes its rate allows, the link
+//!    is full (throughput flat while latency rises) and more rate only
+//!    builds a queue that the next guest miss would wait behind: both shrink
+//!    gently (x 7/8). Late fetches while fill still gets what its rate
+//!    allows are a slow server or a busy CPU (latency rising with fill's own
+//!    concurrency while throughput still rises): no reason to yield, since
+//!    no guest is waiting, so fill keeps growing.
+//! 3. Otherwise both grow: fill doubles per tick while none of its fetches
+//!    is late (slow start: from 4 MB/s to 1 GB/s in under a second, which
+//!    matters at 1 Gbit/s, where a whole image fills in seconds), and grows
+//!    by a quarter plus [`STEP`] once some are; fill never to more than
+//!    twice the bytes per second the link delivered over the last few
+//!    ticks, so a halving bites at once.
 //!
 //! The baseline of a fetch of `n` bytes is `rtt + n * per_byte`: the
 //! smallest latency, and the smallest latency per byte of fetches of at
@@ -59,6 +67,11 @@ pub const PER_BYTE_MIN_BYTES: u64 = 64 << 10;
 const CAPACITY_HALF_LIFE_SECS: f64 = 300.0;
 /// Throughput is averaged over about this long.
 const THROUGHPUT_SECS: f64 = 1.0;
+/// ... and, for fill's growth and whether fill gets its rate, over about this long.
+const RECENT_SECS: f64 = 0.2;
+/// Fill gets its rate (more rate still brings more bytes) while its
+/// fetches bring at least this share of the bytes the rate allows.
+pub const KEEPS_UP: f64 = 0.8;
 
 /// One finished fetch, as the controller sees it.
 #[derive(Clone, Copy, Debug)]
@@ -153,6 +166,22 @@ impl Baseline {
     }
 }
 
+/// What the controller did on a tick, and why (for the logs and the tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Guests waited, or a guest's fetch was late: both rates halved.
+    Yield,
+    /// Guests waited less than [`HOLD`] ago: no growth yet.
+    Hold,
+    /// Most low-class fetches were late and fill did not get its rate: a full link.
+    Shrink,
+    /// Fill's fetches were on time: doubled (to at most twice what the link delivers).
+    SlowStart,
+    /// Some of fill's fetches were late (a slow server, a busy CPU), but
+    /// fill still got the bytes its rate allowed: grew by a quarter.
+    Grow,
+}
+
 /// The adaptive rates of background fill and profile streaming.
 #[derive(Debug)]
 pub struct RateController {
@@ -162,6 +191,12 @@ pub struct RateController {
     hold_until: Option<Instant>,
     /// Bytes per second fetched (all classes), averaged over about a second.
     throughput: f64,
+    /// The same over about [`RECENT_SECS`]: fill's ceiling follows it.
+    recent: f64,
+    /// Background bytes per second fetched, and allowed by fill's rate,
+    /// over about [`RECENT_SECS`].
+    fill_got: f64,
+    fill_allowed: f64,
     /// The peak of `throughput`, slowly forgotten: the link's capacity as far as seen.
     capacity: f64,
 }
@@ -182,6 +217,9 @@ impl RateController {
             baseline: Baseline::new(),
             hold_until: None,
             throughput: 0.0,
+            recent: 0.0,
+            fill_got: 0.0,
+            fill_allowed: 0.0,
             capacity: 0.0,
         }
     }
@@ -207,10 +245,21 @@ impl RateController {
     }
 
     /// Applies the rule of the module's documentation to one tick.
-    pub fn update(&mut self, tick: &Tick, now: Instant) {
+    pub fn update(&mut self, tick: &Tick, now: Instant) -> Decision {
         let secs = tick.dt.as_secs_f64().max(1e-3);
         let bytes: u64 = tick.samples.iter().map(|s| s.bytes).sum();
-        self.throughput += (secs / THROUGHPUT_SECS).min(1.0) * (bytes as f64 / secs - self.throughput);
+        let fill_bytes: u64 = tick
+            .samples
+            .iter()
+            .filter(|s| s.class == Class::Background)
+            .map(|s| s.bytes)
+            .sum();
+        let average = |v: &mut f64, x: f64, over: f64| *v += (secs / over).min(1.0) * (x - *v);
+        average(&mut self.throughput, bytes as f64 / secs, THROUGHPUT_SECS);
+        average(&mut self.recent, bytes as f64 / secs, RECENT_SECS);
+        // `fill` is still the rate that was in force during the tick.
+        average(&mut self.fill_got, fill_bytes as f64 / secs, RECENT_SECS);
+        average(&mut self.fill_allowed, self.fill, RECENT_SECS);
         self.capacity = (self.capacity * 0.5f64.powf(secs / CAPACITY_HALF_LIFE_SECS)).max(self.throughput);
 
         // Judge the tick against the baseline from before it, then learn from it.
@@ -221,24 +270,38 @@ impl RateController {
             .iter()
             .filter(|s| s.class < Class::Demand && s.bytes > 0)
             .collect();
-        let low_late = !low.is_empty() && low.iter().filter(|s| late(s)).count() * 2 > low.len();
+        let n_late = low.iter().filter(|s| late(s)).count();
+        let low_late = n_late * 2 > low.len();
         for s in &tick.samples {
             self.baseline.observe(s, now);
         }
+        // More rate still brings more bytes: whatever makes fetches late, it
+        // is not a full link.
+        let keeps_up = self.fill_got >= KEEPS_UP * self.fill_allowed;
 
         if tick.demand_waiting || demand_late {
             self.fill = (self.fill * 0.5).max(MIN_FILL);
             self.profile = (self.profile * 0.5).max(self.profile_floor());
             self.hold_until = Some(now + HOLD);
+            Decision::Yield
         } else if self.hold_until.is_some_and(|t| now < t) {
             // Guests were just waiting: more may come.
-        } else if low_late {
+            Decision::Hold
+        } else if low_late && !keeps_up {
             self.fill = (self.fill * 0.875).max(MIN_FILL);
             self.profile = (self.profile * 0.875).max(self.profile_floor());
+            Decision::Shrink
         } else {
-            let ceiling = (2.0 * self.throughput).max(START_FILL);
-            self.fill = self.fill.max((self.fill * 1.25 + STEP).min(ceiling)).min(MAX_RATE);
+            let delivered = (bytes as f64 / secs).max(self.recent).max(self.throughput);
+            let ceiling = (2.0 * delivered).max(START_FILL);
+            let (grown, decision) = if n_late == 0 {
+                (self.fill * 2.0, Decision::SlowStart)
+            } else {
+                (self.fill * 1.25 + STEP, Decision::Grow)
+            };
+            self.fill = self.fill.max(grown.min(ceiling)).min(MAX_RATE);
             self.profile = (self.profile * 1.25 + STEP).min(MAX_RATE);
+            decision
         }
     }
 }
@@ -439,6 +502,82 @@ mod tests {
             &[sample(Class::Background, 80, 256 << 10); 30],
         );
         assert_eq!(c.fill(), before * 0.875);
+    }
+
+    /// Ticks of background fill, guests idle, over a pipeline (link, server
+    /// and CPU) that delivers at most `max` bytes per second: each tick
+    /// brings `min(fill, max)` in 64 KiB chunks, each of which took
+    /// `latency_ms(delivered, fill)`. Returns the decisions and the bytes
+    /// per second delivered, per tick.
+    fn fill_over(
+        c: &mut RateController,
+        now: &mut Instant,
+        ticks: u32,
+        max: f64,
+        latency_ms: impl Fn(f64, f64) -> u64,
+    ) -> Vec<(Decision, f64)> {
+        const CHUNK: u64 = 64 << 10;
+        let mut seen = Vec::new();
+        for _ in 0..ticks {
+            *now += TICK;
+            let delivered = c.fill().min(max);
+            let n = (delivered * TICK.as_secs_f64() / CHUNK as f64).round() as usize;
+            let ms = latency_ms(delivered, c.fill());
+            let tick = Tick {
+                dt: TICK,
+                demand_waiting: false,
+                samples: vec![sample(Class::Background, ms, CHUNK); n],
+            };
+            seen.push((c.update(&tick, *now), n as f64 * CHUNK as f64 / TICK.as_secs_f64()));
+        }
+        seen
+    }
+
+    /// The mean of the delivered rates of the last `n` ticks.
+    fn last_mean(seen: &[(Decision, f64)], n: usize) -> f64 {
+        seen[seen.len() - n..].iter().map(|s| s.1).sum::<f64>() / n as f64
+    }
+
+    #[test]
+    fn fill_doubles_per_tick_while_its_fetches_are_on_time() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        // 1 Gbit/s, every fetch in its unloaded 2 ms.
+        let seen = fill_over(&mut c, &mut now, 7, 125.0 * MB, |_, _| 2);
+        assert!(seen.iter().all(|s| s.0 == Decision::SlowStart), "{seen:?}");
+        // From 4 MB/s to the link in 0.6 s: at 1 Gbit/s, a 150 MB image fills in under 2 s.
+        assert!(seen[6].1 >= 0.9 * 125.0 * MB, "{seen:?}");
+    }
+
+    /// A fill fetch's latency that rises with the bytes per second fill
+    /// moves: 2 ms unloaded, late (over twice that, plus the slack) from a
+    /// quarter of 100 MB/s on.
+    fn rising_with_load(delivered: f64, _fill: f64) -> u64 {
+        2 + (40.0 * delivered / (100.0 * MB)) as u64
+    }
+
+    #[test]
+    fn fill_keeps_growing_while_a_slow_servers_latency_rises_with_its_throughput() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        // A server (or a busy CPU) that takes longer per request the more
+        // fill asks of it, but still delivers all of it, up to 100 MB/s.
+        let seen = fill_over(&mut c, &mut now, 60, 100.0 * MB, rising_with_load);
+        let got = last_mean(&seen, 30);
+        assert!(got >= 0.8 * 100.0 * MB, "{got} of 100 MB/s: {seen:?}");
+        assert!(seen.iter().any(|s| s.0 == Decision::Grow), "late, and grew: {seen:?}");
+    }
+
+    #[test]
+    fn fill_yields_to_a_full_link_with_the_same_latencies() {
+        let (mut c, mut now) = (RateController::new(), Instant::now());
+        // The same latencies, but the link is full at 20 MB/s: throughput
+        // stays flat while the rate rises, so the latency is a queue.
+        let full = |d: f64, fill: f64| rising_with_load(d.max(fill), fill);
+        let seen = fill_over(&mut c, &mut now, 60, 20.0 * MB, full);
+        let shrinks = seen[30..].iter().filter(|s| s.0 == Decision::Shrink).count();
+        assert!(shrinks >= 3, "keeps yielding: {seen:?}");
+        // ... without starving itself.
+        let got = last_mean(&seen, 30);
+        assert!(got >= 0.8 * 20.0 * MB, "{got} of 20 MB/s: {seen:?}");
     }
 
     #[test]
