@@ -691,12 +691,16 @@ impl Server {
         // The requester stops waiting then: answer before, if only "busy".
         let start = Instant::now();
         let deadline = start + r.wait.unwrap_or(FETCH_WAIT);
-        let form = self.stored_form(&r);
-        let stored = form.is_some();
-        let data = match form {
-            Some(form) => form,
+        let (data, stored) = match self.stored_form(&r) {
+            Some(form) => (form, true),
             None => match self.chunk(&r, deadline).await {
-                Ok(Some(data)) => data,
+                // Fetched for this request (a cold chunk at its home): its
+                // stored form was kept as it came, 3.5x smaller on the
+                // wire for the boot image than the plaintext.
+                Ok(Some(data)) => match self.stored_form(&r) {
+                    Some(form) => (form, true),
+                    None => (data, false),
+                },
                 Ok(None) => {
                     self.counters.not_found.fetch_add(1, Ordering::Relaxed);
                     return self.answer(StatusCode::NOT_FOUND, "no such chunk here".into());
