@@ -884,3 +884,67 @@ fn home_of(digest: &streamblk::store::Digest, members: &[SocketAddr]) -> SocketA
 fn image_chunk(image: &[u8], c: u32, size: usize) -> &[u8] {
     &image[c as usize * size..(c as usize + 1) * size]
 }
+
+/// A home that fetches a cold chunk for a request sends it in its stored
+/// (zstd) form when the requester takes it, not the plaintext: the form is
+/// kept as the fetch brings it, after the request found none.
+#[test]
+fn a_home_sends_a_cold_chunk_it_fetched_for_the_request_in_its_stored_form() {
+    let dir = tmpdir();
+    // Compressible chunks: the store keeps them as zstd.
+    let image: Vec<u8> = (0..4 * CHUNK).map(|i| ((i / 512) % 7) as u8 + 1).collect();
+    let raw = dir.path().join("image.raw");
+    std::fs::write(&raw, &image).unwrap();
+    let store = dir.path().join("store");
+    import(&raw, &store, "img", CHUNK as u64);
+    let http = HttpStore::start(store.clone());
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let addrs = free_addrs(2);
+    let me = addrs[0];
+    let peers: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let args: Vec<String> = [
+        "--store",
+        &http.url,
+        "--cache-dir",
+        dir.path().join("cache").to_str().unwrap(),
+        "--fill-rate",
+        "0",
+        "--p2p-listen",
+        &me.to_string(),
+        "--peers",
+        &peers.join(","),
+        "--p2p-token-file",
+        token.to_str().unwrap(),
+        "--disk",
+        &format!(
+            "name=home,socket={},overlay={},image=img",
+            dir.path().join("disk.sock").display(),
+            dir.path().join("overlay").display()
+        ),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let home = Daemon::start(&args);
+    home.status();
+
+    let chunk = &image[CHUNK..2 * CHUNK];
+    let digest = blake3::hash(chunk).to_hex().to_string();
+    let stored = std::fs::read(store.join("chunks").join(&digest)).unwrap();
+    assert!(stored.len() < CHUNK / 4, "the chunk was stored uncompressed");
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, headers, body) = get(
+        me,
+        &format!("/chunks/{digest}?len={CHUNK}&stored={}&zstd=1", stored.len()),
+        &[
+            ("Authorization", bearer.as_str()),
+            ("X-Streamblk-Class", "demand"),
+            ("X-Streamblk-Form", "stored"),
+        ],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("x-streamblk-form").map(String::as_str), Some("stored"));
+    assert!(body == stored, "{} bytes sent, not the stored form", body.len());
+    assert_eq!(http.chunk_requests().values().sum::<u64>(), 1, "the chunk was cold");
+}
