@@ -621,16 +621,13 @@ impl Peers for PeerClient {
         let usable = |a: &SocketAddr| !self.stats(*a).is_down() && !self.is_bad(*a, digest);
         let mut out = hrw::candidates(digest, all, me, zone_of, usable, CANDIDATES);
         // If this host ranks among the chunk's candidates in its zone, the
-        // zone's member after it is asked too, only whether it holds the
-        // chunk (see `get`): it acted as home while this host was away (not
-        // yet started, restarting, taken for down).
+        // zone's candidates after it are asked too, only whether they hold
+        // the chunk (see `get` and `policy::holders_after`).
         if let Some(me) = me {
             let my_zone = zone_of(&me);
             let zone: Vec<SocketAddr> = all.iter().copied().filter(|a| zone_of(a) == my_zone).collect();
             let ranked = hrw::ranked(digest, &zone, CANDIDATES);
-            if let Some(next) = ranked.iter().skip_while(|a| **a != me).skip(1).find(|a| usable(a)) {
-                out.push(*next);
-            }
+            out.extend(policy::holders_after(&ranked, me, |a| !usable(&a)));
         }
         out
     }
@@ -978,13 +975,9 @@ mod tests {
             let d = Digest::of(&i.to_le_bytes());
             // What a peer that lists this host computes.
             let ranked = hrw::ranked(&d, &everyone, CANDIDATES);
-            // Those before it as homes, then the one after it as a holder.
-            let at = ranked.iter().position(|m| *m == me);
-            let asked: Vec<SocketAddr> = ranked[..at.map_or(ranked.len(), |k| (k + 2).min(ranked.len()))]
-                .iter()
-                .copied()
-                .filter(|m| *m != me)
-                .collect();
+            // Those before it as homes, then those after it (of the
+            // candidates) as holders: all the candidates but itself.
+            let asked: Vec<SocketAddr> = ranked.iter().copied().filter(|m| *m != me).collect();
             assert_eq!(c.candidates(&d), asked, "chunk {i}");
             home_here += usize::from(ranked[0] == me);
         }

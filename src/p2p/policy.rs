@@ -66,6 +66,21 @@ pub fn candidates(ranked: &[SocketAddr], me: Option<SocketAddr>, skip: impl Fn(S
     out
 }
 
+/// The members of `ranked` after `me` (if it ranks there) that `skip` does
+/// not rule out, asked only whether they hold the chunk before this host,
+/// its acting home, fetches it: one of them acted as home while this host
+/// was away (not yet started, restarting, taken for down), the first that
+/// was up then, which need not be the next (hosts join a fleet together).
+pub fn holders_after(ranked: &[SocketAddr], me: SocketAddr, skip: impl Fn(SocketAddr) -> bool) -> Vec<SocketAddr> {
+    ranked
+        .iter()
+        .copied()
+        .skip_while(|a| *a != me)
+        .skip(1)
+        .filter(|a| !skip(*a))
+        .collect()
+}
+
 /// A server's load, as its redirects and its answers' queue depth count
 /// it: the chunk requests it is handling, each from its arrival until its
 /// guard drops, which an answer with a chunk holds until the chunk's last
@@ -394,6 +409,18 @@ mod tests {
     }
 
     const LONG: Duration = Duration::from_secs(6);
+
+    #[test]
+    fn a_home_asks_every_candidate_after_it_whether_it_holds_the_chunk_not_only_the_next() {
+        let ranked = [addr(3), addr(1), addr(4), addr(2)];
+        // The home's stand-in was the first of those after it that was up:
+        // with the next one away too, the one after that.
+        assert_eq!(holders_after(&ranked, addr(1), |_| false), vec![addr(4), addr(2)]);
+        assert_eq!(holders_after(&ranked, addr(1), |m| m == addr(4)), vec![addr(2)]);
+        assert_eq!(holders_after(&ranked, addr(2), |_| false), vec![]);
+        // Not a candidate: no holder to ask.
+        assert_eq!(holders_after(&ranked, addr(9), |_| false), vec![]);
+    }
 
     #[test]
     fn candidates_stop_at_this_host_and_pass_over_skipped_members() {
