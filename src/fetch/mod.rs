@@ -418,6 +418,11 @@ impl Fetcher {
         self.inner.peers.is_some()
     }
 
+    /// Members of the fleet, this host included (0 without peers).
+    pub fn fleet_size(&self) -> usize {
+        self.inner.peers.as_ref().map_or(0, |p| p.fleet_size())
+    }
+
     pub fn config(&self) -> &FetchConfig {
         &self.inner.config
     }

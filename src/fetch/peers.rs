@@ -84,6 +84,11 @@ pub trait Peers: Send + Sync {
         Box::pin(async move { Err(format!("{peer} is not asked for held chunks").into()) })
     }
 
+    /// Members of the fleet, this host included.
+    fn fleet_size(&self) -> usize {
+        0
+    }
+
     /// `peer` sent bytes for `digest` that failed verification: count it,
     /// log it, and ask that peer no more for the chunk.
     fn bad_chunk(&self, peer: SocketAddr, digest: &Digest, why: &str);

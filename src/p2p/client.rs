@@ -593,6 +593,12 @@ enum Answer {
 }
 
 impl Peers for PeerClient {
+    fn fleet_size(&self) -> usize {
+        let members = self.membership.members();
+        let me = self.membership.self_addr().filter(|me| !members.contains(me));
+        members.len() + usize::from(me.is_some())
+    }
+
     fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
         let m = &self.membership;
         let view = m.view();

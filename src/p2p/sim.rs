@@ -492,6 +492,7 @@ pub fn run(cfg: &Config, w: &Workload) -> Report {
                 fleet_order(
                     n,
                     cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h + 1).wrapping_mul(0xd1b5_4a32_d192_ed03),
+                    cfg.hosts,
                 )
             } else {
                 (0..n as u32).collect()
