@@ -1168,7 +1168,20 @@ Content-Length: 0
             let _ = conn.write_all(head.as_bytes());
             let _ = conn.write_all(CHUNK);
         });
-        let c = client(&[peer], None);
+        // Budgets far over the peer's 100 ms: this is about the cap, and a
+        // loaded machine that answered late would have the peer taken for
+        // hung (and skipped) instead.
+        let c = PeerClient::new(
+            Arc::new(Token::new(b"0123456789abcdef".to_vec())),
+            Arc::new(Membership::new(vec![peer], None, None).unwrap()),
+            Duration::from_secs(30),
+            PeerTimeouts {
+                first_byte: Duration::from_secs(10),
+                idle: Duration::from_secs(10),
+                ..timeouts()
+            },
+        )
+        .unwrap();
         let asks: Vec<_> = (0..3 * MAX_IN_FLIGHT)
             .map(|_| tokio::spawn(c.clone().get_chunk(peer, ask())))
             .collect();
