@@ -674,6 +674,44 @@ fn a_host_serves_the_chunks_of_an_image_it_no_longer_has_open() {
     assert!(again < chunks - uploads + 1, "the store served {again} chunks again");
 }
 
+/// The arguments of a daemon with P2P on at `me` among `members`, fill off,
+/// one disk `home` of the image `img` of the store at `store_url`, and `extra`.
+fn home_args(
+    dir: &Path,
+    store_url: &str,
+    me: SocketAddr,
+    members: &[SocketAddr],
+    token: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let peers: Vec<String> = members.iter().map(ToString::to_string).collect();
+    let disk = format!(
+        "name=home,socket={},overlay={},image=img",
+        dir.join("disk.sock").display(),
+        dir.join("overlay").display()
+    );
+    [
+        "--store",
+        store_url,
+        "--cache-dir",
+        dir.join("cache").to_str().unwrap(),
+        "--fill-rate",
+        "0",
+        "--p2p-listen",
+        &me.to_string(),
+        "--peers",
+        &peers.join(","),
+        "--p2p-token-file",
+        token.to_str().unwrap(),
+        "--disk",
+        &disk,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A home that has an image open with a boot profile: the first
 /// profile-class request naming the image makes it fetch from the store
 /// exactly the profile's chunks it is home for (each once), and nothing
@@ -728,35 +766,16 @@ fn a_home_fetches_exactly_the_profile_chunks_it_is_home_for_on_the_first_profile
     // The home, and a member that never starts (its chunks are not the home's).
     let addrs = free_addrs(2);
     let (me, members) = (addrs[0], &addrs[..]);
-    let peers: Vec<String> = members.iter().map(ToString::to_string).collect();
-    let args: Vec<String> = [
-        "--store",
+    // Fill off: a peer's background request is still fetched (at profile
+    // class: the home's fill rate is for its own fill).
+    let args = home_args(
+        dir.path(),
         &http.url,
-        "--cache-dir",
-        dir.path().join("cache").to_str().unwrap(),
-        // Fill off: a peer's background request is still fetched (at
-        // profile class: the home's fill rate is for its own fill).
-        "--fill-rate",
-        "0",
-        "--profile-window-mib",
-        "1",
-        "--p2p-prefetch",
-        "--p2p-listen",
-        &me.to_string(),
-        "--peers",
-        &peers.join(","),
-        "--p2p-token-file",
-        token.to_str().unwrap(),
-        "--disk",
-        &format!(
-            "name=home,socket={},overlay={},image=img",
-            dir.path().join("disk.sock").display(),
-            dir.path().join("overlay").display()
-        ),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        me,
+        members,
+        &token,
+        &["--profile-window-mib", "1", "--p2p-prefetch"],
+    );
     let home = Daemon::start(&args);
     let p2p = |key: &str| home.status()["p2p"][key].as_u64().unwrap();
     assert_eq!(p2p("prefetches"), 0);
@@ -902,30 +921,7 @@ fn a_home_sends_a_cold_chunk_it_fetched_for_the_request_in_its_stored_form() {
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let addrs = free_addrs(2);
     let me = addrs[0];
-    let peers: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let args: Vec<String> = [
-        "--store",
-        &http.url,
-        "--cache-dir",
-        dir.path().join("cache").to_str().unwrap(),
-        "--fill-rate",
-        "0",
-        "--p2p-listen",
-        &me.to_string(),
-        "--peers",
-        &peers.join(","),
-        "--p2p-token-file",
-        token.to_str().unwrap(),
-        "--disk",
-        &format!(
-            "name=home,socket={},overlay={},image=img",
-            dir.path().join("disk.sock").display(),
-            dir.path().join("overlay").display()
-        ),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = home_args(dir.path(), &http.url, me, &addrs, &token, &[]);
     let home = Daemon::start(&args);
     home.status();
 
